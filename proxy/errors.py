@@ -1,0 +1,139 @@
+"""Error types and reason codes: every refusal the proxy can give, with the status it answers.
+
+A reason is a `StrEnum` so it is safe as a metric label and as an audit value. Each error type
+carries its HTTP status; `proxy.dataplane.responses.render_error` is the one place that turns an
+error into bytes on the wire. This module imports nothing of the proxy, so the pure core may use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+
+class Reason(StrEnum):
+    """Why a request was allowed, refused or closed. Values are stable: SIEM rules key on them."""
+
+    # Policy outcomes (proxy.core.policy.engine sets these).
+    RULE_ALLOW = "rule_allow"
+    RULE_DENY = "rule_deny"
+    NAMESPACE_ISOLATION = "namespace_isolation"
+    DEFAULT_ALLOW = "default_allow"
+    DEFAULT_DENY = "default_deny"
+    # Address guard and resolution.
+    GUARDED_ADDRESS = "guarded_address"
+    DNS_NXDOMAIN = "dns_nxdomain"
+    DNS_SERVFAIL = "dns_servfail"
+    DNS_NO_ANSWER = "dns_no_answer"
+    DNS_TIMEOUT = "dns_timeout"
+    # Upstream.
+    UPSTREAM_REFUSED = "upstream_refused"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_RESET = "upstream_reset"
+    UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    # Client input (RFC 9112 strictness).
+    MALFORMED_REQUEST = "malformed_request"
+    AMBIGUOUS_FRAMING = "ambiguous_framing"
+    BAD_TARGET = "bad_target"
+    BAD_PORT = "bad_port"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    URI_TOO_LONG = "uri_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    HEADER_TIMEOUT = "header_timeout"
+    BAD_CHUNK = "bad_chunk"
+    # Proxy state.
+    NOT_READY = "not_ready"
+    CONNECTION_LIMIT = "connection_limit"
+    INTERNAL_ERROR = "internal_error"
+    # Close records (how a connection or request ended).
+    COMPLETED = "completed"
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_CLOSED = "upstream_closed"
+    IDLE_TIMEOUT = "idle_timeout"
+    DRAINED = "drained"
+
+
+class OutgateError(Exception):
+    """Base of every error the proxy answers a client with. Subclasses fix `status`."""
+
+    status: ClassVar[int] = 500
+    default_reason: ClassVar[Reason] = Reason.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason if reason is not None else self.default_reason
+
+
+class BadRequest(OutgateError):
+    status = 400
+    default_reason = Reason.MALFORMED_REQUEST
+
+
+class PolicyDenied(OutgateError):
+    status = 403
+    default_reason = Reason.RULE_DENY
+
+
+class HeaderTimeout(OutgateError):
+    status = 408
+    default_reason = Reason.HEADER_TIMEOUT
+
+
+class UriTooLong(OutgateError):
+    status = 414
+    default_reason = Reason.URI_TOO_LONG
+
+
+class TooManyRequests(OutgateError):
+    status = 429
+    default_reason = Reason.CONNECTION_LIMIT
+
+
+class HeadersTooLarge(OutgateError):
+    status = 431
+    default_reason = Reason.HEADERS_TOO_LARGE
+
+
+class BadGateway(OutgateError):
+    """DNS failure, upstream refused or reset, or an upstream response we refuse to relay."""
+
+    status = 502
+    default_reason = Reason.UPSTREAM_REFUSED
+
+
+class ServiceUnavailable(OutgateError):
+    status = 503
+    default_reason = Reason.NOT_READY
+
+
+class GatewayTimeout(OutgateError):
+    status = 504
+    default_reason = Reason.UPSTREAM_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigIssue:
+    """One problem in a config or policy file, precise enough to fix without reading code."""
+
+    file: str
+    document: int | None  # 1-based index of the YAML document in a multi-document file
+    path: str  # field path, e.g. "spec.rules[2].to[0].fqdn"
+    message: str
+    fix: str
+
+    def render(self) -> str:
+        where = self.file
+        if self.document is not None:
+            where += f" (document {self.document})"
+        field = f" {self.path}:" if self.path else ""
+        return f"{where}:{field} {self.message} -- fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    """Raised by config and policy loading; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(issue.render() for issue in self.issues))

@@ -1,0 +1,3 @@
+"""Shared fixtures: the scripted DNS server plugin and the proxy/origin harness."""
+
+pytest_plugins = ["tests.support.dnsserver"]
