@@ -1,3 +1,3 @@
-"""Shared fixtures: the scripted DNS server plugin and the proxy/origin harness."""
+"""Shared fixtures: the scripted DNS server, real origins, and proxies started as the CLI does."""
 
-pytest_plugins = ["tests.support.dnsserver"]
+pytest_plugins = ["tests.support.dnsserver", "tests.support.fixtures"]

@@ -1,0 +1,58 @@
+"""The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain. Never the proxy port."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import metrics
+from proxy.control.policy_source import PolicyStore
+from proxy.core.identity import IdentityLookup
+from proxy.errors import OutgateError
+from proxy.explainer import explain
+
+
+def build_admin_app(
+    *,
+    policy: PolicyStore,
+    identity: IdentityLookup,
+    readiness: Callable[[], tuple[bool, dict[str, object]]],
+) -> web.Application:
+    async def metrics_handler(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Liveness: the event loop answered. Policy trouble is readiness, not liveness.
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready, detail = readiness()
+        return web.Response(
+            status=200 if ready else 503,
+            text=json.dumps({"ready": ready, **detail}, indent=1) + "\n",
+            content_type="application/json",
+        )
+
+    async def explain_handler(request: web.Request) -> web.Response:
+        source = request.query.get("source", "")
+        url = request.query.get("url", "")
+        if not source or not url:
+            return web.Response(status=400, text="usage: /explain?source=IP&url=URL\n")
+        try:
+            text, data = explain(policy.engine, identity, source=source, url=url)
+        except OutgateError as exc:
+            return web.Response(status=400, text=f"{exc.message} ({exc.reason})\n")
+        if request.query.get("format") == "json":
+            return web.json_response(data)
+        return web.Response(text=text)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/explain", explain_handler)
+    return app

@@ -1,0 +1,307 @@
+"""Runtime settings: one YAML file, every key defaulted, unknown keys refused, frozen once loaded.
+
+`load_settings` collects every problem it finds into one ConfigError whose issues name the file,
+the field path and the fix. Relative policy paths resolve against the config file's directory,
+so the embedded default config finds its embedded default policies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from proxy.core.hosts import parse_port
+from proxy.core.identity import StaticIdentity, parse_static_identities
+from proxy.errors import ConfigError, ConfigIssue, OutgateError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+EMBEDDED_CONFIG = "default_config.yaml"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    header: float = 15.0  # whole request head; slowloris bound
+    connect: float = 10.0  # upstream TCP connect, all addresses together
+    idle: float = 300.0  # no byte either way on a tunnel or a kept-alive connection
+    sni_peek: float = 10.0  # ClientHello after a CONNECT 200 (TLS issue)
+    drain: float = 30.0  # SIGTERM: how long open connections may finish
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    # 64 KiB: large enough for cookie-heavy requests, small enough to bound per-connection memory.
+    max_header_bytes: int = 65536
+    max_connections: int = 20000
+    max_connections_per_source: int = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    source: str = "<embedded>"
+    listen: Endpoint = Endpoint(host="127.0.0.1", port=3128)
+    admin: Endpoint = Endpoint(host="127.0.0.1", port=9090)
+    workers: int = 1
+    default_action: str = "deny"
+    policy_paths: tuple[Path, ...] = ()
+    policy_kubernetes: bool = False
+    identity_kubernetes: bool = False
+    kubeconfig: str | None = None
+    static_identities: tuple[StaticIdentity, ...] = ()
+    dns_nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 5.0
+    dns_min_ttl: float = 5.0
+    dns_max_ttl: float = 300.0
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    unsafe_allow_cidrs: tuple[IPNetwork, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    tls_ca_cert: str | None = None
+    tls_ca_key: str | None = None
+    tls_upstream_ca_bundle: str | None = None
+    audit_output: str = "stdout"
+
+
+# The accepted shape: key -> nested shape (dict) or None for a leaf. Unknown keys are errors.
+_SHAPE: dict[str, Any] = {
+    "listen": None,
+    "admin": None,
+    "workers": None,
+    "defaultAction": None,
+    "policies": {"paths": None, "kubernetes": None},
+    "identity": {"kubernetes": None, "kubeconfig": None, "static": None},
+    "dns": {"nameservers": None, "timeout": None, "minTTL": None, "maxTTL": None},
+    "guard": {"clusterCIDRs": None, "unsafeAllowCIDRs": None},
+    "timeouts": {"header": None, "connect": None, "idle": None, "sniPeek": None, "drain": None},
+    "limits": {"maxHeaderBytes": None, "maxConnections": None, "maxConnectionsPerSource": None},
+    "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None},
+    "audit": {"output": None},
+}
+
+
+class _Reader:
+    """Walks the raw mapping, converting leaves and collecting issues instead of stopping."""
+
+    def __init__(self, raw: Mapping[str, Any], file: str) -> None:
+        self.raw = raw
+        self.file = file
+        self.issues: list[ConfigIssue] = []
+
+    def issue(self, path: str, message: str, fix: str) -> None:
+        self.issues.append(
+            ConfigIssue(file=self.file, document=None, path=path, message=message, fix=fix)
+        )
+
+    def check_keys(self, node: Any, shape: dict[str, Any], prefix: str) -> None:
+        if not isinstance(node, Mapping):
+            self.issue(prefix or "<root>", "expected a mapping", "write key: value pairs here")
+            return
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in shape:
+                close = difflib.get_close_matches(str(key), list(shape), n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(shape)}"
+                self.issue(path, f"unknown key {key!r}", fix)
+            elif isinstance(shape[key], dict) and value is not None:
+                self.check_keys(value, shape[key], path)
+
+    def get(self, path: str, default: T, convert: Callable[[Any], T], fix: str) -> T:
+        node: Any = self.raw
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        if node is None:
+            return default
+        try:
+            return convert(node)
+        except (ValueError, TypeError, OutgateError) as exc:
+            self.issue(path, f"invalid value {node!r}: {exc}", fix)
+            return default
+
+
+def parse_duration(value: Any) -> float:
+    """`15s`, `500ms`, `5m`, `1h`, or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("not a duration")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("negative duration")
+    return seconds
+
+
+def parse_endpoint(value: Any) -> Endpoint:
+    text = str(value)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [v6]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    ipaddress.ip_address(host)  # listeners bind to addresses, not names
+    return Endpoint(host=host, port=0 if port == "0" else parse_port(port))
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number >= 1")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of CIDRs")
+    return tuple(ipaddress.ip_network(str(item), strict=True) for item in value)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _default_action(value: Any) -> str:
+    text = str(value).lower()
+    if text not in ("deny", "allow"):
+        raise ValueError("expected deny or allow")
+    return text
+
+
+def _audit_output(value: Any) -> str:
+    if value != "stdout":
+        raise ValueError("only stdout is supported")
+    return "stdout"
+
+
+def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
+    """Validate a parsed YAML mapping into Settings; raise ConfigError with every issue."""
+    if raw is None:
+        raw = {}
+    reader = _Reader(raw if isinstance(raw, Mapping) else {}, file)
+    reader.check_keys(raw, _SHAPE, "")
+    d = Settings()
+    t, lim = d.timeouts, d.limits
+
+    def duration(path: str, default: float) -> float:
+        return reader.get(path, default, parse_duration, "write a duration such as 15s or 500ms")
+
+    paths = reader.get("policies.paths", (), _strings, "a list of files or directories")
+    static_raw = reader.get("identity.static", None, lambda v: v, "")
+    static: tuple[StaticIdentity, ...] = ()
+    if static_raw is not None:
+        try:
+            static = parse_static_identities(static_raw, file=file, path="identity.static")
+        except ConfigError as exc:
+            reader.issues.extend(exc.issues)
+    settings = Settings(
+        source=file,
+        listen=reader.get("listen", d.listen, parse_endpoint, "write address:port, e.g. 0.0.0.0:3128"),
+        admin=reader.get("admin", d.admin, parse_endpoint, "write address:port, e.g. 0.0.0.0:9090"),
+        workers=reader.get("workers", d.workers, _positive_int, "a whole number >= 1"),
+        default_action=reader.get("defaultAction", d.default_action, _default_action, "deny or allow"),
+        policy_paths=tuple((base_dir / p) for p in paths),
+        policy_kubernetes=reader.get("policies.kubernetes", False, _bool, "true or false"),
+        identity_kubernetes=reader.get("identity.kubernetes", False, _bool, "true or false"),
+        kubeconfig=reader.get("identity.kubeconfig", None, str, "a path to a kubeconfig file"),
+        static_identities=static,
+        dns_nameservers=reader.get("dns.nameservers", (), _strings, 'a list like ["10.96.0.10:53"]'),
+        dns_timeout=duration("dns.timeout", d.dns_timeout),
+        dns_min_ttl=duration("dns.minTTL", d.dns_min_ttl),
+        dns_max_ttl=duration("dns.maxTTL", d.dns_max_ttl),
+        cluster_cidrs=reader.get("guard.clusterCIDRs", (), _networks, "a list like [10.0.0.0/8]"),
+        unsafe_allow_cidrs=reader.get(
+            "guard.unsafeAllowCIDRs", (), _networks, "a list like [10.1.2.0/24]"
+        ),
+        timeouts=Timeouts(
+            header=duration("timeouts.header", t.header),
+            connect=duration("timeouts.connect", t.connect),
+            idle=duration("timeouts.idle", t.idle),
+            sni_peek=duration("timeouts.sniPeek", t.sni_peek),
+            drain=duration("timeouts.drain", t.drain),
+        ),
+        limits=Limits(
+            max_header_bytes=reader.get(
+                "limits.maxHeaderBytes", lim.max_header_bytes, _positive_int, "a byte count"
+            ),
+            max_connections=reader.get(
+                "limits.maxConnections", lim.max_connections, _positive_int, "a count"
+            ),
+            max_connections_per_source=reader.get(
+                "limits.maxConnectionsPerSource",
+                lim.max_connections_per_source,
+                _positive_int,
+                "a count",
+            ),
+        ),
+        tls_ca_cert=reader.get("tls.caCert", None, str, "a path to a PEM file"),
+        tls_ca_key=reader.get("tls.caKey", None, str, "a path to a PEM file"),
+        tls_upstream_ca_bundle=reader.get("tls.upstreamCABundle", None, str, "a PEM bundle path"),
+        audit_output=reader.get("audit.output", "stdout", _audit_output, "stdout"),
+    )
+    if settings.dns_min_ttl > settings.dns_max_ttl:
+        reader.issue("dns.minTTL", "minTTL is larger than maxTTL", "make minTTL <= maxTTL")
+    if reader.issues:
+        raise ConfigError(reader.issues)
+    return settings
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Load a config file, or the embedded default when `path` is None."""
+    if path is None:
+        ref = resources.files("proxy") / EMBEDDED_CONFIG
+        with resources.as_file(ref) as embedded:
+            return _load_file(Path(embedded), label="<embedded default config>")
+    return _load_file(Path(path), label=str(path))
+
+
+def _load_file(path: Path, *, label: str) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue(file=label, document=None, path="", message=str(exc), fix="check the path")]
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            [ConfigIssue(file=label, document=None, path=where, message=f"YAML syntax: {exc}",
+                         fix="fix the YAML syntax at that line")]
+        ) from None
+    return settings_from_mapping(raw, file=label, base_dir=path.resolve().parent)

@@ -1,0 +1,815 @@
+"""Strict HTTP/1.1 (RFC 9112) heads and body framing for a forward proxy. Bytes in, values out.
+
+Rules this module enforces, and why:
+
+1. A forward proxy sits between two parsers. Any input the two could read differently (request
+   smuggling, response splitting) is refused, never repaired: bare CR or LF, obs-fold, whitespace
+   before a field colon, control bytes, ambiguous Content-Length / Transfer-Encoding.
+2. Requests: only `CONNECT host:port` (authority-form) and absolute-form `http://` targets are
+   accepted (RFC 9112 section 3.2); origin-form and asterisk-form are for origin servers. The
+   target alone names the destination; the Host field is checked for validity, never believed.
+3. Request bodies: one Content-Length line of digits, or `Transfer-Encoding: chunked` exactly.
+   RFC 9112 section 6.3 only requires chunked to be the final coding; we accept nothing else,
+   because no real client sends other request codings and an upstream that does not know one
+   would read a different body length than we do.
+4. Response framing follows RFC 9112 section 6.3, except that Content-Length together with
+   Transfer-Encoding is refused (502) instead of letting Transfer-Encoding win: a response that
+   carries both was made by a broken or hostile server, and relaying it invites desync.
+5. Everything sent on is rendered from parsed values: the upstream and the client only ever see
+   our canonical framing headers, never the peer's spelling of them.
+
+Errors are `proxy.errors` types: a client's bad input is a BadRequest (400) with a specific reason,
+or UriTooLong (414) / HeadersTooLarge (431); an upstream's bad response is a BadGateway (502,
+reason upstream_bad_response).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from proxy.core.hosts import Host, split_authority
+from proxy.errors import (
+    BadGateway,
+    BadRequest,
+    HeadersTooLarge,
+    OutgateError,
+    Reason,
+    UriTooLong,
+)
+
+# --- Limits ---------------------------------------------------------------------------------------
+
+# RFC 9112 section 3: "It is RECOMMENDED that all HTTP senders and recipients support, at a
+# minimum, request-line lengths of 8000 octets." 8 KiB of target covers that with room to spare.
+MAX_TARGET_BYTES = 8192
+# The longest registered method (IANA HTTP Method Registry) is 17 characters; 32 leaves room
+# for extension methods while keeping the method a bounded value for logs and audit records.
+MAX_METHOD_BYTES = 32
+# method SP target SP "HTTP/1.1" CRLF. A request line longer than this is answered with 414.
+MAX_REQUEST_LINE_BYTES = MAX_METHOD_BYTES + 1 + MAX_TARGET_BYTES + 1 + len("HTTP/1.1") + 2
+# Apache httpd's LimitRequestFieldsDefault is 100; browsers send 10-30 fields. Bounds the work
+# and memory per head independently of maxHeaderBytes (many tiny fields are cheap in bytes).
+MAX_HEADER_COUNT = 100
+# RFC 9112 section 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
+# request-line. A few cover clients that send an extra CRLF after a body; more is not a client.
+MAX_LEADING_EMPTY_LINES = 4
+# RFC 9112 section 7.1.1: "A server ought to limit the total length of chunk extensions received
+# in a request to an amount reasonable for the services provided". We use none of them; 4 KiB is
+# far above any real use and keeps a chunk-size line a bounded buffer.
+MAX_CHUNK_LINE_BYTES = 4096
+# Trailers are parsed (for strictness) and discarded. 16 KiB is h11's default bound for any
+# incomplete event; real trailers are a checksum or a status of a few dozen bytes.
+MAX_TRAILER_BYTES = 16384
+# Content-Length values that do not fit a signed 64-bit integer are read differently by
+# different parsers (overflow, wrap, refuse); 18 digits always fit.
+MAX_CONTENT_LENGTH_DIGITS = 18
+# RFC 9112 section 7.1: chunk-size is 1*HEXDIG; 16 digits are a 64-bit size, more is an attack.
+MAX_CHUNK_SIZE_DIGITS = 16
+
+# RFC 9110 section 7.6.1 (Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding,
+# Upgrade) plus Trailer (RFC 2616 section 13.5.1): meaningful for one connection only.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Credentials for this proxy (RFC 9110 section 11.7) are never sent on, and framing headers are
+# re-rendered from parsed values.
+_NOT_FORWARDED = HOP_BY_HOP_HEADERS | {
+    "proxy-authorization",
+    "proxy-authenticate",
+    "content-length",
+}
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+# --- Grammar (RFC 9110 section 5.6, RFC 9112) -----------------------------------------------------
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# field-value after OWS is trimmed: VCHAR, obs-text, SP and HTAB (RFC 9110 section 5.5).
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# request-target characters: visible ASCII only (RFC 3986 has no raw space, control or 8-bit).
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
+_ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?]*)(.*)", re.DOTALL)
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).
+# BWS is accepted as RFC 9112 section 7.1.1 requires; it cannot mislead an upstream because
+# chunk lines are never forwarded: every chunk is re-encoded by `encode_chunk`.
+_TOKEN_RE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED_STRING_RE = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,%d})" % MAX_CHUNK_SIZE_DIGITS
+    + rb"(?:[ \t]*;[ \t]*"
+    + _TOKEN_RE
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + _TOKEN_RE
+    + rb"|"
+    + _QUOTED_STRING_RE
+    + rb"))?)*"
+)
+
+_CRLF = b"\r\n"
+_HEAD_END = b"\r\n\r\n"
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class BodyFraming(Enum):
+    """How the message body is delimited (RFC 9112 section 6.3)."""
+
+    NONE = "none"  # no body
+    LENGTH = "length"  # Content-Length bytes
+    CHUNKED = "chunked"  # chunked transfer coding, decode with ChunkedDecoder
+    UNTIL_CLOSE = "until_close"  # responses only: the body ends when the upstream closes
+
+
+# --- Head detection -------------------------------------------------------------------------------
+
+
+def find_head_end(
+    buf: bytes | bytearray,
+    *,
+    max_head_bytes: int,
+    is_request: bool = True,
+    start: int = 0,
+) -> int:
+    """Index just past the blank line that ends the head in `buf`, or -1 if it is not complete.
+
+    A head that ends in a bare-LF blank line (`\\n\\n`, `\\n\\r\\n`) is found too, so that the
+    parser refuses it at once instead of the client waiting for the header timeout.
+
+    `start` makes repeated calls on a growing buffer cheap: pass the length `buf` had at the
+    previous call that returned -1 (0 the first time, and again whenever bytes are removed from
+    the front of the buffer); only the new bytes are searched.
+
+    Raises UriTooLong (414) when a request line does not end within MAX_REQUEST_LINE_BYTES and
+    HeadersTooLarge (431) when the head does not end within `max_head_bytes`; for responses
+    (`is_request=False`) both are BadGateway (upstream_bad_response).
+    """
+    skip = 0
+    if is_request:
+        skip = _count_leading_empty_lines(buf)
+        # A previous call with a longer buffer than this already saw the request line end.
+        if start <= skip + MAX_REQUEST_LINE_BYTES:
+            line_end = buf.find(b"\n", skip, skip + MAX_REQUEST_LINE_BYTES)
+            if line_end < 0:
+                if len(buf) - skip >= MAX_REQUEST_LINE_BYTES or len(buf) >= max_head_bytes:
+                    raise UriTooLong(
+                        f"request line longer than {min(MAX_REQUEST_LINE_BYTES, max_head_bytes)}"
+                        " bytes"
+                    )
+                return -1
+            if line_end >= max_head_bytes:
+                raise UriTooLong(f"request line longer than the {max_head_bytes}-byte head limit")
+    search_from = max(skip, start - 2)  # a terminator can straddle the previous end
+    crlf_end = buf.find(b"\n\r\n", search_from, max_head_bytes)
+    # A bare-LF blank line before a CRLF one must win; it can only end before crlf_end + 2.
+    lf_limit = crlf_end + 2 if crlf_end >= 0 else max_head_bytes
+    lf_end = buf.find(b"\n\n", search_from, lf_limit)
+    if lf_end >= 0:
+        return lf_end + 2
+    if crlf_end >= 0:
+        return crlf_end + 3
+    if len(buf) >= max_head_bytes:
+        message = f"head not complete within {max_head_bytes} bytes"
+        if is_request:
+            raise HeadersTooLarge(message)
+        raise BadGateway(f"upstream {message}", reason=Reason.UPSTREAM_BAD_RESPONSE)
+    return -1
+
+
+def _count_leading_empty_lines(buf: bytes | bytearray) -> int:
+    """Bytes of CRLF empty lines before a request line (RFC 9112 section 2.2), at most a few."""
+    skip = 0
+    while buf.startswith(_CRLF, skip):
+        skip += 2
+        if skip > 2 * MAX_LEADING_EMPTY_LINES:
+            raise BadRequest(
+                f"more than {MAX_LEADING_EMPTY_LINES} empty lines before the request line"
+            )
+    return skip
+
+
+# --- Field lines ----------------------------------------------------------------------------------
+
+
+def _split_head_lines(head: bytes) -> list[bytes]:
+    """Lines of a head (start line first) without the final blank line; every ending is CRLF."""
+    if not head.endswith(_HEAD_END):
+        raise BadRequest("head does not end with CRLF CRLF (bare LF line ending)")
+    crlf_count = head.count(_CRLF)
+    if head.count(b"\n") != crlf_count:
+        raise BadRequest("bare LF line ending (RFC 9112 section 2.2 requires CRLF)")
+    if head.count(b"\r") != crlf_count:
+        raise BadRequest("bare CR in head (RFC 9112 section 2.2)")
+    lines = head[: -len(_HEAD_END)].split(_CRLF)
+    if b"" in lines:
+        raise BadRequest("empty line inside the head")
+    return lines
+
+
+def _parse_field_line(line: bytes) -> tuple[str, str]:
+    """`name: value` -> (name as sent, value with OWS trimmed, latin-1). RFC 9112 section 5."""
+    colon = line.find(b":")
+    name = line[:colon] if colon >= 0 else line
+    if colon < 0 or not _TOKEN.fullmatch(name):
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 section 5.2: obs-fold outside message/http MUST be refused (or replaced).
+            raise BadRequest("obsolete line folding (obs-fold) in a field")
+        if colon < 0:
+            raise BadRequest(f"field line without a colon: {_excerpt(line)}")
+        if name[-1:] in (b" ", b"\t"):
+            # RFC 9112 section 5.1: whitespace between name and colon MUST be answered with 400.
+            raise BadRequest(f"whitespace between field name and colon: {_excerpt(line)}")
+        raise BadRequest(f"field name is empty or not a token: {_excerpt(line)}")
+    value = line[colon + 1 :].strip(b" \t")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise BadRequest(f"control byte in the value of field {_excerpt(name)}")
+    return name.decode("ascii"), value.decode("latin-1")
+
+
+def _parse_fields(lines: list[bytes]) -> Headers:
+    if len(lines) > MAX_HEADER_COUNT:
+        raise HeadersTooLarge(f"more than {MAX_HEADER_COUNT} header fields")
+    return tuple(_parse_field_line(line) for line in lines)
+
+
+def _excerpt(raw: bytes, limit: int = 64) -> str:
+    """A bounded, printable excerpt of client bytes for an error message."""
+    return repr(raw[:limit].decode("latin-1"))
+
+
+def _values(headers: Headers, lower_name: str) -> list[str]:
+    return [value for name, value in headers if name.lower() == lower_name]
+
+
+def _list_elements(values: list[str]) -> list[str]:
+    """Elements of a comma-separated list field (RFC 9110 section 5.6.1); empty ones ignored."""
+    return [item.strip(" \t") for value in values for item in value.split(",") if item.strip(" \t")]
+
+
+def _connection_tokens(headers: Headers) -> frozenset[str]:
+    tokens = _list_elements(_values(headers, "connection"))
+    for token in tokens:
+        if not _TOKEN_STR.fullmatch(token):
+            raise BadRequest(f"Connection field element is not a token: {token[:64]!r}")
+    return frozenset(token.lower() for token in tokens)
+
+
+def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
+    """RFC 9112 section 9.3: 1.1 persists unless `close`; 1.0 only with `keep-alive`."""
+    if "close" in tokens:
+        return False
+    return version != "HTTP/1.0" or "keep-alive" in tokens
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    values = _values(headers, name.lower())
+    return ", ".join(values) if values else None
+
+
+# --- Requests -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestHead:
+    """A parsed, validated request head. `host`/`port` come from the target, never from Host."""
+
+    method: str
+    version: str  # "HTTP/1.1" | "HTTP/1.0"
+    is_connect: bool
+    host: Host
+    port: int
+    scheme: str | None  # "http" for absolute-form, None for CONNECT
+    # Origin-form path and query for absolute-form ("/" when the URL has none, "*" for OPTIONS
+    # without a path, RFC 9112 section 3.2.4); "" for CONNECT.
+    path: str
+    raw_target: str
+    headers: Headers  # names as sent, values with OWS trimmed, in order
+    framing: BodyFraming  # NONE, LENGTH or CHUNKED
+    content_length: int | None
+    keep_alive: bool
+    expect_continue: bool
+    connection_tokens: frozenset[str]  # lowercased
+
+    def header(self, name: str) -> str | None:
+        """The field's value, repeated lines joined with ", " (RFC 9110 section 5.3), or None."""
+        return _header(self.headers, name)
+
+    def header_values(self, name: str) -> tuple[str, ...]:
+        """Every value of the field, one per line, in order."""
+        return tuple(_values(self.headers, name.lower()))
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse `head` (as delimited by find_head_end) or raise BadRequest / UriTooLong / 431."""
+    head = bytes(head)
+    skip = _count_leading_empty_lines(head)
+    lines = _split_head_lines(head[skip:])
+    method, raw_target, version = _parse_request_line(lines[0])
+    headers = _parse_fields(lines[1:])
+    is_connect = method == "CONNECT"
+
+    if is_connect:
+        host, port = split_authority(_connect_authority(raw_target), default_port=None)
+        scheme: str | None = None
+        path = ""
+    else:
+        scheme, host, port, path = _parse_absolute_form(raw_target, method=method)
+
+    _check_host_field(headers, version=version, is_connect=is_connect)
+    framing, content_length = _request_framing(headers, version=version, is_connect=is_connect)
+    tokens = _connection_tokens(headers)
+    # RFC 9110 section 10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored.
+    expect_continue = version == "HTTP/1.1" and any(
+        value.lower() == "100-continue" for value in _list_elements(_values(headers, "expect"))
+    )
+    return RequestHead(
+        method=method,
+        version=version,
+        is_connect=is_connect,
+        host=host,
+        port=port,
+        scheme=scheme,
+        path=path,
+        raw_target=raw_target,
+        headers=headers,
+        framing=framing,
+        content_length=content_length,
+        keep_alive=_keep_alive(version, tokens),
+        expect_continue=expect_continue,
+        connection_tokens=tokens,
+    )
+
+
+def _parse_request_line(line: bytes) -> tuple[str, str, str]:
+    """`method SP request-target SP HTTP-version` with single spaces (RFC 9112 section 3)."""
+    if len(line) + len(_CRLF) > MAX_REQUEST_LINE_BYTES:
+        raise UriTooLong(f"request line longer than {MAX_REQUEST_LINE_BYTES} bytes")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not all(parts):
+        raise BadRequest(f"request line is not 'method SP target SP version': {_excerpt(line)}")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise BadRequest(f"method is not a token: {_excerpt(method)}")
+    if len(method) > MAX_METHOD_BYTES:
+        raise BadRequest(f"method longer than {MAX_METHOD_BYTES} bytes")
+    # HTTP/2.0 or 1.2 would deserve 505, but proxy.errors has no such type: a 400 is still a
+    # correct refusal (RFC 9112 section 2.3 lets a server reject any version it does not speak).
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise BadRequest(f"unsupported HTTP version {_excerpt(version, 16)}")
+    if len(target) > MAX_TARGET_BYTES:
+        raise UriTooLong(f"request target longer than {MAX_TARGET_BYTES} bytes")
+    if not _VISIBLE_ASCII.fullmatch(target):
+        raise BadRequest(
+            "request target has a byte that is not visible ASCII", reason=Reason.BAD_TARGET
+        )
+    if b"#" in target:
+        raise BadRequest("fragment (#) in the request target", reason=Reason.BAD_TARGET)
+    return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
+
+
+def _connect_authority(target: str) -> str:
+    if any(char in target for char in "/?"):
+        raise BadRequest(
+            "CONNECT needs an authority-form target host:port", reason=Reason.BAD_TARGET
+        )
+    return target
+
+
+def _parse_absolute_form(target: str, *, method: str) -> tuple[str, Host, int, str]:
+    """`http://authority[path][?query]` -> (scheme, host, port, origin-form path)."""
+    if target == "*":
+        raise BadRequest(
+            "asterisk-form is for origin servers, not a proxy", reason=Reason.BAD_TARGET
+        )
+    if target.startswith("/"):
+        raise BadRequest(
+            "origin-form target sent to a proxy: use absolute-form http://host/path",
+            reason=Reason.BAD_TARGET,
+        )
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise BadRequest(
+            "request target is not absolute-form http://host/path (authority-form is only for"
+            " CONNECT)",
+            reason=Reason.BAD_TARGET,
+        )
+    scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if scheme == "https":
+        raise BadRequest(
+            "https:// targets are not forwarded: use CONNECT host:443",
+            reason=Reason.UNSUPPORTED_SCHEME,
+        )
+    if scheme != "http":
+        raise BadRequest(
+            f"scheme {scheme[:16]!r} is not supported", reason=Reason.UNSUPPORTED_SCHEME
+        )
+    if not authority:
+        raise BadRequest("absolute-form target without a host", reason=Reason.BAD_TARGET)
+    host, port = split_authority(authority, default_port=80)
+    if not rest:
+        # RFC 9112 section 3.2.4: an OPTIONS for the whole server (empty path) goes on as "*".
+        path = "*" if method == "OPTIONS" else "/"
+    elif rest.startswith("?"):
+        path = "/" + rest
+    else:
+        path = rest
+    return "http", host, port, path
+
+
+def _check_host_field(headers: Headers, *, version: str, is_connect: bool) -> None:
+    """RFC 9112 section 3.2: 400 for a 1.1 request without Host, or with several or a bad one."""
+    values = _values(headers, "host")
+    if len(values) > 1:
+        raise BadRequest("more than one Host field")
+    if not values:
+        if version == "HTTP/1.1" and not is_connect:
+            raise BadRequest("HTTP/1.1 request without a Host field")
+        return
+    try:
+        split_authority(values[0], default_port=80)
+    except BadRequest as exc:
+        raise BadRequest(f"invalid Host field: {exc.message}") from None
+
+
+def _request_framing(
+    headers: Headers, *, version: str, is_connect: bool
+) -> tuple[BodyFraming, int | None]:
+    """RFC 9112 section 6.3 for requests, refusing every case two parsers might read apart."""
+    lengths = _values(headers, "content-length")
+    codings = _values(headers, "transfer-encoding")
+    if lengths and codings:
+        raise _ambiguous("both Content-Length and Transfer-Encoding")
+    if codings:
+        if version == "HTTP/1.0":
+            # RFC 9112 section 6.1: Transfer-Encoding in 1.0 MUST be treated as faulty framing.
+            raise _ambiguous("Transfer-Encoding in an HTTP/1.0 request")
+        if len(codings) != 1 or codings[0].lower() != "chunked":
+            raise _ambiguous(
+                f"Transfer-Encoding must be exactly 'chunked', got {', '.join(codings)[:64]!r}"
+            )
+        if is_connect:
+            raise _ambiguous("CONNECT request with a body (Transfer-Encoding)")
+        return BodyFraming.CHUNKED, None
+    if lengths:
+        if len(lengths) != 1:
+            raise _ambiguous("more than one Content-Length field")
+        if not _DIGITS.fullmatch(lengths[0]):
+            raise _ambiguous(f"invalid Content-Length {lengths[0][:32]!r}")
+        length = int(lengths[0])
+        if is_connect:
+            if length:
+                raise _ambiguous("CONNECT request with a body (Content-Length)")
+            return BodyFraming.NONE, 0  # RFC 9110 section 9.3.6: CONNECT has no content.
+        return BodyFraming.LENGTH, length
+    return BodyFraming.NONE, None
+
+
+def _ambiguous(message: str) -> BadRequest:
+    return BadRequest(message, reason=Reason.AMBIGUOUS_FRAMING)
+
+
+def render_request_head(req: RequestHead, *, framing_header: bool = True) -> bytes:
+    """The origin-form request to send upstream (RFC 9112 section 3.2.1, RFC 9110 section 7.6.1).
+
+    Host comes from the target, then the client's end-to-end fields in order, then the framing
+    field rendered from `req.framing` (omitted with `framing_header=False`). Keep-alive toward
+    the upstream is HTTP/1.1's default, so no Connection field is written.
+    """
+    if req.is_connect:
+        raise ValueError("a CONNECT request is tunnelled, not rendered upstream")
+    host = (
+        f"[{req.host.name}]"
+        if req.host.ip is not None and req.host.ip.version == 6
+        else req.host.name
+    )
+    authority = host if req.port == 80 else f"{host}:{req.port}"
+    out = [f"{req.method} {req.path} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
+    drop = _NOT_FORWARDED | req.connection_tokens | {"host"}
+    _render_fields(out, req.headers, drop)
+    if framing_header:
+        if req.framing is BodyFraming.LENGTH:
+            out.append(b"Content-Length: %d\r\n" % (req.content_length or 0))
+        elif req.framing is BodyFraming.CHUNKED:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(_CRLF)
+    return b"".join(out)
+
+
+def _render_fields(out: list[bytes], headers: Headers, drop: frozenset[str]) -> None:
+    for name, value in headers:
+        if name.lower() not in drop:
+            out.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+
+
+# --- Responses ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseHead:
+    """A parsed, validated response head and how its body is framed."""
+
+    version: str  # "HTTP/1.x" as sent
+    status: int
+    reason: str
+    headers: Headers
+    framing: BodyFraming
+    # The Content-Length value. Also kept when it does not frame the body (response to HEAD,
+    # 304), since there it describes the representation; None for 1xx and 204.
+    content_length: int | None
+    # May the upstream connection carry another request after this response?
+    keep_alive: bool
+    connection_tokens: frozenset[str]
+    # Transfer codings other than the final chunked (e.g. ("gzip",)), re-sent on render so the
+    # body the client gets is still labelled correctly. Almost always empty.
+    transfer_codings: tuple[str, ...] = ()
+
+    def header(self, name: str) -> str | None:
+        """The field's value, repeated lines joined with ", " (RFC 9110 section 5.3), or None."""
+        return _header(self.headers, name)
+
+    def header_values(self, name: str) -> tuple[str, ...]:
+        """Every value of the field, one per line, in order (use for Set-Cookie)."""
+        return tuple(_values(self.headers, name.lower()))
+
+
+def parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
+    """Parse an upstream response head or raise BadGateway (reason upstream_bad_response)."""
+    try:
+        return _parse_response_head(bytes(head), request_method=request_method)
+    except BadGateway:
+        raise
+    except OutgateError as exc:
+        raise BadGateway(
+            f"upstream response: {exc.message}", reason=Reason.UPSTREAM_BAD_RESPONSE
+        ) from None
+
+
+def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
+    lines = _split_head_lines(head)
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        raise BadRequest(f"invalid status line {_excerpt(lines[0])}")
+    version = match.group(1).decode("ascii")
+    status = int(match.group(2))
+    reason = (match.group(3) or b"").decode("latin-1")
+    headers = _parse_fields(lines[1:])
+    tokens = _connection_tokens(headers)
+    framing, content_length, codings = _response_framing(
+        headers, version=version, status=status, request_method=request_method
+    )
+    return ResponseHead(
+        version=version,
+        status=status,
+        reason=reason,
+        headers=headers,
+        framing=framing,
+        content_length=content_length,
+        keep_alive=_keep_alive(version, tokens) and framing is not BodyFraming.UNTIL_CLOSE,
+        connection_tokens=tokens,
+        transfer_codings=codings,
+    )
+
+
+def _response_framing(
+    headers: Headers, *, version: str, status: int, request_method: str
+) -> tuple[BodyFraming, int | None, tuple[str, ...]]:
+    """RFC 9112 section 6.3, steps numbered as there."""
+    lengths = _values(headers, "content-length")
+    codings = _values(headers, "transfer-encoding")
+    # 1. HEAD, 1xx, 204, 304: no body, whatever the fields say. Content-Length is not framing
+    #    here, so an unusable value is dropped rather than failing the response.
+    if request_method == "HEAD" or status < 200 or status in (204, 304):
+        no_length = status < 200 or status == 204  # RFC 9110 section 8.6: MUST NOT be sent.
+        length = None if no_length else _response_content_length(lengths, lenient=True)
+        return BodyFraming.NONE, length, ()
+    # 2. A 2xx to CONNECT switches to a tunnel (we never send CONNECT upstream; kept for rule 1).
+    if request_method == "CONNECT" and status < 300:
+        return BodyFraming.NONE, None, ()
+    # 3. Transfer-Encoding. Together with Content-Length the RFC lets TE win; we refuse.
+    if codings:
+        if lengths:
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if version == "HTTP/1.0":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 response (RFC 9112 section 6.1)")
+        elements = _list_elements(codings)
+        names = [_coding_name(element) for element in elements]
+        if not names:
+            raise BadRequest("empty Transfer-Encoding")
+        if names.count("chunked") > 1:
+            raise BadRequest("chunked applied more than once (RFC 9112 section 7)")
+        if names[-1] == "chunked":
+            return BodyFraming.CHUNKED, None, tuple(elements[:-1])
+        return BodyFraming.UNTIL_CLOSE, None, tuple(elements)
+    # 5. Content-Length.
+    if lengths:
+        length = _response_content_length(lengths, lenient=False)
+        return BodyFraming.LENGTH, length, ()
+    # 7. Otherwise the body runs until the upstream closes.
+    return BodyFraming.UNTIL_CLOSE, None, ()
+
+
+def _coding_name(element: str) -> str:
+    """transfer-coding = token *( OWS ";" OWS transfer-parameter ) -> lowercased token."""
+    name = element.split(";", 1)[0].strip(" \t")
+    if not _TOKEN_STR.fullmatch(name):
+        raise BadRequest(f"invalid transfer coding {element[:32]!r}")
+    return name.lower()
+
+
+def _response_content_length(lengths: list[str], *, lenient: bool) -> int | None:
+    """Repeated identical values (`42, 42` or two lines) are accepted: RFC 9110 section 8.6 allows
+    it, CDNs send it, and we re-render one canonical Content-Length so nobody downstream sees the
+    repetition. Differing or non-numeric values are refused, or dropped when `lenient`."""
+    if not lengths:
+        return None
+    elements = [item.strip(" \t") for value in lengths for item in value.split(",")]
+    if all(_DIGITS.fullmatch(item) for item in elements) and len({int(i) for i in elements}) == 1:
+        return int(elements[0])
+    if lenient:
+        return None
+    raise BadRequest(f"invalid or conflicting Content-Length {', '.join(lengths)[:64]!r}")
+
+
+def render_response_head(resp: ResponseHead, *, keep_alive: bool) -> bytes:
+    """The response head to send the client.
+
+    Hop-by-hop fields (and those named in Connection) are dropped, the framing field is rendered
+    from `resp.framing`, and `Connection: close` is added when the client connection will close.
+    A body that runs until close always closes the connection (the client has no other way to
+    find its end). 1xx interim responses get neither a framing field nor Connection.
+    """
+    out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1"))]
+    _render_fields(out, resp.headers, _NOT_FORWARDED | resp.connection_tokens)
+    if resp.status < 200:
+        out.append(_CRLF)
+        return b"".join(out)
+    if resp.framing is BodyFraming.LENGTH or (
+        resp.framing is BodyFraming.NONE and resp.content_length is not None
+    ):
+        out.append(b"Content-Length: %d\r\n" % (resp.content_length or 0))
+    elif resp.framing is BodyFraming.CHUNKED:
+        codings = ", ".join((*resp.transfer_codings, "chunked"))
+        out.append(b"Transfer-Encoding: %s\r\n" % codings.encode("latin-1"))
+    elif resp.framing is BodyFraming.UNTIL_CLOSE and resp.transfer_codings:
+        codings = ", ".join(resp.transfer_codings)
+        out.append(b"Transfer-Encoding: %s\r\n" % codings.encode("latin-1"))
+    if not keep_alive or resp.framing is BodyFraming.UNTIL_CLOSE:
+        out.append(b"Connection: close\r\n")
+    out.append(_CRLF)
+    return b"".join(out)
+
+
+# --- Chunked bodies -------------------------------------------------------------------------------
+
+
+class _ChunkState(Enum):
+    SIZE_LINE = "size_line"
+    DATA = "data"
+    DATA_CR = "data_cr"
+    DATA_LF = "data_lf"
+    TRAILER = "trailer"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ChunkedDecoder:
+    """Incremental, sans-I/O decoder of the chunked transfer coding (RFC 9112 section 7.1).
+
+    `feed` returns the chunk payloads decoded so far; only an incomplete chunk-size or trailer
+    line is ever buffered (bounded), never payload. Work is O(n) over any split of the input.
+    Errors are BadRequest (bad_chunk), or BadGateway (upstream_bad_response) with
+    `upstream=True`. After an error every further `feed` raises again.
+    """
+
+    __slots__ = ("_error", "_line", "_remaining", "_state", "_tail", "_trailer_bytes")
+
+    def __init__(self, *, upstream: bool = False) -> None:
+        self._error: Callable[[str], OutgateError] = (
+            _upstream_chunk_error if upstream else _client_chunk_error
+        )
+        self._state = _ChunkState.SIZE_LINE
+        self._line = bytearray()
+        self._remaining = 0
+        self._trailer_bytes = 0
+        self._tail = bytearray()
+
+    @property
+    def done(self) -> bool:
+        """True once the last-chunk and the trailer section have been read."""
+        return self._state is _ChunkState.DONE
+
+    def tail(self) -> bytes:
+        """Bytes fed after the end of the message: the start of the next pipelined message."""
+        return bytes(self._tail)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        buf = data if isinstance(data, bytes) else bytes(data)
+        if self._state is _ChunkState.FAILED:
+            raise self._error("chunked body already failed to decode")
+        out: list[bytes] = []
+        pos, end = 0, len(buf)
+        while pos < end:
+            state = self._state
+            if state is _ChunkState.DATA:
+                take = min(self._remaining, end - pos)
+                out.append(buf if take == end else buf[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _ChunkState.DATA_CR
+            elif state is _ChunkState.DATA_CR:
+                if buf[pos] != 0x0D:
+                    raise self._fail("chunk data is not followed by CRLF")
+                pos += 1
+                self._state = _ChunkState.DATA_LF
+            elif state is _ChunkState.DATA_LF:
+                if buf[pos] != 0x0A:
+                    raise self._fail("chunk data is not followed by CRLF")
+                pos += 1
+                self._state = _ChunkState.SIZE_LINE
+            elif state is _ChunkState.DONE:
+                self._tail += buf[pos:]
+                pos = end
+            else:
+                pos = self._feed_line(buf, pos)
+        return out
+
+    def _feed_line(self, buf: bytes, pos: int) -> int:
+        """Collect a size or trailer line; handle it when complete. Returns the new position."""
+        in_trailer = self._state is _ChunkState.TRAILER
+        limit = MAX_TRAILER_BYTES - self._trailer_bytes if in_trailer else MAX_CHUNK_LINE_BYTES
+        lf = buf.find(b"\n", pos)
+        self._line += buf[pos:] if lf < 0 else buf[pos : lf + 1]
+        if len(self._line) > limit:
+            what = "trailer section" if in_trailer else "chunk-size line"
+            raise self._fail(f"{what} longer than {limit} bytes")
+        if lf < 0:
+            return len(buf)
+        line = bytes(self._line)
+        self._line.clear()
+        if not line.endswith(_CRLF):
+            raise self._fail("bare LF in chunked framing (CRLF required)")
+        content = line[:-2]
+        if b"\r" in content:
+            raise self._fail("bare CR in chunked framing")
+        if in_trailer:
+            self._trailer_line(content, len(line))
+        else:
+            self._size_line(content)
+        return lf + 1
+
+    def _size_line(self, content: bytes) -> None:
+        match = _CHUNK_LINE.fullmatch(content)
+        if match is None:
+            raise self._fail(f"invalid chunk-size line {_excerpt(content)}")
+        size = int(match.group(1), 16)
+        if size:
+            self._remaining = size
+            self._state = _ChunkState.DATA
+        else:
+            self._state = _ChunkState.TRAILER
+
+    def _trailer_line(self, content: bytes, size: int) -> None:
+        if not content:
+            self._state = _ChunkState.DONE
+            return
+        self._trailer_bytes += size
+        try:
+            _parse_field_line(content)  # checked for strictness, then discarded
+        except OutgateError as exc:
+            raise self._fail(f"invalid trailer field: {exc.message}") from None
+
+    def _fail(self, message: str) -> OutgateError:
+        self._state = _ChunkState.FAILED
+        self._line.clear()
+        return self._error(message)
+
+
+def _client_chunk_error(message: str) -> OutgateError:
+    return BadRequest(message, reason=Reason.BAD_CHUNK)
+
+
+def _upstream_chunk_error(message: str) -> OutgateError:
+    return BadGateway(f"upstream chunked body: {message}", reason=Reason.UPSTREAM_BAD_RESPONSE)
+
+
+def encode_chunk(data: bytes | bytearray | memoryview) -> bytes:
+    """One chunk: hex size CRLF data CRLF. Empty data gives b"" (an empty chunk would end the body;
+    send LAST_CHUNK for that)."""
+    payload = bytes(data)
+    if not payload:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)

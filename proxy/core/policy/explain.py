@@ -1,0 +1,132 @@
+"""Render a decision and its evaluation steps for people (`outgate explain`, the admin `/explain`
+endpoint) and as a JSON-safe dict (`/explain?format=json`). Call `decide(..., explain=True)` to
+get the steps; without them only the outcome is shown."""
+
+from __future__ import annotations
+
+from proxy.core.identity import Workload
+from proxy.core.policy.engine import Decision, Step, Verdict
+from proxy.core.policy.model import Destination
+
+
+def render_explanation(workload: Workload, destination: Destination, decision: Decision) -> str:
+    lines = [
+        f"workload:    {_describe_workload(workload)}",
+        f"destination: {destination}",
+        f"policy revision: {decision.revision}",
+    ]
+    enforced = [step for step in decision.steps if not step.shadow]
+    shadowed = [step for step in decision.steps if step.shadow]
+    if enforced:
+        lines.append("steps:")
+        lines.extend(_render_steps(enforced))
+    lines.append(f"decision:    {_describe_verdict(decision.verdict)}")
+    if decision.shadow is not None:
+        lines.append(
+            f"shadow:      {_describe_verdict(decision.shadow)} (audit-mode policies enforced)"
+        )
+        if shadowed:
+            lines.append("shadow steps:")
+            lines.extend(_render_steps(shadowed))
+    else:
+        lines.append("shadow:      none (audit-mode policies would decide the same)")
+    return "\n".join(lines)
+
+
+def decision_as_dict(
+    workload: Workload, destination: Destination, decision: Decision
+) -> dict[str, object]:
+    """JSON-safe: only str, int, bool, None, lists and dicts."""
+    return {
+        "workload": {
+            "kind": str(workload.kind),
+            "namespace": workload.namespace,
+            "name": workload.name,
+            "uid": workload.uid,
+            "labels": dict(workload.labels),
+            "namespaceLabels": dict(workload.namespace_labels),
+            "serviceAccount": workload.service_account,
+            "owner": {"kind": workload.owner_kind, "name": workload.owner_name},
+        },
+        "destination": {
+            "host": destination.host.name,
+            "port": destination.port,
+            "ip": str(destination.ip) if destination.ip is not None else None,
+        },
+        "revision": decision.revision,
+        "decision": _verdict_dict(decision.verdict),
+        "shadow": _verdict_dict(decision.shadow) if decision.shadow is not None else None,
+        "steps": [
+            {
+                "tier": step.tier,
+                "ruleset": step.ruleset,
+                "rule": step.rule,
+                "result": step.result,
+                "shadow": step.shadow,
+            }
+            for step in decision.steps
+        ],
+    }
+
+
+def _verdict_dict(verdict: Verdict) -> dict[str, object]:
+    return {
+        "action": str(verdict.action),
+        "reason": str(verdict.reason),
+        "rule": verdict.rule,
+        "ruleset": verdict.ruleset,
+        "tier": str(verdict.tier) if verdict.tier is not None else None,
+        "mode": str(verdict.mode) if verdict.mode is not None else None,
+        "allowedCidrs": [str(cidr) for cidr in verdict.allowed_cidrs],
+        "protocol": str(verdict.protocol) if verdict.protocol is not None else None,
+        "inspect": None
+        if verdict.inspect is None
+        else {
+            "methods": list(verdict.inspect.methods),
+            "paths": list(verdict.inspect.paths),
+            "dlp": list(verdict.inspect.dlp),
+        },
+    }
+
+
+def _describe_workload(workload: Workload) -> str:
+    if workload.is_unknown:
+        return "unknown source (only subject-less ClusterEgressPolicies apply)"
+    parts = [workload.describe()]
+    if workload.service_account:
+        parts.append(f"serviceAccount={workload.service_account}")
+    if workload.owner_kind:
+        parts.append(f"owner={workload.owner_kind}/{workload.owner_name}")
+    labels = ",".join(f"{key}={value}" for key, value in sorted(workload.labels.items()))
+    parts.append(f"labels={{{labels}}}")
+    return " ".join(parts)
+
+
+def _describe_verdict(verdict: Verdict) -> str:
+    text = f"{verdict.action} ({verdict.reason})"
+    if verdict.ruleset is not None:
+        text += f" by {verdict.ruleset}"
+        if verdict.rule is not None:
+            text += f" rule {verdict.rule}"
+    details = []
+    if verdict.tier is not None:
+        details.append(f"tier {verdict.tier}")
+    if verdict.mode is not None:
+        details.append(f"mode {verdict.mode}")
+    if verdict.protocol is not None:
+        details.append(f"protocol {verdict.protocol}")
+    if verdict.allowed_cidrs:
+        details.append("cidrs " + ",".join(str(cidr) for cidr in verdict.allowed_cidrs))
+    if verdict.inspect is not None:
+        details.append("inspect")
+    return text + (f" [{'; '.join(details)}]" if details else "")
+
+
+def _render_steps(steps: list[Step]) -> list[str]:
+    lines = []
+    for number, step in enumerate(steps, start=1):
+        where = step.ruleset or "-"
+        if step.rule is not None:
+            where += f" rule {step.rule}"
+        lines.append(f"  {number:>2}. {step.tier:<9} {where}: {step.result}")
+    return lines

@@ -1,0 +1,221 @@
+"""One socket of the data plane as an asyncio Protocol: buffered reads, or a direct relay.
+
+A `Peer` starts in buffered mode: bytes land in `buffer` (reading pauses past
+`READ_BUFFER_LIMIT`) and the connection handler awaits them. For a tunnel, two peers are
+joined with `relay`: each `data_received` writes straight into the other transport, and the
+other side's `pause_writing` pauses this side's reading, so a slow reader slows the writer and
+memory stays bounded by the transports' buffer limits. No Python runs per byte, only per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+# 256 KiB: large reads amortise the per-call cost; bounded so a fast sender cannot fill memory.
+READ_BUFFER_LIMIT = 256 * 1024
+# Write-buffer marks for the transport: above HIGH the other side stops reading.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class Peer(asyncio.Protocol):
+    """A client or upstream socket. Mutable state lives here and only here."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.closed = False
+        self.bytes_in = 0
+        self.last_activity = time.monotonic()
+        self._partner: Peer | None = None  # relay mode: where our bytes go, who feeds us
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._paused_by_buffer = False
+        self._paused_by_partner = False
+        self._closed_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = time.monotonic()
+        partner = self._partner
+        if partner is not None:
+            if partner.transport is not None and not partner.closed:
+                partner.transport.write(data)
+            return
+        self.buffer += data
+        if len(self.buffer) > READ_BUFFER_LIMIT and not self._paused_by_buffer:
+            self._paused_by_buffer = True
+            self._apply_reading()
+        self._wake_data()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.last_activity = time.monotonic()
+        partner = self._partner
+        if partner is not None:
+            partner.write_eof()
+            if partner.eof:
+                self.close()
+                partner.close()
+        self._wake_data()
+        return True  # keep our writing half open: half-close is propagated, not assumed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        self._wake_data()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        partner = self._partner
+        if partner is not None:
+            partner.close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        feeder = self._partner
+        if feeder is not None and not feeder._paused_by_partner:
+            feeder._paused_by_partner = True
+            feeder._apply_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        feeder = self._partner
+        if feeder is not None and feeder._paused_by_partner:
+            feeder._paused_by_partner = False
+            feeder._apply_reading()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- reading ----------------------------------------------------------------------------
+    def _apply_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self._paused_by_buffer or self._paused_by_partner:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
+
+    def _wake_data(self) -> None:
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_data(self) -> None:
+        """Return once the buffer holds more than it did, or at EOF."""
+        if self.eof:
+            return
+        loop = asyncio.get_running_loop()
+        self._data_waiter = loop.create_future()
+        try:
+            await self._data_waiter
+        finally:
+            self._data_waiter = None
+
+    def take(self, limit: int | None = None) -> bytes:
+        """Remove and return up to `limit` buffered bytes (all when None)."""
+        if limit is None or limit >= len(self.buffer):
+            data = bytes(self.buffer)
+            self.buffer.clear()
+        else:
+            data = bytes(self.buffer[:limit])
+            del self.buffer[:limit]
+        if self._paused_by_buffer and len(self.buffer) <= READ_BUFFER_LIMIT:
+            self._paused_by_buffer = False
+            self._apply_reading()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back at the front (a decoder read past the end of a message)."""
+        if data:
+            self.buffer[:0] = data
+
+    async def read_some(self, limit: int | None = None) -> bytes:
+        """Up to `limit` bytes, waiting for at least one; b"" means EOF."""
+        while not self.buffer:
+            if self.eof:
+                return b""
+            await self.wait_data()
+        return self.take(limit)
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed and transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                self.close()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above the high-water mark."""
+        if self.closed:
+            raise ConnectionResetError("peer closed while we were writing")
+        if not self._write_paused:
+            return
+        loop = asyncio.get_running_loop()
+        self._drain_waiter = loop.create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+        if self.closed:
+            raise ConnectionResetError("peer closed while we were writing")
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        if self.closed:
+            return
+        self._closed_waiter = asyncio.get_running_loop().create_future()
+        await self._closed_waiter
+
+    # -- relay ------------------------------------------------------------------------------
+    def relay(self, other: Peer) -> None:
+        """Join two peers: flush what each has buffered into the other, then splice."""
+        for source, sink in ((self, other), (other, self)):
+            if source.buffer:
+                sink.write(source.take())
+        self._partner, other._partner = other, self
+        for peer in (self, other):
+            peer._paused_by_buffer = False
+            peer._apply_reading()
+        for source, sink in ((self, other), (other, self)):
+            if source.eof:
+                sink.write_eof()
+        if self.eof and other.eof:
+            self.close()
+            other.close()
+        elif self.closed:
+            other.close()
+        elif other.closed:
+            self.close()
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0

@@ -1,0 +1,52 @@
+"""The one place an error becomes bytes on the wire (DESIGN section 6)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from proxy.errors import OutgateError, TooManyRequests
+
+CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+# Seconds a client should wait after a 429 before trying again.
+RETRY_AFTER_SECONDS = 1
+
+
+def _safe(text: str, limit: int = 256) -> str:
+    """Keep a reply to one line of printable ASCII: client text is echoed back here."""
+    cleaned = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    return cleaned[:limit]
+
+
+def render_error(
+    error: OutgateError,
+    *,
+    event_id: str,
+    workload: str,
+    destination: str,
+    keep_alive: bool,
+) -> bytes:
+    """Status line, `X-Outgate-Reason`, and a short text body a person can act on."""
+    try:
+        phrase = HTTPStatus(error.status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = (
+        f"Outgate refused this request: {_safe(error.message)}\n"
+        f"status: {error.status} {phrase}\n"
+        f"reason: {error.reason}\n"
+        f"workload: {_safe(workload)}\n"
+        f"destination: {_safe(destination)}\n"
+        f"event id: {event_id}\n"
+    ).encode("ascii")
+    headers = [
+        f"HTTP/1.1 {error.status} {phrase}",
+        "Content-Type: text/plain; charset=us-ascii",
+        f"Content-Length: {len(body)}",
+        f"X-Outgate-Reason: {error.reason}",
+        f"X-Outgate-Event-Id: {event_id}",
+        "Cache-Control: no-store",
+    ]
+    if isinstance(error, TooManyRequests):
+        headers.append(f"Retry-After: {RETRY_AFTER_SECONDS}")
+    headers.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + body

@@ -1,0 +1,69 @@
+"""Fixtures: real origins (HTTP and HTTPS with a test CA) and proxies started as the CLI does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.origin import OriginServer
+from tests.support.pki import TestPKI, make_pki
+from tests.support.proxyproc import ProxyProcess
+
+# Test origins listen on ephemeral ports, so test policies allow the whole unprivileged range.
+ORIGIN_PORTS = "[{port: 1024, endPort: 65535}, 80, 443]"
+
+
+def policy_allowing(
+    *fqdns: str, cidrs: tuple[str, ...] = ("127.0.0.0/8",), name: str = "tests"
+) -> str:
+    """A namespace policy for the test client allowing these names (and loopback as a cidr,
+    which the address guard needs before it lets the proxy dial a loopback origin)."""
+    to = [f'{{fqdn: "{f}"}}' for f in fqdns] + [f"{{cidr: {c}}}" for c in cidrs]
+    return f"""
+apiVersion: outgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {{name: {name}, namespace: tests}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  rules:
+    - name: allow-origins
+      action: Allow
+      to: [{", ".join(to)}]
+      ports: {ORIGIN_PORTS}
+"""
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return make_pki(tmp_path_factory.mktemp("pki"), ["origin.test", "localhost", "127.0.0.1"])
+
+
+@pytest.fixture
+def origin() -> Iterator[OriginServer]:
+    with OriginServer() as server:
+        yield server
+
+
+@pytest.fixture
+def tls_origin(pki: TestPKI) -> Iterator[OriginServer]:
+    with OriginServer(ssl_context=pki.server_context()) as server:
+        yield server
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def start(policies: str, **kwargs: Any) -> ProxyProcess:
+        workdir = tmp_path / f"proxy{len(started)}"
+        workdir.mkdir()
+        proxy = ProxyProcess(workdir, policies=policies, **kwargs)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()

@@ -1,0 +1,146 @@
+"""A real HTTP(S) origin server on loopback (aiohttp in its own thread), recording what it got."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import threading
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+# Size of each write when the origin streams a large body.
+STREAM_PIECE = 256 * 1024
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body_bytes: int = 0
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+@dataclass
+class OriginServer:
+    host: str = "127.0.0.1"
+    port: int = 0
+    ssl_context: ssl.SSLContext | None = None
+    seen: list[SeenRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._lock = threading.Lock()
+
+    # -- handlers -------------------------------------------------------------------------
+    def _record(self, request: web.Request, body_bytes: int = 0) -> None:
+        with self._lock:
+            self.seen.append(
+                SeenRequest(
+                    method=request.method,
+                    path=request.path_qs,
+                    headers=[
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers
+                    ],
+                    body_bytes=body_bytes,
+                )
+            )
+
+    async def _hello(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.Response(text="hello from origin\n")
+
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self._record(request, len(body))
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async def _sink(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        total = 0
+        async for piece in request.content.iter_chunked(STREAM_PIECE):
+            digest.update(piece)
+            total += len(piece)
+        self._record(request, total)
+        return web.json_response({"bytes": total, "sha256": digest.hexdigest()})
+
+    async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        self._record(request)
+        size = int(request.match_info["n"])
+        response = web.StreamResponse()
+        if request.query.get("chunked") == "1":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = size
+        response.content_type = "application/octet-stream"
+        await response.prepare(request)
+        piece = b"x" * STREAM_PIECE
+        left = size
+        while left:
+            out = piece[: min(left, STREAM_PIECE)]
+            await response.write(out)
+            left -= len(out)
+        await response.write_eof()
+        return response
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self._record(request)
+        code = int(request.match_info["code"])
+        if code in (204, 304):
+            return web.Response(status=code, headers={"ETag": '"v1"'})
+        return web.Response(status=code, text=f"status {code}\n")
+
+    async def _headers(self, request: web.Request) -> web.Response:
+        self._record(request)
+        return web.json_response(
+            [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=1 << 40)
+        app.router.add_get("/hello", self._hello)
+        app.router.add_route("*", "/echo", self._echo)
+        app.router.add_post("/sink", self._sink)
+        app.router.add_get("/bytes/{n}", self._bytes)
+        app.router.add_get("/status/{code}", self._status)
+        app.router.add_get("/headers", self._headers)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def start(self) -> OriginServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> OriginServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def paths_seen(self) -> list[str]:
+        with self._lock:
+            return [r.path for r in self.seen]
