@@ -110,7 +110,6 @@ class PolicyFileWatcher:
         try:
             policies = load_paths(self.paths)
         except ConfigError as error:
-            self.store.record_failure(error)
             POLICY_RELOADS.labels(result="failure").inc()
             POLICY_LAST_RELOAD_OK.set(0)
             log.error(
@@ -119,11 +118,11 @@ class PolicyFileWatcher:
                 revision_in_force=self.store.revision,
                 loaded=self.store.loaded,
             )
+            self.store.record_failure(error)  # last: whoever sees the store change sees the rest
             return False
         engine = Engine.compile(
             policies, default_action=self.default_action, revision=self.store.revision + 1
         )
-        self.store.install(engine)
         POLICY_RELOADS.labels(result="success").inc()
         POLICY_LAST_RELOAD_OK.set(1)
         POLICY_REVISION.set(engine.revision)
@@ -134,6 +133,7 @@ class PolicyFileWatcher:
             policies=len(engine.policies),
             rules=engine.rule_count,
         )
+        self.store.install(engine)
         return True
 
     def changed(self) -> bool:
@@ -145,8 +145,13 @@ class PolicyFileWatcher:
         while True:
             await asyncio.sleep(self.interval)
             # stat and parse off the event loop: a large policy set takes a while to compile.
-            if await asyncio.to_thread(self.changed):
-                await asyncio.to_thread(self.reload)
+            try:
+                if await asyncio.to_thread(self.changed):
+                    await asyncio.to_thread(self.reload)
+            except Exception:
+                # A bug must not end hot reload for the life of the process; the engine in
+                # force stays, and the next change is tried again.
+                log.exception("policy_watch_error", revision_in_force=self.store.revision)
 
     def _take_fingerprint(self) -> _Fingerprint:
         files, issues = policy_files(self.paths)

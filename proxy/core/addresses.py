@@ -23,7 +23,7 @@ NAT64 gateway.
 
 Classification is on the hot path (every resolved address of every request), so the tables are
 painted at construction into sorted, disjoint integer intervals and looked up with `bisect`.
-This module is pure: `ipaddress` and `bisect` only.
+This module is pure (no asyncio, socket, ssl or aiohttp): integers, `ipaddress` and `bisect`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
-from proxy.core.hosts import IPAddress
+from proxy.core.hosts import IPAddress, unmap_ipv4
 
 IPNetwork = IPv4Network | IPv6Network
 
@@ -220,12 +220,6 @@ def _nets(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ip_network(text) for text in texts)
 
 
-def _unmapped(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def _contains(networks: Iterable[IPNetwork], ip: IPAddress, embedded: IPv4Address | None) -> bool:
     # `in` across families is simply False in `ipaddress`, so one loop serves both.
     return any(ip in net or (embedded is not None and embedded in net) for net in networks)
@@ -241,6 +235,7 @@ class AddressGuard:
     """
 
     __slots__ = (
+        "_blocks",
         "_cluster_v6",
         "_local",
         "_self_exact",
@@ -256,6 +251,7 @@ class AddressGuard:
     _table_v6: _Table
     _cluster_v6: _Table
     _unsafe_allow: tuple[IPNetwork, ...]
+    _blocks: tuple[tuple[IPNetwork, AddressClass], ...]
     _self_exact: frozenset[tuple[IPAddress, int]]
     _self_ports: frozenset[int]
     _wildcard_ports_v4: frozenset[int]
@@ -295,12 +291,24 @@ class AddressGuard:
         # (a cluster could number services inside 64:ff9b::/96; unusual, but configured).
         set_(self, "_cluster_v6", _Table([(_C.CLUSTER, cluster_v6)]))
         set_(self, "_unsafe_allow", tuple(unsafe_allow_cidrs))
+        set_(
+            self,
+            "_blocks",
+            tuple(
+                (network, cls)
+                for cls, networks in [
+                    *((c, _nets(t)) for c, t in (*_HEAD_V4, *_TAIL_V4, *_HEAD_V6, *_TAIL_V6)),
+                    (_C.CLUSTER, tuple(cluster_cidrs)),
+                ]
+                for network in networks
+            ),
+        )
 
         exact: set[tuple[IPAddress, int]] = set()
         wildcard_v4: set[int] = set()
         wildcard_any: set[int] = set()
         for address, port in self_endpoints:
-            address = _unmapped(address)
+            address = unmap_ipv4(address)
             if isinstance(address, IPv4Address) and address.is_unspecified:
                 wildcard_v4.add(port)
             elif address.is_unspecified:
@@ -314,7 +322,7 @@ class AddressGuard:
         set_(self, "_self_ports", frozenset(port for _, port in self_endpoints))
         set_(self, "_wildcard_ports_v4", frozenset(wildcard_v4))
         set_(self, "_wildcard_ports_any", frozenset(wildcard_any))
-        set_(self, "_local", frozenset(_unmapped(address) for address in local_addresses))
+        set_(self, "_local", frozenset(unmap_ipv4(address) for address in local_addresses))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -345,9 +353,34 @@ class AddressGuard:
         if cls is None or not (allowed_cidrs or self._unsafe_allow):
             return cls
         embedded = embedded_ipv4(ip) if isinstance(ip, IPv6Address) else None
-        if _contains(allowed_cidrs, ip, embedded) or _contains(self._unsafe_allow, ip, embedded):
+        if self._exempted(allowed_cidrs, cls, ip, embedded) or _contains(
+            self._unsafe_allow, ip, embedded
+        ):
             return None
         return cls
+
+    def _exempted(
+        self,
+        allowed_cidrs: Sequence[IPNetwork],
+        cls: AddressClass,
+        ip: IPAddress,
+        embedded: IPv4Address | None,
+    ) -> bool:
+        """A rule's cidr lifts the guard only when it lies inside the guarded block it opens.
+
+        So `cidr: 10.20.0.0/16` opens that part of RFC 1918 and `cidr: 169.254.169.254/32`
+        opens the metadata address, but a broad `cidr: 0.0.0.0/0` ("any address") opens no
+        guarded block, and `cidr: 10.0.0.0/8` does not open a cluster range (10.96.0.0/12)
+        inside it: guarded space is reached only by naming it.
+        """
+        for target in (ip, embedded):
+            if target is None:
+                continue
+            blocks = [net for net, c in self._blocks if c is cls and target in net]
+            for cidr in allowed_cidrs:
+                if target in cidr and any(cidr.subnet_of(block) for block in blocks):  # type: ignore[arg-type]
+                    return True
+        return False
 
     def _is_self(self, ip: IPAddress, port: int) -> bool:
         if (ip, port) in self._self_exact:

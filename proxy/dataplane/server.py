@@ -324,6 +324,7 @@ class ProxyServer:
                 reason=Reason.GUARDED_ADDRESS,
             )
         ex.decision = permitted[0][1]
+        ex.destination_ip = str(permitted[0][0])  # first to dial; the close record has the one used
         ex.decided = True
         self._record_decision(ex)
         return [ip for ip, _ in permitted]

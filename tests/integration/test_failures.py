@@ -93,6 +93,7 @@ def test_dns_failure_metrics_are_exported(
     _, metrics = proxy.admin("/metrics")
     assert 'outgate_dns_lookups_total{result="nxdomain"}' in metrics
     assert "outgate_dns_lookup_seconds_count" in metrics
-    assert (
-        'outgate_decisions_total{action="deny",reason="dns_nxdomain",namespace="tests"}' in metrics
-    )
+    decisions = [line for line in metrics.splitlines() if line.startswith("outgate_decisions_total{")]
+    assert 'outgate_decisions_total{action="deny",namespace="tests",reason="dns_nxdomain"} 1.0' in (
+        decisions
+    ), decisions

@@ -15,7 +15,7 @@ import pytest
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
-from tests.support.pki import TestPKI
+from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess, ResponseReader, read_response, read_until_close
 
 StartProxy = Callable[..., ProxyProcess]
@@ -88,7 +88,7 @@ def test_allowed_http_get_and_post_with_a_python_client(
 
 
 def test_allowed_https_through_connect_with_curl(
-    proxy: ProxyProcess, tls_origin: OriginServer, pki: TestPKI
+    proxy: ProxyProcess, tls_origin: OriginServer, pki: OriginPKI
 ) -> None:
     result = curl(
         "-x", proxy.url, "--cacert", str(pki.ca_pem), f"https://origin.test:{tls_origin.port}/hello"
@@ -105,7 +105,7 @@ def test_allowed_https_through_connect_with_curl(
 
 
 def test_allowed_https_through_connect_with_a_python_client(
-    proxy: ProxyProcess, tls_origin: OriginServer, pki: TestPKI
+    proxy: ProxyProcess, tls_origin: OriginServer, pki: OriginPKI
 ) -> None:
     conn = http.client.HTTPSConnection(
         "127.0.0.1", proxy.port, context=pki.client_context(), timeout=10
@@ -246,7 +246,7 @@ def test_head_204_and_304_responses_have_no_body_and_keep_the_connection(
     with proxy.connect() as sock:
         reader = ResponseReader(sock)
         sock.sendall(f"HEAD {base}/hello HTTP/1.1\r\n{host}".encode())
-        status, headers, body = reader.next()
+        status, headers, body = reader.next(head_request=True)
         assert status == 200 and body == b""
         assert headers["content-length"] == str(len("hello from origin\n"))
         for code in (204, 304):

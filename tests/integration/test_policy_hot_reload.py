@@ -77,6 +77,8 @@ def test_broken_policy_file_keeps_the_last_good_policy_and_is_reported(
     assert 'outgate_policy_reloads_total{result="failure"}' in metrics
     # Fixing the file recovers.
     (proxy.policy_dir / "policies.yaml").write_text(policy_allowing("origin.test", name="fixed"))
-    proxy.wait_log(lambda e: e.get("event") == "policy_reloaded", timeout=5)
+    proxy.wait_log(
+        lambda e: e.get("event") == "policy_loaded" and e.get("revision") == 2, timeout=5
+    )
     _, metrics = proxy.admin("/metrics")
     assert "outgate_policy_last_reload_success 1.0" in metrics

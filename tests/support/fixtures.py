@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.support.origin import OriginServer
-from tests.support.pki import TestPKI, make_pki
+from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess
 
 # Test origins listen on ephemeral ports, so test policies allow the whole unprivileged range.
@@ -37,7 +37,7 @@ spec:
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> OriginPKI:
     return make_pki(tmp_path_factory.mktemp("pki"), ["origin.test", "localhost", "127.0.0.1"])
 
 
@@ -48,7 +48,7 @@ def origin() -> Iterator[OriginServer]:
 
 
 @pytest.fixture
-def tls_origin(pki: TestPKI) -> Iterator[OriginServer]:
+def tls_origin(pki: OriginPKI) -> Iterator[OriginServer]:
     with OriginServer(ssl_context=pki.server_context()) as server:
         yield server
 

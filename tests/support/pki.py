@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 
 @dataclass(frozen=True)
-class TestPKI:
+class OriginPKI:
     ca_pem: Path
     cert_pem: Path
     key_pem: Path
@@ -30,7 +30,7 @@ class TestPKI:
         return ctx
 
 
-def make_pki(directory: Path, names: list[str]) -> TestPKI:
+def make_pki(directory: Path, names: list[str]) -> OriginPKI:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outgate test CA")])
@@ -89,7 +89,7 @@ def make_pki(directory: Path, names: list[str]) -> TestPKI:
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    pki = TestPKI(
+    pki = OriginPKI(
         ca_pem=directory / "ca.pem", cert_pem=directory / "cert.pem", key_pem=directory / "key.pem"
     )
     pki.ca_pem.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))

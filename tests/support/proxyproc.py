@@ -231,8 +231,10 @@ class ResponseReader:
         self.buf += data
         return bool(data)
 
-    def next(self) -> tuple[int, dict[str, str], bytes]:
-        """One response framed by Content-Length or chunked; (status, headers, body)."""
+    def next(self, *, head_request: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """One response framed by Content-Length or chunked; (status, headers, body).
+
+        `head_request=True` for the answer to a HEAD request, which has no body whatever it says."""
         while b"\r\n\r\n" not in self.buf:
             if not self._fill():
                 raise AssertionError(f"closed before a full head: {self.buf!r}")
@@ -259,7 +261,7 @@ class ResponseReader:
                 if size == 0:
                     return status, headers, body
         length = int(headers.get("content-length", "0"))
-        if 100 <= status < 200 or status in (204, 304):
+        if head_request or 100 <= status < 200 or status in (204, 304):
             length = 0
         while len(self.buf) < length:
             if not self._fill():

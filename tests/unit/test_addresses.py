@@ -231,8 +231,14 @@ def test_metadata_wins_over_a_cluster_cidr_that_covers_it() -> None:
         # For a form embedding IPv4, naming the IPv4 counts ...
         ("::ffff:10.20.1.2", ["10.20.0.0/16"], None),
         ("64:ff9b::10.20.1.2", ["10.20.0.0/16"], None),
-        # ... and so does naming the IPv6 form itself.
-        ("64:ff9b::10.20.1.2", ["64:ff9b::/96"], None),
+        # ... but naming the whole IPv6 translation prefix opens no guarded block.
+        ("64:ff9b::10.20.1.2", ["64:ff9b::/96"], C.PRIVATE),
+        # A cidr opens guarded space only inside the guarded block it names:
+        ("169.254.169.254", ["169.254.0.0/16"], C.METADATA),
+        ("10.20.1.2", ["0.0.0.0/0"], C.PRIVATE),
+        ("fd00:ec2::254", ["::/0"], C.METADATA),
+        ("10.96.0.1", ["10.0.0.0/8"], C.CLUSTER),
+        ("10.20.1.2", ["10.0.0.0/8"], None),
         ("::ffff:10.20.1.2", ["10.21.0.0/16"], C.PRIVATE),
         ("10.20.1.2", [], C.PRIVATE),
     ],
@@ -321,7 +327,7 @@ def test_proxy_bound_to_a_public_address_is_still_self() -> None:
 
 def test_guard_is_immutable() -> None:
     with pytest.raises(AttributeError):
-        PLAIN._unsafe_allow = (net("0.0.0.0/0"),)  # type: ignore[misc]
+        PLAIN._unsafe_allow = (net("0.0.0.0/0"),)
 
 
 def test_address_classes_are_stable_metric_labels() -> None:

@@ -37,27 +37,65 @@ SELECTOR_CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("matchLabels all equal", {"matchLabels": {"app": "api", "tier": "web"}}, True),
     ("matchLabels one differs", {"matchLabels": {"app": "api", "tier": "db"}}, False),
     ("matchLabels key absent", {"matchLabels": {"team": "x"}}, False),
-    ("In with the value", {"matchExpressions": [{"key": "app", "operator": "In", "values": ["api", "x"]}]}, True),
-    ("In without the value", {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]}, False),
-    ("In on an absent key", {"matchExpressions": [{"key": "nope", "operator": "In", "values": ["x"]}]}, False),
-    ("NotIn with the value", {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["api"]}]}, False),
-    ("NotIn with another value", {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]}, True),
-    ("NotIn on an absent key matches", {"matchExpressions": [{"key": "nope", "operator": "NotIn", "values": ["x"]}]}, True),
+    (
+        "In with the value",
+        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["api", "x"]}]},
+        True,
+    ),
+    (
+        "In without the value",
+        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]},
+        False,
+    ),
+    (
+        "In on an absent key",
+        {"matchExpressions": [{"key": "nope", "operator": "In", "values": ["x"]}]},
+        False,
+    ),
+    (
+        "NotIn with the value",
+        {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["api"]}]},
+        False,
+    ),
+    (
+        "NotIn with another value",
+        {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]},
+        True,
+    ),
+    (
+        "NotIn on an absent key matches",
+        {"matchExpressions": [{"key": "nope", "operator": "NotIn", "values": ["x"]}]},
+        True,
+    ),
     ("Exists present", {"matchExpressions": [{"key": "track", "operator": "Exists"}]}, True),
     ("Exists absent", {"matchExpressions": [{"key": "canary", "operator": "Exists"}]}, False),
-    ("DoesNotExist absent matches", {"matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]}, True),
-    ("DoesNotExist present", {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}, False),
+    (
+        "DoesNotExist absent matches",
+        {"matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]},
+        True,
+    ),
+    (
+        "DoesNotExist present",
+        {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]},
+        False,
+    ),
     (
         "matchLabels AND matchExpressions both hold",
-        {"matchLabels": {"app": "api"}, "matchExpressions": [{"key": "track", "operator": "In", "values": ["stable"]}]},
+        {
+            "matchLabels": {"app": "api"},
+            "matchExpressions": [{"key": "track", "operator": "In", "values": ["stable"]}],
+        },
         True,
     ),
     (
         "matchLabels holds but an expression fails",
-        {"matchLabels": {"app": "api"}, "matchExpressions": [{"key": "track", "operator": "In", "values": ["canary"]}]},
+        {
+            "matchLabels": {"app": "api"},
+            "matchExpressions": [{"key": "track", "operator": "In", "values": ["canary"]}],
+        },
         False,
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -72,17 +110,44 @@ def test_label_selector_follows_kubernetes_semantics(
 
 
 SELECTOR_ERRORS: list[tuple[str, object, str, str]] = [
-    ("unknown operator with a suggestion", {"matchExpressions": [{"key": "a", "operator": "in", "values": ["x"]}]},
-     "spec.podSelector.matchExpressions[0].operator", "did you mean 'In'?"),
-    ("In without values", {"matchExpressions": [{"key": "a", "operator": "In"}]},
-     "spec.podSelector.matchExpressions[0].values", "add values"),
-    ("Exists with values", {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
-     "spec.podSelector.matchExpressions[0].values", "remove values"),
-    ("unknown key in a selector", {"matchLabel": {"a": "b"}}, "spec.podSelector.matchLabel", "did you mean 'matchLabels'?"),
-    ("non-string label value", {"matchLabels": {"version": 2}}, "spec.podSelector.matchLabels.version", 'quote it: version: "2"'),
-    ("bad label key", {"matchLabels": {"-bad": "x"}}, 'spec.podSelector.matchLabels["-bad"]', "prefix/"),
+    (
+        "unknown operator with a suggestion",
+        {"matchExpressions": [{"key": "a", "operator": "in", "values": ["x"]}]},
+        "spec.podSelector.matchExpressions[0].operator",
+        "did you mean 'In'?",
+    ),
+    (
+        "In without values",
+        {"matchExpressions": [{"key": "a", "operator": "In"}]},
+        "spec.podSelector.matchExpressions[0].values",
+        "add values",
+    ),
+    (
+        "Exists with values",
+        {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+        "spec.podSelector.matchExpressions[0].values",
+        "remove values",
+    ),
+    (
+        "unknown key in a selector",
+        {"matchLabel": {"a": "b"}},
+        "spec.podSelector.matchLabel",
+        "did you mean 'matchLabels'?",
+    ),
+    (
+        "non-string label value",
+        {"matchLabels": {"version": 2}},
+        "spec.podSelector.matchLabels.version",
+        'quote it: version: "2"',
+    ),
+    (
+        "bad label key",
+        {"matchLabels": {"-bad": "x"}},
+        'spec.podSelector.matchLabels["-bad"]',
+        "prefix/",
+    ),
     ("null selector", None, "spec.podSelector", "write {} to select everything"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -228,21 +293,56 @@ def test_parse_static_identities_accepts_the_documented_shape() -> None:
 
 
 STATIC_ERRORS: list[tuple[str, object, str, str]] = [
-    ("host bits set", [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.0/8", "10.1.2.3/16"]}],
-     "identity.static[0].cidrs[1]", "write the network 10.1.0.0/16, or 10.1.2.3/32"),
-    ("not a cidr", [{"name": "a", "namespace": "n", "cidrs": ["banana"]}], "identity.static[0].cidrs[0]", "address/prefix"),
-    ("missing cidrs", [{"name": "a", "namespace": "n"}], "identity.static[0].cidrs", "cidrs: [10.0.0.5/32]"),
-    ("unknown key", [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"], "serviceaccount": "x"}],
-     "identity.static[0].serviceaccount", "did you mean 'serviceAccount'?"),
-    ("bad namespace", [{"name": "a", "namespace": "Not_OK", "cidrs": ["10.0.0.1/32"]}], "identity.static[0].namespace", "63"),
-    ("same cidr twice", [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"]},
-                         {"name": "b", "namespace": "n", "cidrs": ["10.0.0.1/32"]}],
-     "identity.static[1].cidrs[0]", "give each CIDR to one identity"),
-    ("duplicate name", [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"]},
-                        {"name": "a", "namespace": "n", "cidrs": ["10.0.0.2/32"]}],
-     "identity.static[1].name", "unique"),
+    (
+        "host bits set",
+        [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.0/8", "10.1.2.3/16"]}],
+        "identity.static[0].cidrs[1]",
+        "write the network 10.1.0.0/16, or 10.1.2.3/32",
+    ),
+    (
+        "not a cidr",
+        [{"name": "a", "namespace": "n", "cidrs": ["banana"]}],
+        "identity.static[0].cidrs[0]",
+        "address/prefix",
+    ),
+    (
+        "missing cidrs",
+        [{"name": "a", "namespace": "n"}],
+        "identity.static[0].cidrs",
+        "cidrs: [10.0.0.5/32]",
+    ),
+    (
+        "unknown key",
+        [{"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"], "serviceaccount": "x"}],
+        "identity.static[0].serviceaccount",
+        "did you mean 'serviceAccount'?",
+    ),
+    (
+        "bad namespace",
+        [{"name": "a", "namespace": "Not_OK", "cidrs": ["10.0.0.1/32"]}],
+        "identity.static[0].namespace",
+        "63",
+    ),
+    (
+        "same cidr twice",
+        [
+            {"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"]},
+            {"name": "b", "namespace": "n", "cidrs": ["10.0.0.1/32"]},
+        ],
+        "identity.static[1].cidrs[0]",
+        "give each CIDR to one identity",
+    ),
+    (
+        "duplicate name",
+        [
+            {"name": "a", "namespace": "n", "cidrs": ["10.0.0.1/32"]},
+            {"name": "a", "namespace": "n", "cidrs": ["10.0.0.2/32"]},
+        ],
+        "identity.static[1].name",
+        "unique",
+    ),
     ("not a list", {"name": "a"}, "identity.static", "write - {name"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
