@@ -101,7 +101,9 @@ def _common(ex: Exchange, action: str) -> dict[str, Any]:
             "pod": {"name": wl.name, "uid": wl.uid or None},
             "service_account": wl.service_account or None,
         }
-        record["outgate"]["workload"] = f"{wl.owner_kind}/{wl.owner_name}" if wl.owner_kind else None
+        record["outgate"]["workload"] = (
+            f"{wl.owner_kind}/{wl.owner_name}" if wl.owner_kind else None
+        )
     if ex.server_name is not None:
         record["tls"] = {"client": {"server_name": _cut(ex.server_name)}}
     if ex.method is not None:

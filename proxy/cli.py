@@ -1,9 +1,8 @@
-"""Command line: `outgate run`, `outgate check-config`, `outgate explain`. Only this module exits."""
+"""Command line: `outgate run`, `check-config`, `explain`. Only this module exits the process."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -59,14 +58,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await app.run_until_signalled()
 
-    try:
-        import uvloop
+    import uvloop  # a dependency: libuv's loop roughly halves per-connection CPU
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
     try:
-        runner(main())
+        uvloop.run(main())
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_INVALID
@@ -146,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("explain", help="show how policy decides a URL for a source")
     exp.add_argument("--source", required=True, help="source IP (a pod or static identity)")
-    exp.add_argument("--url", required=True, help="https://host/path, http://host:port/ or host:port")
+    exp.add_argument(
+        "--url", required=True, help="https://host/path, http://host:port/ or host:port"
+    )
     exp.add_argument("--config", help="config file (default: the embedded config)")
     exp.add_argument("--policies", nargs="*", default=[], help="extra policy files/directories")
     exp.set_defaults(func=_cmd_explain)

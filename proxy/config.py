@@ -219,7 +219,8 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
     def duration(path: str, default: float) -> float:
         return reader.get(path, default, parse_duration, "write a duration such as 15s or 500ms")
 
-    paths = reader.get("policies.paths", (), _strings, "a list of files or directories")
+    no_paths: tuple[str, ...] = ()
+    paths = reader.get("policies.paths", no_paths, _strings, "a list of files or directories")
     static_raw = reader.get("identity.static", None, lambda v: v, "")
     static: tuple[StaticIdentity, ...] = ()
     if static_raw is not None:
@@ -229,16 +230,22 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
             reader.issues.extend(exc.issues)
     settings = Settings(
         source=file,
-        listen=reader.get("listen", d.listen, parse_endpoint, "write address:port, e.g. 0.0.0.0:3128"),
+        listen=reader.get(
+            "listen", d.listen, parse_endpoint, "write address:port, e.g. 0.0.0.0:3128"
+        ),
         admin=reader.get("admin", d.admin, parse_endpoint, "write address:port, e.g. 0.0.0.0:9090"),
         workers=reader.get("workers", d.workers, _positive_int, "a whole number >= 1"),
-        default_action=reader.get("defaultAction", d.default_action, _default_action, "deny or allow"),
+        default_action=reader.get(
+            "defaultAction", d.default_action, _default_action, "deny or allow"
+        ),
         policy_paths=tuple((base_dir / p) for p in paths),
         policy_kubernetes=reader.get("policies.kubernetes", False, _bool, "true or false"),
         identity_kubernetes=reader.get("identity.kubernetes", False, _bool, "true or false"),
         kubeconfig=reader.get("identity.kubeconfig", None, str, "a path to a kubeconfig file"),
         static_identities=static,
-        dns_nameservers=reader.get("dns.nameservers", (), _strings, 'a list like ["10.96.0.10:53"]'),
+        dns_nameservers=reader.get(
+            "dns.nameservers", no_paths, _strings, 'a list like ["10.96.0.10:53"]'
+        ),
         dns_timeout=duration("dns.timeout", d.dns_timeout),
         dns_min_ttl=duration("dns.minTTL", d.dns_min_ttl),
         dns_max_ttl=duration("dns.maxTTL", d.dns_max_ttl),
@@ -293,7 +300,11 @@ def _load_file(path: Path, *, label: str) -> Settings:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
-            [ConfigIssue(file=label, document=None, path="", message=str(exc), fix="check the path")]
+            [
+                ConfigIssue(
+                    file=label, document=None, path="", message=str(exc), fix="check the path"
+                )
+            ]
         ) from None
     try:
         raw = yaml.safe_load(text)
@@ -301,7 +312,14 @@ def _load_file(path: Path, *, label: str) -> Settings:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(
-            [ConfigIssue(file=label, document=None, path=where, message=f"YAML syntax: {exc}",
-                         fix="fix the YAML syntax at that line")]
+            [
+                ConfigIssue(
+                    file=label,
+                    document=None,
+                    path=where,
+                    message=f"YAML syntax: {exc}",
+                    fix="fix the YAML syntax at that line",
+                )
+            ]
         ) from None
     return settings_from_mapping(raw, file=label, base_dir=path.resolve().parent)

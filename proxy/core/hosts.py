@@ -91,7 +91,9 @@ def parse_ipv4_strict(text: str) -> ipaddress.IPv4Address | None:
         raise _bad_target(f"non-canonical IPv4 literal {text[:64]!r}: use a dotted quad a.b.c.d")
     for label in labels:
         if not _DOTTED_QUAD_OCTET.match(label) or int(label) > 255:
-            raise _bad_target(f"non-canonical IPv4 literal {text[:64]!r}: use a dotted quad a.b.c.d")
+            raise _bad_target(
+                f"non-canonical IPv4 literal {text[:64]!r}: use a dotted quad a.b.c.d"
+            )
     return ipaddress.IPv4Address(trimmed)
 
 
@@ -159,7 +161,7 @@ def parse_ip_address(text: str) -> IPAddress:
 
 
 def unmap_ipv4(ip: IPAddress) -> IPAddress:
-    """`::ffff:a.b.c.d` -> `a.b.c.d` (sockets report IPv4 peers that way on dual-stack listeners)."""
+    """`::ffff:a.b.c.d` -> `a.b.c.d`: dual-stack listeners report IPv4 peers in that form."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip

@@ -170,9 +170,9 @@ class ProxyServer:
         try:
             if self._audit.congested:
                 # Audit backpressure: serve nothing new until the records are written.
-                drained = asyncio.get_running_loop().create_future()
-                self._audit.call_when_drained(lambda: drained.done() or drained.set_result(None))
-                await drained
+                drained = asyncio.Event()
+                self._audit.call_when_drained(drained.set)
+                await drained.wait()
             if self._open > limits.max_connections or (
                 self._per_source[src_ip] > limits.max_connections_per_source
             ):
@@ -282,28 +282,36 @@ class ProxyServer:
         return await self._forward(client, upstream, ex, req, kept)
 
     async def _decide_and_resolve(self, ex: Exchange, req: RequestHead) -> list[IPAddress]:
-        """Decide by name, resolve only after an allow, then decide and guard each address."""
+        """Decide by name, resolve only after an allow, then check every address.
+
+        An address is dropped when a rule about addresses denies it (a `cidr` Deny catches
+        resolved addresses too), or when the address guard refuses it. The guard is lifted only
+        by a `cidr` of the rule that allowed the request: a rule for another name cannot open
+        guarded space to this one.
+        """
         engine = self._policy.engine
         workload = ex.workload
-        decision = engine.decide(workload, Destination(host=req.host, port=req.port, ip=req.host.ip))
+        decision = engine.decide(
+            workload, Destination(host=req.host, port=req.port, ip=req.host.ip)
+        )
         ex.decision = decision
         if decision.action != "allow":
             raise PolicyDenied("denied by policy", reason=decision.reason)
         if req.host.ip is not None:
-            checks: list[tuple[IPAddress, Decision]] = [(req.host.ip, decision)]
+            addresses: tuple[IPAddress, ...] = (req.host.ip,)
         else:
-            resolved = await self._resolver.resolve(req.host.name)
-            checks = [
-                (ip, engine.decide(workload, Destination(host=req.host, port=req.port, ip=ip)))
-                for ip in resolved
-            ]
-        permitted: list[tuple[IPAddress, Decision]] = []
+            addresses = await self._resolver.resolve(req.host.name)
+        permitted: list[IPAddress] = []
         denied: Decision | None = None
-        for ip, per_address in checks:
-            if per_address.action != "allow":
-                denied = per_address
-                continue
-            refused = self._guard.check(ip, req.port, allowed_cidrs=per_address.allowed_cidrs)
+        for ip in addresses:
+            if req.host.ip is None:
+                per_address = engine.decide(
+                    workload, Destination(host=req.host, port=req.port, ip=ip)
+                )
+                if per_address.action != "allow":
+                    denied = per_address
+                    continue
+            refused = self._guard.check(ip, req.port, allowed_cidrs=decision.allowed_cidrs)
             if refused is not None:
                 metrics.GUARD_REFUSALS.labels(address_class=str(refused)).inc()
                 log.warning(
@@ -314,7 +322,7 @@ class ProxyServer:
                     event_id=ex.id,
                 )
                 continue
-            permitted.append((ip, per_address))
+            permitted.append(ip)
         if not permitted:
             if denied is not None:
                 ex.decision = denied
@@ -323,11 +331,10 @@ class ProxyServer:
                 "destination address is private, reserved or metadata",
                 reason=Reason.GUARDED_ADDRESS,
             )
-        ex.decision = permitted[0][1]
-        ex.destination_ip = str(permitted[0][0])  # first to dial; the close record has the one used
+        ex.destination_ip = str(permitted[0])  # first to dial; the close record has the one used
         ex.decided = True
         self._record_decision(ex)
-        return [ip for ip, _ in permitted]
+        return permitted
 
     def _record_decision(self, ex: Exchange) -> None:
         decision = ex.decision
@@ -490,12 +497,15 @@ class ProxyServer:
         finally:
             if body_task is not None and not body_task.done():
                 body_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await body_task
-            if body_task is not None and body_task.done() and not body_task.cancelled():
-                if body_task.exception() is not None and reason is Reason.COMPLETED:
-                    reason = Reason.CLIENT_CLOSED
-                    keep = False
+                await asyncio.wait({body_task})
+            body_failed = (
+                body_task is not None
+                and not body_task.cancelled()
+                and body_task.exception() is not None
+            )
+            if body_failed and reason is Reason.COMPLETED:
+                reason = Reason.CLIENT_CLOSED
+                keep = False
             metrics.ACTIVE_CONNECTIONS.labels(kind="forward").dec()
             metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
@@ -516,7 +526,9 @@ class ProxyServer:
             client.close()
         return keep
 
-    async def _send_body(self, client: Peer, upstream: Peer, req: RequestHead, ex: Exchange) -> None:
+    async def _send_body(
+        self, client: Peer, upstream: Peer, req: RequestHead, ex: Exchange
+    ) -> None:
         """Stream the request body: exactly Content-Length bytes, or chunks re-framed."""
         if req.framing is BodyFraming.LENGTH:
             remaining = req.content_length or 0
@@ -600,7 +612,9 @@ class ProxyServer:
             while remaining:
                 data = await upstream.read_some(min(remaining, RELAY_CHUNK_BYTES))
                 if not data:
-                    raise BadGateway("upstream closed inside the body", reason=Reason.UPSTREAM_RESET)
+                    raise BadGateway(
+                        "upstream closed inside the body", reason=Reason.UPSTREAM_RESET
+                    )
                 remaining -= len(data)
                 ex.destination_bytes += len(data)
                 client.write(data)

@@ -67,7 +67,7 @@ def test_dns_timeout_gets_504(proxy: ProxyProcess, dns_server: ScriptedDNSServer
     dns_server.answer("slow.fail.test", "AAAA", DROP)
     status, headers = _get(proxy, "http://slow.fail.test/")
     assert (status, headers["x-outgate-reason"]) == (504, "dns_timeout")
-    decision, close = proxy.records_by_path("/")
+    _decision, close = proxy.records_by_path("/")
     assert close["http"]["response"]["status_code"] == 504
 
 
@@ -93,7 +93,9 @@ def test_dns_failure_metrics_are_exported(
     _, metrics = proxy.admin("/metrics")
     assert 'outgate_dns_lookups_total{result="nxdomain"}' in metrics
     assert "outgate_dns_lookup_seconds_count" in metrics
-    decisions = [line for line in metrics.splitlines() if line.startswith("outgate_decisions_total{")]
+    decisions = [
+        line for line in metrics.splitlines() if line.startswith("outgate_decisions_total{")
+    ]
     assert 'outgate_decisions_total{action="deny",namespace="tests",reason="dns_nxdomain"} 1.0' in (
         decisions
     ), decisions

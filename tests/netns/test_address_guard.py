@@ -3,6 +3,7 @@ addresses bound inside this test's own network namespace (see tests/netns/enter.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -125,12 +126,12 @@ def test_a_second_answer_pointing_inward_does_not_change_the_address_dialled(
 ) -> None:
     dns_server.answer("rebind.guard.test", "A", Records(PUBLIC, ttl=0), Records(METADATA, ttl=0))
     dns_server.answer("rebind.guard.test", "AAAA")
-    status, _, _ = _get(proxy, "http://rebind.guard.test/first")
+    status, _, _ = _get(proxy, "http://rebind.guard.test/hello?first")
     assert status == 200
-    assert origins[PUBLIC].paths_seen() == ["/first"]
+    assert origins[PUBLIC].paths_seen() == ["/hello?first"]
     assert dns_server.count("rebind.guard.test", "A") == 1  # one answer, checked and dialled
     # The next request resolves again (TTL 0), gets the inward answer, and is refused.
-    status, headers, _ = _get(proxy, "http://rebind.guard.test/second")
+    status, headers, _ = _get(proxy, "http://rebind.guard.test/hello?second")
     assert (status, headers["x-outgate-reason"]) == (403, "guarded_address")
     _nothing_reached(origins, METADATA)
 
@@ -144,7 +145,8 @@ GUARDED_LITERALS = [
     ("6to4-metadata", "[2002:a9fe:a9fe::1]"),
     ("v4-compatible-metadata", "[::a9fe:a9fe]"),
     ("aws-v6-metadata", "[fd00:ec2::254]"),
-    ("rfc1918", "10.0.0.5"),
+    ("rfc1918-172", "172.16.5.5"),
+    ("rfc1918-192", "192.168.1.10"),
     ("cgnat", "100.64.0.1"),
     ("cluster-cidr", "11.0.0.3"),
     ("loopback", "127.0.0.1"),
@@ -196,18 +198,22 @@ def test_three_pipelined_requests_are_each_decided_and_audited(
     dns_server.addresses("denied.example", PUBLIC)
     with proxy.connect() as sock:
         sock.sendall(
-            b"GET http://www.guard.test/one HTTP/1.1\r\nHost: www.guard.test\r\n\r\n"
-            b"GET http://denied.example/two HTTP/1.1\r\nHost: denied.example\r\n\r\n"
-            b"GET http://169.254.169.254/three HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+            b"GET http://www.guard.test/hello?one HTTP/1.1\r\nHost: www.guard.test\r\n\r\n"
+            b"GET http://denied.example/hello?two HTTP/1.1\r\nHost: denied.example\r\n\r\n"
+            b"GET http://169.254.169.254/hello?three HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
         )
         reader = ResponseReader(sock)
         responses = [reader.next() for _ in range(3)]
     assert [r[0] for r in responses] == [200, 403, 403]
     assert responses[1][1]["x-outgate-reason"] == "namespace_isolation"
     assert responses[2][1]["x-outgate-reason"] == "guarded_address"
-    assert origins[PUBLIC].paths_seen() == ["/one"]
+    assert origins[PUBLIC].paths_seen() == ["/hello?one"]
     _nothing_reached(origins, METADATA)
-    for path, outcome in (("/one", "allow"), ("/two", "deny"), ("/three", "deny")):
+    for path, outcome in (
+        ("/hello?one", "allow"),
+        ("/hello?two", "deny"),
+        ("/hello?three", "deny"),
+    ):
         decision, close = proxy.records_by_path(path)
         assert decision["outgate"]["decision"] == outcome
         assert close["event"]["id"] == decision["event"]["id"]
@@ -226,10 +232,8 @@ def test_connect_that_gets_no_answer_times_out_with_504(
     for _ in range(3):
         filler = socket.socket()
         filler.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             filler.connect(("11.0.0.2", 80))
-        except BlockingIOError:
-            pass
         fillers.append(filler)
     time.sleep(0.2)
     dns_server.addresses("blackhole.guard.test", "11.0.0.2")

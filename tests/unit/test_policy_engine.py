@@ -582,7 +582,8 @@ def test_names_in_loaded_rules_and_requests_meet_in_one_form() -> None:
     (policy,) = load_text(
         "apiVersion: outgate.dev/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {name: p}\n"
         "spec:\n  tier: admin\n  rules:\n"
-        '    - {name: r, action: Allow, to: [{fqdn: "MÜNCHEN.Example."}, {fqdn: "*.Ünï.EXAMPLE"}]}\n',
+        "    - name: r\n      action: Allow\n"
+        '      to: [{fqdn: "MÜNCHEN.Example."}, {fqdn: "*.Ünï.EXAMPLE"}]\n',
         file="p.yaml",
     )
     engine = Engine.compile([policy], default_action=Action.DENY, revision=1)
