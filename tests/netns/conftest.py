@@ -3,10 +3,10 @@ leaves this directory out of any other run)."""
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
+
 
 @pytest.fixture(autouse=True)
 def _only_loopback_here() -> None:  # autouse fixtures of a conftest apply to its directory only
