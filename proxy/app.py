@@ -139,6 +139,7 @@ class App:
         if self.proxy is not None:
             await self.proxy.drain(self.settings.timeouts.drain)
         await self._tasks.cancel_all()
+        await self.resolver.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await asyncio.get_running_loop().run_in_executor(None, self.audit.flush_and_stop)

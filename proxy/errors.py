@@ -42,6 +42,26 @@ class Reason(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"
     HEADER_TIMEOUT = "header_timeout"
     BAD_CHUNK = "bad_chunk"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    # Identity (Kubernetes informer).
+    AMBIGUOUS_SOURCE = "ambiguous_source"  # two live pods claim the source IP
+    SOURCE_GONE = "source_gone"  # the source pod left the index; its IP may be handed on
+    # Tunnel content (TLS issue): SNI and protocol checks.
+    SNI_MISSING = "sni_missing"
+    SNI_MISMATCH = "sni_mismatch"
+    SNI_IP_LITERAL = "sni_ip_literal"
+    SNI_DENIED = "sni_denied"
+    ECH_DENIED = "ech_denied"
+    CLIENTHELLO_MALFORMED = "clienthello_malformed"
+    CLIENTHELLO_TIMEOUT = "clienthello_timeout"
+    PROTOCOL_MISMATCH = "protocol_mismatch"
+    # Interception (TLS issue).
+    UPSTREAM_CERT_INVALID = "upstream_cert_invalid"
+    INTERCEPT_HANDSHAKE_FAILED = "intercept_handshake_failed"
+    MISDIRECTED_REQUEST = "misdirected_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    DLP_VIOLATION = "dlp_violation"
     # Proxy state.
     NOT_READY = "not_ready"
     CONNECTION_LIMIT = "connection_limit"
@@ -86,6 +106,13 @@ class UriTooLong(OutgateError):
     default_reason = Reason.URI_TOO_LONG
 
 
+class MisdirectedRequest(OutgateError):
+    """An intercepted request for a host other than the tunnel's (RFC 9110 section 15.5.20)."""
+
+    status = 421
+    default_reason = Reason.MISDIRECTED_REQUEST
+
+
 class TooManyRequests(OutgateError):
     status = 429
     default_reason = Reason.CONNECTION_LIMIT
@@ -111,6 +138,19 @@ class ServiceUnavailable(OutgateError):
 class GatewayTimeout(OutgateError):
     status = 504
     default_reason = Reason.UPSTREAM_TIMEOUT
+
+
+class VersionNotSupported(OutgateError):
+    status = 505
+    default_reason = Reason.UNSUPPORTED_VERSION
+
+
+class TunnelViolation(OutgateError):
+    """What flows inside an accepted tunnel breaks its rule (SNI, protocol). The 200 is already
+    sent, so this is never rendered: the tunnel is closed and audited with the reason."""
+
+    status = 403
+    default_reason = Reason.PROTOCOL_MISMATCH
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

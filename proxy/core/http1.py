@@ -38,6 +38,7 @@ from proxy.errors import (
     OutgateError,
     Reason,
     UriTooLong,
+    VersionNotSupported,
 )
 
 # --- Limits ---------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 # --- Grammar (RFC 9110 section 5.6, RFC 9112) -----------------------------------------------------
 
+_HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # field-value after OWS is trimmed: VCHAR, obs-text, SP and HTAB (RFC 9110 section 5.5).
@@ -365,10 +367,12 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str]:
         raise BadRequest(f"method is not a token: {_excerpt(method)}")
     if len(method) > MAX_METHOD_BYTES:
         raise BadRequest(f"method longer than {MAX_METHOD_BYTES} bytes")
-    # HTTP/2.0 or 1.2 would deserve 505, but proxy.errors has no such type: a 400 is still a
-    # correct refusal (RFC 9112 section 2.3 lets a server reject any version it does not speak).
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise BadRequest(f"unsupported HTTP version {_excerpt(version, 16)}")
+        # A well-formed version we do not speak (HTTP/2.0, HTTP/1.2) is a 505 (RFC 9110
+        # section 15.6.6); anything else in that place is a malformed request line.
+        if _HTTP_VERSION.fullmatch(version):
+            raise VersionNotSupported(f"unsupported HTTP version {_excerpt(version, 16)}")
+        raise BadRequest(f"malformed HTTP version {_excerpt(version, 16)}")
     if len(target) > MAX_TARGET_BYTES:
         raise UriTooLong(f"request target longer than {MAX_TARGET_BYTES} bytes")
     if not _VISIBLE_ASCII.fullmatch(target):

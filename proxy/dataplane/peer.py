@@ -13,6 +13,8 @@ import asyncio
 import time
 from typing import cast
 
+from proxy.errors import Reason
+
 # 256 KiB: large reads amortise the per-call cost; bounded so a fast sender cannot fill memory.
 READ_BUFFER_LIMIT = 256 * 1024
 # Write-buffer marks for the transport: above HIGH the other side stops reading.
@@ -30,6 +32,9 @@ class Peer(asyncio.Protocol):
         self.closed = False
         self.bytes_in = 0
         self.last_activity = time.monotonic()
+        # Set by whoever closes this connection on purpose (drain, a deleted source pod), so the
+        # close record says why instead of "client closed".
+        self.close_reason: Reason | None = None
         self._partner: Peer | None = None  # relay mode: where our bytes go, who feeds us
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None

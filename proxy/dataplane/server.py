@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections import Counter
@@ -114,6 +115,7 @@ class ProxyServer:
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
         self._per_source: Counter[IPAddress] = Counter()
+        self._clients: dict[IPAddress, set[Peer]] = {}
         self._open = 0
         self.bound: tuple[str, int] | None = None
 
@@ -150,6 +152,15 @@ class ProxyServer:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def close_connections_from(self, source: IPAddress, reason: Reason) -> int:
+        """Close every connection from `source` now (its pod left the index: the IP may be
+        handed to another workload). Close records carry `reason`. Returns how many."""
+        peers = list(self._clients.get(unmap_ipv4(source), ()))
+        for peer in peers:
+            peer.close_reason = reason
+            peer.abort()
+        return len(peers)
+
     # -- accept -------------------------------------------------------------------------------
     def _on_accept(self, client: Peer) -> None:
         assert client.transport is not None
@@ -165,6 +176,7 @@ class ProxyServer:
         limits = self._settings.limits
         self._open += 1
         self._per_source[src_ip] += 1
+        self._clients.setdefault(src_ip, set()).add(client)
         metrics.ACTIVE_CONNECTIONS.labels(kind="client").inc()
         kept: list[_KeptUpstream] = []
         try:
@@ -195,6 +207,11 @@ class ProxyServer:
             self._per_source[src_ip] -= 1
             if self._per_source[src_ip] <= 0:
                 del self._per_source[src_ip]
+            clients = self._clients.get(src_ip)
+            if clients is not None:
+                clients.discard(client)
+                if not clients:
+                    del self._clients[src_ip]
             metrics.ACTIVE_CONNECTIONS.labels(kind="client").dec()
 
     def _exchange(self, src_ip: IPAddress, src_port: int, kind: str = "forward") -> Exchange:
@@ -226,10 +243,12 @@ class ProxyServer:
                 return None
         try:
             async with asyncio.timeout(timeouts.header):
+                scanned = 0  # bytes already searched: each new read is scanned once
                 while True:
-                    end = find_head_end(client.buffer, max_head_bytes=max_head)
+                    end = find_head_end(client.buffer, max_head_bytes=max_head, start=scanned)
                     if end >= 0:
                         return client.take(end)
+                    scanned = len(client.buffer)
                     if client.eof:
                         if client.buffer.strip():
                             raise BadRequest("connection closed inside the request head")
@@ -439,6 +458,8 @@ class ProxyServer:
             reason = Reason.DRAINED
             raise
         finally:
+            if client.close_reason is not None:
+                reason = client.close_reason
             client.close()
             upstream.close()
             ex.source_bytes = client.bytes_in - client_base
@@ -506,6 +527,9 @@ class ProxyServer:
             if body_failed and reason is Reason.COMPLETED:
                 reason = Reason.CLIENT_CLOSED
                 keep = False
+            if client.close_reason is not None:
+                reason = client.close_reason
+                keep = False
             metrics.ACTIVE_CONNECTIONS.labels(kind="forward").dec()
             metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
@@ -556,10 +580,14 @@ class ProxyServer:
     async def _read_response_head(self, upstream: Peer) -> bytes:
         max_head = self._settings.limits.max_header_bytes
         async with asyncio.timeout(self._settings.timeouts.idle):
+            scanned = 0
             while True:
-                end = find_head_end(upstream.buffer, max_head_bytes=max_head, is_request=False)
+                end = find_head_end(
+                    upstream.buffer, max_head_bytes=max_head, is_request=False, start=scanned
+                )
                 if end >= 0:
                     return upstream.take(end)
+                scanned = len(upstream.buffer)
                 if upstream.eof:
                     raise BadGateway(
                         "upstream closed before a complete response head",
@@ -587,15 +615,46 @@ class ProxyServer:
         except TimeoutError:
             raise GatewayTimeout("upstream sent no response in time") from None
         ex.status = resp.status
+        dechunk = resp.framing is BodyFraming.CHUNKED and req.version == "HTTP/1.0"
+        if dechunk:
+            # An HTTP/1.0 client cannot read chunked framing: send the body raw, end by closing.
+            resp = dataclasses.replace(
+                resp, framing=BodyFraming.UNTIL_CLOSE, transfer_codings=(), keep_alive=False
+            )
         keep = req.keep_alive and resp.keep_alive and resp.framing is not BodyFraming.UNTIL_CLOSE
         client.write(render_response_head(resp, keep_alive=keep))
         try:
-            await self._relay_response_body(client, upstream, ex, resp.framing, resp.content_length)
+            if dechunk:
+                await self._relay_chunked(client, upstream, ex, reframe=False)
+            else:
+                await self._relay_response_body(
+                    client, upstream, ex, resp.framing, resp.content_length
+                )
         except OutgateError:
             # Headers are out: the only honest signal left is to cut the connection.
             client.abort()
             raise
         return keep
+
+    async def _relay_chunked(
+        self, client: Peer, upstream: Peer, ex: Exchange, *, reframe: bool
+    ) -> None:
+        """Decode the upstream's chunks; re-frame them (never pass chunk lines through, so no
+        extension or trailer trick reaches the client) or, for HTTP/1.0, send them raw."""
+        decoder = ChunkedDecoder(upstream=True)
+        while not decoder.done:
+            data = await upstream.read_some()
+            if not data:
+                raise BadGateway(
+                    "upstream closed inside a chunked body", reason=Reason.UPSTREAM_RESET
+                )
+            for piece in decoder.feed(data):
+                ex.destination_bytes += len(piece)
+                client.write(encode_chunk(piece) if reframe else piece)
+            await client.drain()
+        if reframe:
+            client.write(LAST_CHUNK)
+        upstream.unread(decoder.tail())
 
     async def _relay_response_body(
         self,
@@ -621,19 +680,7 @@ class ProxyServer:
                 await client.drain()
             return
         if framing is BodyFraming.CHUNKED:
-            decoder = ChunkedDecoder(upstream=True)
-            while not decoder.done:
-                data = await upstream.read_some()
-                if not data:
-                    raise BadGateway(
-                        "upstream closed inside a chunked body", reason=Reason.UPSTREAM_RESET
-                    )
-                for piece in decoder.feed(data):
-                    ex.destination_bytes += len(piece)
-                    client.write(encode_chunk(piece))
-                await client.drain()
-            client.write(LAST_CHUNK)
-            upstream.unread(decoder.tail())
+            await self._relay_chunked(client, upstream, ex, reframe=True)
             return
         while data := await upstream.read_some():
             ex.destination_bytes += len(data)

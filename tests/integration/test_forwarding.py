@@ -238,6 +238,22 @@ def test_chunked_request_and_response_bodies_are_streamed(
     assert body == b"x" * 100000
 
 
+def test_chunked_response_to_an_http_1_0_client_is_sent_raw_and_ends_with_close(
+    proxy: ProxyProcess, origin: OriginServer
+) -> None:
+    with proxy.connect() as sock:
+        sock.sendall(
+            f"GET http://origin.test:{origin.port}/bytes/5000?chunked=1 HTTP/1.0\r\n"
+            f"Host: origin.test:{origin.port}\r\n\r\n".encode()
+        )
+        data = read_until_close(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()
+    assert b"Connection: close" in head
+    assert body == b"x" * 5000
+
+
 def test_head_204_and_304_responses_have_no_body_and_keep_the_connection(
     proxy: ProxyProcess, origin: OriginServer
 ) -> None:

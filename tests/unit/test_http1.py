@@ -34,6 +34,7 @@ from proxy.errors import (
     OutgateError,
     Reason,
     UriTooLong,
+    VersionNotSupported,
 )
 
 MAX_HEAD = 65536
@@ -136,9 +137,8 @@ REFUSED_REQUESTS = [
     ("missing-version", b"GET http://a.com/\r\nHost: a.com\r\n\r\n", MALFORMED),
     ("extra-element", b"GET http://a.com/ x HTTP/1.1\r\nHost: a.com\r\n\r\n", MALFORMED),
     ("lowercase-version", get(version="http/1.1"), MALFORMED),
-    ("version-1.2", get(version="HTTP/1.2"), MALFORMED),
-    ("version-2.0", get(version="HTTP/2.0"), MALFORMED),
-    ("version-0.9", get(version="HTTP/0.9"), MALFORMED),
+    ("version-junk", get(version="HTTP/x.1"), MALFORMED),
+    ("version-lowercase", get(version="http/1.1"), MALFORMED),
     ("version-without-minor", get(version="HTTP/1"), MALFORMED),
     ("non-token-method", b"GE(T http://a.com/ HTTP/1.1\r\nHost: a.com\r\n\r\n", MALFORMED),
     (
@@ -233,6 +233,14 @@ def test_malformed_or_smuggling_request_is_refused_with_400_and_its_reason(
         parse_request_head(raw)
     assert info.value.status == 400
     assert info.value.reason is reason
+
+
+@pytest.mark.parametrize("version", ["HTTP/0.9", "HTTP/1.2", "HTTP/2.0", "HTTP/3.0"])
+def test_a_well_formed_version_we_do_not_speak_gets_505(version: str) -> None:
+    with pytest.raises(VersionNotSupported) as info:
+        parse_request_head(get(version=version))
+    assert info.value.status == 505
+    assert info.value.reason is Reason.UNSUPPORTED_VERSION
 
 
 def test_https_absolute_form_is_refused_with_a_hint_to_use_connect() -> None:
