@@ -452,6 +452,9 @@ class WorkloadKind(StrEnum):
     POD = "pod"
     STATIC = "static"
     UNKNOWN = "unknown"
+    # Two live pods claim the source IP (informer issue): never decided, always refused with
+    # reason ambiguous_source, because guessing would apply one workload's policy to another.
+    AMBIGUOUS = "ambiguous"
 
 
 # Everything a selector can look at. Two pods of one Deployment share it (name and uid are not

@@ -289,6 +289,10 @@ class ProxyServer:
         try:
             if not self._is_ready():
                 raise ServiceUnavailable("the proxy is not ready: policy or identity not loaded")
+            if ex.workload.kind is WorkloadKind.AMBIGUOUS:
+                raise PolicyDenied(
+                    "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE
+                )
             addresses = await self._decide_and_resolve(ex, req)
             upstream = await self._upstream_for(ex, req, addresses, kept)
         except OutgateError as exc:
