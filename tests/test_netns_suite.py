@@ -1,4 +1,5 @@
-"""Runs tests/netns inside a network namespace this test creates (`unshare -n`).
+"""Runs tests/netns and tests/security inside a network namespace this test creates
+(`unshare -n`).
 
 Those tests point the proxy at metadata, private and public-looking addresses. In the
 namespace the only device is a loopback carrying those addresses, so even a broken address
@@ -34,10 +35,11 @@ def test_network_namespace_suite_passes() -> None:
             "-m",
             "pytest",
             str(REPO / "tests" / "netns"),
+            str(REPO / "tests" / "security"),
             "-p",
             "no:cacheprovider",
             "-q",
-            "-rA",
+            "-rfE",
         ],
         cwd=REPO,
         capture_output=True,

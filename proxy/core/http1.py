@@ -90,6 +90,29 @@ _NOT_FORWARDED = HOP_BY_HOP_HEADERS | {
     "proxy-authenticate",
     "content-length",
 }
+# Client-address claims. The proxy identifies sources by the socket peer only; passing a
+# client's own claim upstream would let a pod speak for another address (or leak internal
+# addresses to the internet), so every common spelling is dropped and none is added.
+IDENTITY_CLAIM_HEADERS = frozenset(
+    {
+        "forwarded",  # RFC 7239
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-client-ip",
+        "client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+    }
+)
+_NOT_FORWARDED_REQUEST = _NOT_FORWARDED | IDENTITY_CLAIM_HEADERS
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -501,7 +524,7 @@ def render_request_head(req: RequestHead, *, framing_header: bool = True) -> byt
     )
     authority = host if req.port == 80 else f"{host}:{req.port}"
     out = [f"{req.method} {req.path} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
-    drop = _NOT_FORWARDED | req.connection_tokens | {"host"}
+    drop = _NOT_FORWARDED_REQUEST | req.connection_tokens | {"host"}
     _render_fields(out, req.headers, drop)
     if framing_header:
         if req.framing is BodyFraming.LENGTH:
