@@ -9,7 +9,7 @@ RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest install install-test clean
+.PHONY: run test lint typecheck pytest install install-test clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ pytest: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 test: lint typecheck pytest
+
+# The property tests of tests/fuzz with a long budget (make test runs them briefly).
+fuzz: $(TEST_STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/fuzz -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
