@@ -41,6 +41,7 @@ class Reason(StrEnum):
     URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
     HEADER_TIMEOUT = "header_timeout"
+    BODY_TIMEOUT = "body_timeout"
     BAD_CHUNK = "bad_chunk"
     UNSUPPORTED_VERSION = "unsupported_version"
     # Identity (Kubernetes informer).

@@ -1,0 +1,103 @@
+"""Admission bookkeeping with a fake clock: connection caps, the per-workload token bucket,
+and the per-workload tunnel cap."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+import pytest
+
+from proxy.config import Limits
+from proxy.core.identity import UNKNOWN_WORKLOAD, Workload, WorkloadKind
+from proxy.dataplane.limits import Admission, workload_key
+from proxy.errors import TooManyRequests
+
+A = ip_address("10.0.0.1")
+B = ip_address("10.0.0.2")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(**limits: float) -> tuple[Admission, Clock]:
+    clock = Clock()
+    return Admission(Limits(**limits), clock=clock), clock  # type: ignore[arg-type]
+
+
+def test_global_connection_cap_refuses_the_connection_over_it() -> None:
+    adm, _ = admission(max_connections=2)
+    for source in (A, B):
+        adm.connection_opened(source)
+        adm.check_connection(source, "k")
+    adm.connection_opened(A)
+    with pytest.raises(TooManyRequests) as info:
+        adm.check_connection(A, "k")
+    assert info.value.status == 429
+    adm.connection_closed(A)
+    adm.connection_closed(B)
+    adm.connection_opened(B)
+    adm.check_connection(B, "k")  # room again once connections closed
+
+
+def test_per_source_cap_counts_each_source_alone() -> None:
+    adm, _ = admission(max_connections_per_source=1)
+    adm.connection_opened(A)
+    adm.check_connection(A, "a")
+    adm.connection_opened(B)
+    adm.check_connection(B, "b")
+    adm.connection_opened(A)
+    with pytest.raises(TooManyRequests, match="from this source"):
+        adm.check_connection(A, "a")
+
+
+def test_token_bucket_allows_the_burst_then_the_rate() -> None:
+    adm, clock = admission(new_connections_per_second=10, new_connections_burst=3)
+    for _ in range(3):
+        adm.check_connection(A, "w")
+    with pytest.raises(TooManyRequests, match="new connections a second"):
+        adm.check_connection(A, "w")
+    adm.check_connection(A, "other")  # another workload has its own bucket
+    clock.now += 0.15  # one and a half tokens back at 10/s: one connection
+    adm.check_connection(A, "w")
+    with pytest.raises(TooManyRequests):
+        adm.check_connection(A, "w")
+    clock.now += 60  # refills only up to the burst
+    for _ in range(3):
+        adm.check_connection(A, "w")
+    with pytest.raises(TooManyRequests):
+        adm.check_connection(A, "w")
+
+
+def test_tunnel_cap_is_per_workload_and_released_on_close() -> None:
+    adm, _ = admission(max_tunnels_per_workload=2)
+    adm.open_tunnel("w")
+    adm.open_tunnel("w")
+    adm.open_tunnel("v")
+    with pytest.raises(TooManyRequests, match="open tunnels"):
+        adm.open_tunnel("w")
+    adm.close_tunnel("w")
+    adm.open_tunnel("w")
+
+
+def test_workload_key_groups_pods_by_owner_and_keeps_unknown_sources_apart() -> None:
+    pod = Workload(
+        kind=WorkloadKind.POD,
+        namespace="pay",
+        name="api-1",
+        owner_kind="Deployment",
+        owner_name="api",
+    )
+    sibling = Workload(
+        kind=WorkloadKind.POD,
+        namespace="pay",
+        name="api-2",
+        owner_kind="Deployment",
+        owner_name="api",
+    )
+    assert workload_key(pod, A) == workload_key(sibling, B) == "pay/Deployment/api"
+    assert workload_key(UNKNOWN_WORKLOAD, A) != workload_key(UNKNOWN_WORKLOAD, B)
