@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -36,7 +37,11 @@ class ProxyProcess:
         policies: str,
         nameserver: str | None = None,
         config: dict[str, Any] | None = None,
+        rlimit_nofile: int | None = None,
     ) -> None:
+        self.rlimit_nofile = rlimit_nofile
+        self._stdout_gate = threading.Event()
+        self._stdout_gate.set()
         self.workdir = workdir
         self.policy_dir = workdir / "policies"
         self.policy_dir.mkdir(parents=True, exist_ok=True)
@@ -79,11 +84,18 @@ class ProxyProcess:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> ProxyProcess:
+        limit = self.rlimit_nofile
+
+        def limit_files() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = subprocess.Popen(
             [*outgate_command(), "run", "--config", str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.workdir,
+            preexec_fn=limit_files if limit is not None else None,
         )
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True),
@@ -99,6 +111,7 @@ class ProxyProcess:
     def stop(self) -> int:
         if self.proc is None:
             return 0
+        self._stdout_gate.set()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -123,6 +136,7 @@ class ProxyProcess:
     def _read_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
+            self._stdout_gate.wait()
             with self._cond:
                 self.raw_stdout.append(line)
                 self.records.append(json.loads(line))
@@ -180,6 +194,18 @@ class ProxyProcess:
             timeout,
         )
         return self.records_for(found[-1]["event"]["id"], timeout=timeout)
+
+    def pause_stdout(self) -> None:
+        """Stop reading the proxy's stdout (after the current line): the pipe fills, as when a
+        log collector stalls."""
+        self._stdout_gate.clear()
+
+    def resume_stdout(self) -> None:
+        self._stdout_gate.set()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
 
     # -- probes ---------------------------------------------------------------------------
     @property
