@@ -1,0 +1,283 @@
+"""Every kustomization renders, every object is valid, and the proxy's objects say what the design
+needs: high availability, probes on the admin endpoints, a drain that fits the grace period, a
+locked-down security context, least-privilege RBAC and a config the proxy loads."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.config import parse_duration, settings_from_mapping
+from proxy.core.policy.loader import load_paths
+from tests.deploy import kube
+
+PROXY_OVERLAYS = ["base", *(f"overlays/{o}" for o in kube.OVERLAYS)]
+SELECTOR = {"app.kubernetes.io/name": "outgate", "app.kubernetes.io/component": "proxy"}
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> kube.CustomResourceSchemas:
+    return kube.all_crd_schemas()
+
+
+def test_there_is_something_to_render() -> None:
+    assert {"production", "monitoring", "interception"} <= set(kube.OVERLAYS)
+    assert {"workload", "fluent-bit"} <= set(kube.EXAMPLES)
+
+
+@pytest.mark.parametrize("kustomization", kube.RENDERABLE)
+def test_every_rendered_object_is_valid(
+    kustomization: str, crd_schemas: kube.CustomResourceSchemas
+) -> None:
+    objects = kube.render(kustomization)
+    assert objects
+    for obj in objects:
+        if crd_schemas.knows(obj):
+            assert crd_schemas.errors(obj) == [], kube.describe(obj)
+        else:
+            kube.validate_builtin(obj)
+
+
+def test_the_schema_check_is_strict() -> None:
+    deployment = copy.deepcopy(kube.one(kube.render("base"), "Deployment", "outgate"))
+    deployment["spec"]["replica"] = 2
+    with pytest.raises(AssertionError, match="replica"):
+        kube.validate_builtin(deployment)
+
+
+def _deployment(objects: list[kube.Obj]) -> kube.Obj:
+    return kube.one(objects, "Deployment", "outgate")
+
+
+def _container(objects: list[kube.Obj]) -> dict[str, Any]:
+    (container,) = _deployment(objects)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _config(objects: list[kube.Obj]) -> dict[str, Any]:
+    data = kube.config_map_named(objects, "outgate-config")["data"]["config.yaml"]
+    return yaml.safe_load(data)
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_proxy_objects_live_in_outgate_system(overlay: str) -> None:
+    for obj in kube.render(overlay):
+        if obj["kind"] not in (
+            "Namespace",
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ):
+            assert obj["metadata"].get("namespace") == "outgate-system", kube.describe(obj)
+
+
+def test_rbac_is_read_only_except_events() -> None:
+    role = kube.one(kube.render("base"), "ClusterRole", "outgate")
+    grants = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    read = {"get", "list", "watch"}
+    expected = {
+        (g, r, v)
+        for g, r in [
+            ("", "pods"),
+            ("", "namespaces"),
+            ("apps", "replicasets"),
+            ("batch", "jobs"),
+            ("outgate.dev", "clusteregresspolicies"),
+            ("outgate.dev", "egresspolicies"),
+        ]
+        for v in read
+    }
+    expected |= {("", "events", "create"), ("", "events", "patch")}
+    assert grants == expected
+    binding = kube.one(kube.render("base"), "ClusterRoleBinding", "outgate")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "outgate", "namespace": "outgate-system"}
+    ]
+    assert binding["roleRef"]["name"] == "outgate"
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_deployment_is_highly_available(overlay: str) -> None:
+    objects = kube.render(overlay)
+    deployment = _deployment(objects)
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["selector"]["matchLabels"] == SELECTOR
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    spread = spec["template"]["spec"]["topologySpreadConstraints"]
+    by_node = [c for c in spread if c["topologyKey"] == "kubernetes.io/hostname"]
+    assert by_node and by_node[0]["labelSelector"]["matchLabels"] == SELECTOR
+    pdb = kube.one(objects, "PodDisruptionBudget", "outgate")
+    assert pdb["spec"]["selector"]["matchLabels"] == SELECTOR
+    assert (
+        pdb["spec"].get("maxUnavailable", 0) >= 1 or pdb["spec"]["minAvailable"] < spec["replicas"]
+    )
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_container_is_locked_down(overlay: str) -> None:
+    objects = kube.render(overlay)
+    pod = _deployment(objects)["spec"]["template"]["spec"]
+    container = _container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in security["capabilities"]
+    assert not pod.get("hostNetwork")
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(
+        resources["limits"]
+    )
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_probes_use_the_admin_endpoints(overlay: str) -> None:
+    container = _container(kube.render(overlay))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"proxy": 3128, "admin": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
+    objects = kube.render(overlay)
+    pod = _deployment(objects)["spec"]["template"]["spec"]
+    command = _container(objects)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    drain = parse_duration(_config(objects)["timeouts"]["drain"])
+    grace = pod["terminationGracePeriodSeconds"]
+    # Enough for the endpoints to drop the pod, the drain, and the flush; not so much more that
+    # a stuck pod lingers long after its drain ended.
+    assert pre_stop + drain + 5 <= grace <= pre_stop + drain + 20
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_services_keep_the_client_address(overlay: str) -> None:
+    objects = kube.render(overlay)
+    proxy = kube.one(objects, "Service", "outgate")["spec"]
+    assert proxy["type"] == "ClusterIP"  # no NodePort/LoadBalancer hop that could SNAT
+    assert "externalTrafficPolicy" not in proxy
+    assert proxy["selector"] == SELECTOR
+    assert [(p["port"], p["targetPort"]) for p in proxy["ports"]] == [(3128, "proxy")]
+    admin = kube.one(objects, "Service", "outgate-admin")["spec"]
+    assert [(p["port"], p["targetPort"]) for p in admin["ports"]] == [(9090, "admin")]
+
+
+def _mounted_config(objects: list[kube.Obj], tmp_path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The rendered config with its mount paths mapped onto files written from the ConfigMaps."""
+    raw = _config(objects)
+    container = _container(objects)
+    volumes = {v["name"]: v for v in _deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    paths = []
+    for path in raw["policies"]["paths"]:
+        volume = mounts[path.rstrip("/")]
+        data = kube.config_map_named(objects, volume["configMap"]["name"])["data"]
+        directory = tmp_path / "policies"
+        directory.mkdir()
+        for name, text in data.items():
+            (directory / name).write_text(text)
+        paths.append(directory)
+    return raw, paths
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_rendered_config_loads_with_its_policies(overlay: str, tmp_path: Path) -> None:
+    objects = kube.render(overlay)
+    raw, policy_dirs = _mounted_config(objects, tmp_path)
+    settings = settings_from_mapping(raw, file=f"{overlay} config.yaml", base_dir=tmp_path)
+    assert settings.identity_kubernetes and settings.policy_kubernetes
+    assert settings.listen.port == 3128 and settings.admin.port == 9090
+    assert settings.listen.host == settings.admin.host == "0.0.0.0"
+    assert load_paths(policy_dirs), "the starter policies load"
+    for network in settings.cluster_cidrs:
+        assert ipaddress.ip_network(network)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out |= _flatten(value, f"{prefix}.{key}" if prefix else key)
+        return out
+    return {prefix: node}
+
+
+# What each overlay may change in the base config; anything else is drift.
+CONFIG_CHANGES = {
+    "overlays/production": {"guard.clusterCIDRs"},
+    "overlays/interception": {"tls.caCert", "tls.caKey"},
+}
+
+
+@pytest.mark.parametrize("overlay", [f"overlays/{o}" for o in kube.OVERLAYS])
+def test_overlay_configs_differ_from_the_base_only_where_they_mean_to(overlay: str) -> None:
+    base = _flatten(_config(kube.render("base")))
+    mine = _flatten(_config(kube.render(overlay)))
+    changed = {key for key in base.keys() | mine.keys() if base.get(key) != mine.get(key)}
+    assert changed == CONFIG_CHANGES.get(overlay, set())
+
+
+@pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
+def test_the_ca_secret_is_mounted_exactly_when_interception_is_on(overlay: str) -> None:
+    objects = kube.render(overlay)
+    tls = _config(objects)["tls"]
+    volumes = {v["name"]: v for v in _deployment(objects)["spec"]["template"]["spec"]["volumes"]}
+    secret_mounts = {
+        m["mountPath"]: volumes[m["name"]]["secret"]
+        for m in _container(objects)["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+    }
+    if tls["caCert"] is None:
+        assert tls["caKey"] is None and secret_mounts == {}
+        return
+    for path in (tls["caCert"], tls["caKey"]):
+        directory, _, file = path.rpartition("/")
+        secret = secret_mounts[directory]
+        assert secret["secretName"] == "outgate-ca"
+        assert file in {item["path"] for item in secret["items"]}
+
+
+def test_the_example_workload_uses_the_proxy_service() -> None:
+    objects = kube.render("examples/workload")
+    (container,) = kube.one(objects, "Deployment", "demo-client")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    service = "http://outgate.outgate-system.svc.cluster.local:3128"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        assert env[name] == service
+    for name in ("NO_PROXY", "no_proxy"):
+        entries = env[name].split(",")
+        assert {".cluster.local", ".svc"} <= set(entries)
+        assert any("/" in e and ipaddress.ip_network(e) for e in entries), "the service CIDR"
+    namespace = kube.one(objects, "Namespace", "demo")
+    assert namespace["metadata"]["labels"]["outgate.dev/use-proxy"] == "true"
+
+
+def test_the_fluent_bit_example_forwards_only_the_audit_stream() -> None:
+    objects = kube.render("examples/fluent-bit")
+    config = kube.config_map_named(objects, "fluent-bit-outgate")["data"]["fluent-bit.conf"]
+    assert "/var/log/containers/outgate-*_outgate-system_outgate-*.log" in config
+    assert "Regex             stream ^stdout$" in config
+    assert "multiline.parser  cri" in config
+    daemonset = kube.one(objects, "DaemonSet", "fluent-bit-outgate")
+    mounts = daemonset["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"mountPath": "/var/log", "name": "varlog", "readOnly": True} in mounts
