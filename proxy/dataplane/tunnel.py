@@ -1,0 +1,153 @@
+"""What happens on a CONNECT tunnel after the 200: check the first bytes, then splice.
+
+Order (DESIGN section 1, step 6, and section 3 `protocol`):
+
+  1. The upstream is connected (the 200 is only sent after that), but nothing the client sends
+     goes to it yet: the client peer stays in buffered mode while `read_first_bytes` feeds the
+     rule's protocol check, bounded by `timeouts.sniPeek` (or the idle timeout, if shorter).
+  2. For `tls`, the ClientHello's SNI is held to the CONNECT host and the rule's `tls` options
+     (proxy.core.tunnel_protocols.check_server_name); for a CONNECT to an IP literal, a present
+     SNI is decided by policy as a name of its own.
+  3. Only then are the peers spliced (`splice`), the buffered first bytes flushed upstream first.
+
+A failed check raises `TunnelViolation`: the caller closes both sides and audits the reason,
+the names involved and the first bytes. Nothing of the client's reached the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from proxy import metrics
+from proxy.audit import Exchange
+from proxy.config import Timeouts
+from proxy.core.clienthello import ClientHello
+from proxy.core.hosts import Host
+from proxy.core.policy.engine import Decision, Destination
+from proxy.core.policy.model import DEFAULT_TLS, TlsOptions, TunnelProtocol
+from proxy.core.tunnel_protocols import (
+    FIRST_BYTES_AUDITED,
+    SniOutcome,
+    TlsCheck,
+    check_server_name,
+    first_bytes_check,
+)
+from proxy.dataplane.peer import Peer
+from proxy.errors import Reason, TunnelViolation
+
+log = structlog.get_logger(__name__)
+
+# Reasons that count as a tunnel-content violation (outgate_tunnel_violations_total). A client
+# that simply leaves, or idles out before sending anything, is not one.
+VIOLATIONS: Final = frozenset(
+    {
+        Reason.SNI_MISSING,
+        Reason.SNI_MISMATCH,
+        Reason.SNI_IP_LITERAL,
+        Reason.SNI_DENIED,
+        Reason.ECH_DENIED,
+        Reason.CLIENTHELLO_MALFORMED,
+        Reason.CLIENTHELLO_TIMEOUT,
+        Reason.PROTOCOL_MISMATCH,
+    }
+)
+
+Decide = Callable[[Destination], Decision]
+
+
+async def read_first_bytes(
+    client: Peer, *, protocol: TunnelProtocol, timeouts: Timeouts
+) -> ClientHello | None:
+    """Wait until the client's first bytes pass `protocol`'s check; the ClientHello for `tls`.
+
+    The bytes stay in `client.buffer` (they are relayed, or handed to TLS termination, after).
+    Raises TunnelViolation: the check's reason, CLIENTHELLO_TIMEOUT (nothing acceptable within
+    `timeouts.sniPeek`), IDLE_TIMEOUT (the idle timeout is the shorter and the client sent
+    nothing), or CLIENT_CLOSED.
+    """
+    if protocol is TunnelProtocol.TCP:
+        return None
+    check = first_bytes_check(protocol)
+    limit = min(timeouts.sni_peek, timeouts.idle)
+    fed = 0
+    try:
+        async with asyncio.timeout(limit):
+            while True:
+                if len(client.buffer) > fed:
+                    data = bytes(client.buffer[fed:])
+                    fed = len(client.buffer)
+                    if check.feed(data):
+                        return check.hello if isinstance(check, TlsCheck) else None
+                if client.eof:
+                    raise TunnelViolation(
+                        "the client closed before its first bytes were complete",
+                        reason=Reason.CLIENT_CLOSED,
+                    )
+                await client.wait_data()
+    except TimeoutError:
+        if not client.buffer and timeouts.idle < timeouts.sni_peek:
+            raise TunnelViolation(
+                "nothing sent on the tunnel", reason=Reason.IDLE_TIMEOUT
+            ) from None
+        raise TunnelViolation(
+            f"first bytes not complete within {limit:g}s", reason=Reason.CLIENTHELLO_TIMEOUT
+        ) from None
+
+
+def check_hello(
+    hello: ClientHello,
+    ex: Exchange,
+    *,
+    connect: Host,
+    port: int,
+    tls: TlsOptions | None,
+    decide: Decide,
+) -> None:
+    """Record what the hello asks for on `ex`, then apply the SNI rules (raises on a breach)."""
+    ex.server_name = hello.server_name
+    ex.ech = hello.encrypted
+    ex.alpn = hello.alpn
+    verdict = check_server_name(hello, connect=connect, tls=tls or DEFAULT_TLS)
+    if verdict.outcome is SniOutcome.CHECK_POLICY and verdict.name is not None:
+        decision = decide(Destination(host=Host(name=verdict.name), port=port))
+        if not decision.allowed:
+            raise TunnelViolation(
+                f"the server name is not allowed by policy ({decision.reason})",
+                reason=Reason.SNI_DENIED,
+            )
+
+
+def record_violation(ex: Exchange, client: Peer, violation: TunnelViolation) -> None:
+    """Audit fields and metric for a refused tunnel: its first bytes (hex), the reason."""
+    if client.buffer:
+        ex.first_bytes_hex = bytes(client.buffer[:FIRST_BYTES_AUDITED]).hex()
+    if violation.reason in VIOLATIONS:
+        metrics.TUNNEL_VIOLATIONS.labels(reason=str(violation.reason)).inc()
+        log.info(
+            "tunnel_refused",
+            reason=str(violation.reason),
+            detail=violation.message,
+            event_id=ex.id,
+            destination=ex.destination_domain or ex.destination_ip,
+            server_name=ex.server_name,
+        )
+
+
+async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
+    """Join the peers (buffered first bytes go first) and wait until both close or go idle."""
+    client.relay(upstream)
+    while not (client.closed and upstream.closed):
+        quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
+        if quiet >= idle:
+            return Reason.IDLE_TIMEOUT
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(idle - quiet):
+                await client.wait_closed()
+                await upstream.wait_closed()
+    return Reason.COMPLETED
