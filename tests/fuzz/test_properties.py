@@ -12,6 +12,7 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.core.clienthello import ClientHelloReader
 from proxy.core.hosts import normalize_name, parse_host, split_authority
 from proxy.core.http1 import (
     ChunkedDecoder,
@@ -24,7 +25,7 @@ from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.engine import Destination, Engine
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import Action
-from proxy.errors import BadGateway, BadRequest, OutgateError
+from proxy.errors import BadGateway, BadRequest, OutgateError, TunnelViolation
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -141,3 +142,27 @@ spec:
     assert decide(f"{sub}.{sub}.{apex}.example") == "allow"
     assert decide(f"{apex}.example") == "deny"
     assert decide(f"{sub}{apex}.example") == "deny"  # no partial-label match
+
+
+# A real ClientHello prefix makes mutations reach the extension parsers, not just the header.
+HELLO_START = bytes.fromhex("16030100f4010000f00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+
+
+@given(
+    st.one_of(noise, st.binary(max_size=300).map(lambda tail: HELLO_START + tail)),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20),
+)
+def test_clienthello_reader_raises_only_tunnel_violations_for_any_split(
+    data: bytes, cuts: list[int]
+) -> None:
+    reader = ClientHelloReader()
+    position = 0
+    try:
+        for cut in cuts:
+            if reader.feed(data[position : position + cut]) is not None:
+                return
+            position += cut
+        reader.feed(data[position:])
+    except TunnelViolation:
+        pass
+    assert reader.bytes_seen <= len(data)  # never claims bytes it was not given

@@ -130,6 +130,23 @@ def test_slow_request_body_gets_408_and_the_upstream_never_gets_a_whole_request(
     assert close["outgate"]["reason"] == "body_timeout"
 
 
+def test_a_client_that_stops_reading_pauses_the_upstream_then_times_out(
+    start_proxy: StartProxy, names: ScriptedDNSServer, origin: OriginServer
+) -> None:
+    proxy = start_proxy(
+        TCP_POLICY, nameserver=names.nameserver, config={"timeouts": {"idle": "1s"}}
+    )
+    baseline = proxy.rss_kib()
+    with proxy.connect() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(_get(f"http://origin.test:{origin.port}/bytes/{200 * 1024 * 1024}"))
+        close = proxy.wait_records(lambda r: r["event"]["action"] == "close", timeout=20)[0]
+        grown = proxy.rss_kib() - baseline
+    assert close["outgate"]["reason"] == "idle_timeout"
+    assert close["destination"]["bytes"] < 50 * 1024 * 1024  # paused, not buffered
+    assert grown < 32 * 1024
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 
