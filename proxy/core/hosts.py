@@ -117,7 +117,13 @@ def parse_host(raw: str) -> Host:
     v4 = parse_ipv4_strict(raw)
     if v4 is not None:
         return Host(name=str(v4), ip=v4)
-    return Host(name=normalize_name(raw))
+    name = normalize_name(raw)
+    if _NUMERIC_LABEL.match(name.rsplit(".", 1)[-1]):
+        # Only non-ASCII input gets here: IDNA maps fullwidth or superscript digits to ASCII
+        # (U+FF11 U+FF12 U+FF17 ... -> "127.0.0.1"). Such a "name" reads as an address to anyone
+        # downstream; it is neither a canonical literal nor a real name, so it is refused.
+        raise _bad_target(f"host {raw[:64]!r} normalises to a numeric form")
+    return Host(name=name)
 
 
 def parse_port(raw: str) -> int:

@@ -169,3 +169,18 @@ def test_host_header_cannot_redirect_an_allowed_target(attack_range: Range) -> N
     assert attack_range.origin.paths_seen() == ["/hello"]
     assert attack_range.origin.seen[0].header("Host") == attack_range.origin_authority
     attack_range.nothing_reached_forbidden()
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["\uff11\uff12\uff17.\uff10.\uff10.\uff11", "169.254.169.\u00b2\u2075\u2074", "\u00b9"],
+    ids=["fullwidth-loopback", "superscript-metadata", "superscript-one"],
+)
+def test_unicode_digits_that_normalise_to_an_address_are_refused(
+    attack_range: Range, host: str
+) -> None:
+    attack = attack_range.send(f"CONNECT {host}:80 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert attack.status == 400
+    assert attack.closed
+    assert attack_range.dns.queries == []
+    attack_range.nothing_reached_forbidden()
