@@ -9,7 +9,7 @@ RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest install install-test clean fuzz
+.PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml | $(BIN)/python
+$(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# tests/deploy/test_image.py builds the image's virtualenv offline from these wheels.
+	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		-r requirements.lock -d $(VENV)/wheelhouse
+	@# tests/deploy/test_monitoring.py: promtool checks the alert rules (Debian's prometheus).
+	@command -v promtool >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
@@ -43,6 +49,17 @@ pytest: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 test: lint typecheck pytest
+
+# Outgate against Squid in one run (bench/README.md): installs squid, nginx, wrk and Go if missing,
+# prints the table and writes bench/results/latest.{json,md}. ARGS="--quick" for a short run.
+bench: $(RUN_STAMP)
+	bench/install.sh
+	$(BIN)/python -m bench.run $(ARGS)
+
+# Mixed traffic for SOAK_SECONDS (default 60): no lost audit record, flat memory (bench/soak.py).
+SOAK_SECONDS ?= 60
+soak: $(TEST_STAMP)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 # The property tests of tests/fuzz with a long budget (make test runs them briefly).
 fuzz: $(TEST_STAMP)

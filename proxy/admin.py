@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import metrics
 from proxy.control.policy_source import PolicyStore
@@ -22,7 +22,7 @@ def build_admin_app(
     readiness: Callable[[], tuple[bool, dict[str, object]]],
 ) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
-        body = generate_latest(metrics.REGISTRY)
+        body = metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:

@@ -4,12 +4,23 @@ Start: load policy (a bad policy at start is fatal: fail closed) -> bind the pro
 build the guard with the bound ports -> start the proxy and admin listeners -> watch policy.
 Stop (SIGTERM): readiness fails at once -> stop accepting -> drain up to timeouts.drain ->
 cancel what is left (close records say `drained`) -> flush the audit log.
+
+Kubernetes (issue 3), when `identity.kubernetes` or `policies.kubernetes` is on: the client is
+built from `identity.kubeconfig`, else in-cluster, when the App is built (a bad kubeconfig is a
+config error at start). The informers start after the first policy load and never block the
+start: until the pod and namespace informers (and, for cluster policies, both policy kinds)
+have synced, /readyz fails and the proxy answers 503. Identity is looked up in the pod index
+first, then in the static identities (proxy.control.kube.informers says why). When a pod
+leaves the index, every connection from its IPs is closed with reason `source_gone`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import os
+import resource
 import signal
 import socket
 from typing import Any
@@ -17,19 +28,27 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from proxy import metrics
 from proxy.admin import build_admin_app
 from proxy.audit import AuditSink
 from proxy.config import Settings
+from proxy.control.kube.runtime import KubeControlPlane
 from proxy.control.policy_source import PolicyFileWatcher, PolicyStore
 from proxy.control.resolver import Resolver
 from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import IPAddress, parse_ip_address
-from proxy.core.identity import StaticIdentityIndex
+from proxy.core.identity import IdentityLookup, StaticIdentityIndex
 from proxy.core.policy.model import Action
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
+from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
+from proxy.tls.ca import load_ca
+from proxy.tls.certs import CertCache
 
 log = structlog.get_logger(__name__)
+
+# Descriptors beyond two per connection: listeners, the admin server, DNS sockets, policy files.
+FD_RESERVE = 64
 
 
 def _local_addresses() -> list[IPAddress]:
@@ -42,17 +61,52 @@ def _local_addresses() -> list[IPAddress]:
     return found
 
 
+def _cert_cache(settings: Settings) -> CertCache | None:
+    """The leaf cache when `tls.caCert` and `tls.caKey` are set; without them, a rule with
+    `inspect` refuses its CONNECTs (502, intercept_handshake_failed) rather than splicing."""
+    cert, key = settings.tls_ca_cert, settings.tls_ca_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing = "tls.caCert" if cert is None else "tls.caKey"
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    file=settings.source,
+                    document=None,
+                    path=missing,
+                    message="tls.caCert and tls.caKey go together",
+                    fix=f"set {missing} too, or remove both",
+                )
+            ]
+        )
+    ca = load_ca(cert, key, source=settings.source)
+    return CertCache(ca, size=settings.tls_cert_cache_size)
+
+
 class App:
     def __init__(self, settings: Settings, *, audit_fd: int = 1) -> None:
         self.settings = settings
         self.audit = AuditSink(audit_fd)
+        self.audit.configure(settings)  # audit.format: json | squid | both
         self.policy = PolicyStore()
         self.watcher = PolicyFileWatcher(
             self.policy,
             list(settings.policy_paths),
             default_action=Action.ALLOW if settings.default_action == "allow" else Action.DENY,
         )
-        self.identity = StaticIdentityIndex(settings.static_identities)
+        self.identity: IdentityLookup = StaticIdentityIndex(settings.static_identities)
+        self.kube: KubeControlPlane | None = None
+        if settings.identity_kubernetes or settings.policy_kubernetes:
+            self.kube = KubeControlPlane.from_settings(
+                settings,
+                static=self.identity,
+                store=self.policy,
+                on_source_gone=self._source_gone,
+            )
+            self.identity = self.kube.identity
+        # Issue 4: the interception CA, loaded (and checked) at start: a bad pair is a config error.
+        self.certs = _cert_cache(settings)
         self.resolver = Resolver(
             nameservers=list(settings.dns_nameservers),
             timeout=settings.dns_timeout,
@@ -74,19 +128,56 @@ class App:
             "draining": self.draining,
             "last_policy_error": [i.render() for i in error.issues] if error else None,
         }
-        return (self.policy.loaded and not self.draining), detail
+        if self.kube is not None:
+            detail["kubernetes"] = self.kube.readiness_detail()
+        return self.is_ready(), detail
 
     def is_ready(self) -> bool:
-        return self.policy.loaded and not self.draining
+        kube_synced = self.kube is None or self.kube.synced
+        return self.policy.loaded and kube_synced and not self.draining
+
+    def _source_gone(self, ip: IPAddress, pod: str) -> None:
+        """A pod's IP left it: close what is open from that IP (it may be someone else's)."""
+        if self.proxy is None:
+            return
+        closed = self.proxy.close_connections_from(ip, Reason.SOURCE_GONE)
+        if closed:
+            metrics.POD_SOURCE_GONE_CLOSES.inc(closed)
+            log.info("source_gone_connections_closed", ip=str(ip), pod=pod, connections=closed)
+
+    def _raise_file_limit(self) -> None:
+        """Every client and upstream socket is a descriptor: take the hard limit, and say so
+        when even that cannot hold maxConnections (each needs two, plus listeners and DNS)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        needed = 2 * self.settings.limits.max_connections + FD_RESERVE
+        if soft < needed:
+            log.warning(
+                "file_descriptor_limit_low",
+                limit=soft,
+                needed=needed,
+                effect="past the limit new connections are dropped by the kernel until "
+                "descriptors free up; lower limits.maxConnections or raise the limit",
+            )
 
     async def start(self) -> None:
         settings = self.settings
+        self._raise_file_limit()
         self.watcher.load_initial()
         self.audit.bind_loop(asyncio.get_running_loop())
+        if self.kube is not None:
+            self.kube.start(self._tasks)
+            log.info("kube_informers_started", api=self.kube.client.config.server)
         listen = settings.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = socket.create_server(
-            (listen.host, listen.port), family=family, backlog=LISTEN_BACKLOG, reuse_port=False
+            (listen.host, listen.port),
+            family=family,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=settings.workers > 1,  # every worker listens on the port (supervisor)
         )
         sock.setblocking(False)
         proxy_port = sock.getsockname()[1]
@@ -95,7 +186,12 @@ class App:
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, settings.admin.host, settings.admin.port)
+        site = web.TCPSite(
+            self._admin_runner,
+            settings.admin.host,
+            settings.admin.port,
+            reuse_port=settings.workers > 1,
+        )
         await site.start()
         admin_sock = self._admin_runner.addresses[0]
         self.admin_address = (str(admin_sock[0]), int(admin_sock[1]))
@@ -122,15 +218,22 @@ class App:
             guard=guard,
             audit=self.audit,
             is_ready=self.is_ready,
+            certs=self.certs,
         )
         self.proxy_address = await self.proxy.start(sock=sock)
         self._tasks.spawn(self.watcher.run(), name="policy file watcher")
+        # Everything built so far (modules, config, the first policy) lives as long as the
+        # process: keep it out of the cyclic collector's full passes, which otherwise walk all
+        # of it every few thousand requests (bench/README.md, "what limits it").
+        gc.collect()
+        gc.freeze()
         log.info(
             "listening",
             proxy=f"{self.proxy_address[0]}:{self.proxy_address[1]}",
             admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
             policy_revision=self.policy.revision,
             config=settings.source,
+            pid=os.getpid(),  # with `workers` above 1, which worker this is
         )
 
     async def stop(self) -> None:
@@ -139,7 +242,11 @@ class App:
         if self.proxy is not None:
             await self.proxy.drain(self.settings.timeouts.drain)
         await self._tasks.cancel_all()
+        if self.kube is not None:
+            await self.kube.close()
         await self.resolver.close()
+        if self.certs is not None:
+            self.certs.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await asyncio.get_running_loop().run_in_executor(None, self.audit.flush_and_stop)

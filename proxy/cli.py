@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -50,6 +50,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config)
+        if settings.workers > 1:
+            from proxy import supervisor
+
+            if not supervisor.in_worker():
+                return supervisor.Supervisor(settings, config=args.config).run()
+            settings = supervisor.worker_settings(settings)
         app = App(settings)
     except ConfigError as exc:
         _print_config_error(exc)
@@ -126,6 +132,128 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_ca_init(args: argparse.Namespace) -> int:
+    import datetime
+
+    from proxy.tls.ca import CA_VALIDITY, DEFAULT_COMMON_NAME, init_ca
+
+    if args.days is not None and args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    directory = Path(args.dir)
+    try:
+        cert, key = init_ca(
+            directory,
+            common_name=args.common_name or DEFAULT_COMMON_NAME,
+            validity=datetime.timedelta(days=args.days) if args.days else CA_VALIDITY,
+            force=args.force,
+        )
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"wrote {cert} (CA certificate) and {key} (private key, mode 0600)")
+    print("load them into a Secret for the proxy:")
+    print(f"  kubectl create secret tls outgate-ca --cert={cert} --key={key}")
+    print("mount it and point the proxy config at the files:")
+    print("  tls: {caCert: /etc/outgate/ca/tls.crt, caKey: /etc/outgate/ca/tls.key}")
+    print(f"inspected workloads must trust {cert} (the certificate only, never the key)")
+    return EXIT_OK
+
+
+# import-squid wrote the policies, but some lines could not be translated (listed on stderr).
+EXIT_PARTIAL = 3
+
+
+def _cmd_import_squid(args: argparse.Namespace) -> int:
+    from proxy.adoption.squid_import import ImportOptions, import_squid
+    from proxy.core.policy.model import Mode
+
+    options = ImportOptions(
+        cluster_sources=frozenset(args.cluster_src),
+        static_namespace=args.static_namespace,
+        priority=args.priority,
+        prefix=args.prefix,
+        mode=Mode(args.mode),
+    )
+    try:
+        result = import_squid(args.squid_conf, options)
+    except OSError as exc:
+        where = exc.filename or args.squid_conf
+        print(f"error: cannot read {where}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output:
+        Path(args.output).write_text(result.policies_yaml, encoding="utf-8")
+    else:
+        sys.stdout.write(result.policies_yaml)
+    if args.config_out:
+        Path(args.config_out).write_text(
+            yaml.safe_dump(result.config, sort_keys=False), encoding="utf-8"
+        )
+    for finding in result.findings:
+        print(finding.render(), file=sys.stderr)
+    untranslated = len(result.untranslated)
+    print(
+        f"import-squid: {result.policy_count} policies from {len(result.files)} files; "
+        f"{untranslated} untranslated, {len(result.warnings)} warnings",
+        file=sys.stderr,
+    )
+    return EXIT_PARTIAL if untranslated else EXIT_OK
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from proxy.adoption.suggest import SuggestOptions, suggest
+    from proxy.core.policy.model import Mode
+
+    static_labels: dict[tuple[str, str], dict[str, str]] = {}
+    if args.config:
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as exc:
+            _print_config_error(exc)
+            return EXIT_INVALID
+        static_labels = {
+            (identity.namespace, identity.name): dict(identity.labels)
+            for identity in settings.static_identities
+        }
+    options = SuggestOptions(
+        wildcard_threshold=args.wildcard_threshold,
+        mode=Mode(args.mode),
+        include_denied=args.include_denied,
+        selector_label=args.selector_label,
+        static_labels=static_labels,
+    )
+    sources = args.records or ["-"]
+    try:
+        lines = _record_lines(sources)
+        result = suggest(lines, options)
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    text = result.to_yaml()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    print(
+        f"suggest: {result.records} decision records, {len(result.workloads)} policies "
+        f"({len(result.without_rules)} workloads with only refused requests)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _record_lines(sources: Sequence[str]) -> Iterator[bytes]:
+    for source in sources:
+        if source == "-":
+            yield from sys.stdin.buffer
+        else:
+            with open(source, "rb") as file:
+                yield from file
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outgate", description=__doc__)
     parser.add_argument("--version", action="version", version=f"outgate {__version__}")
@@ -147,6 +275,68 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--config", help="config file (default: the embedded config)")
     exp.add_argument("--policies", nargs="*", default=[], help="extra policy files/directories")
     exp.set_defaults(func=_cmd_explain)
+
+    ca = sub.add_parser("ca", help="the interception CA (TLS inspection)")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_sub.add_parser(
+        "init", help="create a CA: DIR/tls.crt and DIR/tls.key (0600), a kubernetes.io/tls pair"
+    )
+    init.add_argument("--dir", default=".", help="where to write tls.crt and tls.key")
+    init.add_argument("--common-name", default=None, help="the CA's subject CN")
+    init.add_argument("--days", type=int, default=None, help="validity (default: 730)")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(func=_cmd_ca_init)
+
+    squid = sub.add_parser(
+        "import-squid",
+        help="translate a squid.conf into policies (YAML on stdout, findings on stderr)",
+        description="Exit 0: everything translated; 3: policies written, some lines not "
+        "translated (each listed with its line); 1: the file cannot be read.",
+    )
+    squid.add_argument("squid_conf", help="the squid.conf (include files are followed)")
+    squid.add_argument("-o", "--output", help="write the policies here instead of stdout")
+    squid.add_argument(
+        "--config-out", help="write the runtime-config fragment (listen, identities...) here"
+    )
+    squid.add_argument(
+        "--cluster-src",
+        action="append",
+        default=[],
+        metavar="ACL",
+        help="a src ACL that means the cluster's pods: selects every known workload "
+        "(repeatable; default: src ACLs become static identities)",
+    )
+    squid.add_argument("--static-namespace", default="squid-clients", help="for src identities")
+    squid.add_argument("--priority", type=int, default=100, help="admin-tier priority (0..1000)")
+    squid.add_argument("--prefix", default="squid", help="policy name prefix")
+    squid.add_argument(
+        "--mode",
+        choices=["enforce", "audit"],
+        default="enforce",
+        help="audit: the policies only set shadow decisions, for a trial before the cut-over",
+    )
+    squid.set_defaults(func=_cmd_import_squid)
+
+    sug = sub.add_parser(
+        "suggest",
+        help="suggest per-workload policies from audit records (files, or stdin)",
+    )
+    sug.add_argument("records", nargs="*", help="audit record files; - or nothing for stdin")
+    sug.add_argument("-o", "--output", help="write the policies here instead of stdout")
+    sug.add_argument(
+        "--wildcard-threshold",
+        type=int,
+        default=5,
+        metavar="N",
+        help="collapse names to *.parent when N or more sit under one parent (0: never)",
+    )
+    sug.add_argument("--mode", choices=["audit", "enforce"], default="audit")
+    sug.add_argument("--include-denied", action="store_true", help="also allow what policy denied")
+    sug.add_argument(
+        "--selector-label", default="app", help="pod label whose value is the owner's name"
+    )
+    sug.add_argument("--config", help="runtime config: static identities' labels for selectors")
+    sug.set_defaults(func=_cmd_suggest)
     return parser
 
 

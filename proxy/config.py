@@ -18,6 +18,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from proxy.adoption.squid_log import parse_logformat
+from proxy.core.dlp import (
+    CredentialHosts,
+    CustomDetector,
+    parse_credential_hosts,
+    parse_custom_detectors,
+)
 from proxy.core.hosts import parse_port
 from proxy.core.identity import StaticIdentity, parse_static_identities
 from proxy.errors import ConfigError, ConfigIssue, OutgateError
@@ -45,6 +52,7 @@ class Timeouts:
     connect: float = 10.0  # upstream TCP connect, all addresses together
     idle: float = 300.0  # no byte either way on a tunnel or a kept-alive connection
     sni_peek: float = 10.0  # ClientHello after a CONNECT 200 (TLS issue)
+    body: float = 60.0  # longest silence inside a request body (slow-body / slowloris-POST)
     drain: float = 30.0  # SIGTERM: how long open connections may finish
 
 
@@ -54,6 +62,11 @@ class Limits:
     max_header_bytes: int = 65536
     max_connections: int = 20000
     max_connections_per_source: int = 2000
+    # Per workload (pod owner, static identity, or unknown source IP): new connections a second
+    # (token bucket refilled at this rate, `new_connections_burst` deep) and open tunnels.
+    new_connections_per_second: float = 200.0
+    new_connections_burst: int = 400
+    max_tunnels_per_workload: int = 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +80,9 @@ class Settings:
     policy_kubernetes: bool = False
     identity_kubernetes: bool = False
     kubeconfig: str | None = None
+    # Issue 3: watch Jobs so a CronJob's pods name the CronJob as their owner (needs list/watch
+    # on batch/v1 jobs); off = such pods are owned by "Job/<name>".
+    identity_watch_jobs: bool = True
     static_identities: tuple[StaticIdentity, ...] = ()
     dns_nameservers: tuple[str, ...] = ()
     dns_timeout: float = 5.0
@@ -79,7 +95,16 @@ class Settings:
     tls_ca_cert: str | None = None
     tls_ca_key: str | None = None
     tls_upstream_ca_bundle: str | None = None
+    # Issue 4: leaves kept for interception (proxy.tls.certs.DEFAULT_CACHE_SIZE says why 1024).
+    tls_cert_cache_size: int = 1024
+    # Issue 4: DLP detectors every inspected request gets, and where known credentials may go.
+    dlp_custom: tuple[CustomDetector, ...] = ()
+    dlp_credential_hosts: tuple[CredentialHosts, ...] = ()
     audit_output: str = "stdout"
+    # Issue 8: json (default) | squid | both; Squid lines go to squidOutput in squidLogformat.
+    audit_format: str = "json"
+    audit_squid_output: str = "stdout"
+    audit_squid_logformat: str = "squid"
 
 
 # The accepted shape: key -> nested shape (dict) or None for a leaf. Unknown keys are errors.
@@ -89,13 +114,28 @@ _SHAPE: dict[str, Any] = {
     "workers": None,
     "defaultAction": None,
     "policies": {"paths": None, "kubernetes": None},
-    "identity": {"kubernetes": None, "kubeconfig": None, "static": None},
+    "identity": {"kubernetes": None, "kubeconfig": None, "watchJobs": None, "static": None},
     "dns": {"nameservers": None, "timeout": None, "minTTL": None, "maxTTL": None},
     "guard": {"clusterCIDRs": None, "unsafeAllowCIDRs": None},
-    "timeouts": {"header": None, "connect": None, "idle": None, "sniPeek": None, "drain": None},
-    "limits": {"maxHeaderBytes": None, "maxConnections": None, "maxConnectionsPerSource": None},
-    "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None},
-    "audit": {"output": None},
+    "timeouts": {
+        "header": None,
+        "connect": None,
+        "idle": None,
+        "sniPeek": None,
+        "drain": None,
+        "body": None,
+    },
+    "limits": {
+        "maxHeaderBytes": None,
+        "maxConnections": None,
+        "maxConnectionsPerSource": None,
+        "newConnectionsPerSecond": None,
+        "newConnectionsBurst": None,
+        "maxTunnelsPerWorkload": None,
+    },
+    "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None, "certCacheSize": None},
+    "dlp": {"custom": None, "credentialHosts": None},
+    "audit": {"output": None, "format": None, "squidOutput": None, "squidLogformat": None},
 }
 
 
@@ -176,6 +216,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("expected a number > 0")
+    return float(value)
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
@@ -205,6 +251,22 @@ def _audit_output(value: Any) -> str:
     if value != "stdout":
         raise ValueError("only stdout is supported")
     return "stdout"
+
+
+AUDIT_FORMATS = ("json", "squid", "both")
+
+
+def _audit_format(value: Any) -> str:
+    if value not in AUDIT_FORMATS:
+        raise ValueError(f"expected one of {', '.join(AUDIT_FORMATS)}")
+    return str(value)
+
+
+def _squid_logformat(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a format name or string")
+    parse_logformat(value)
+    return value
 
 
 def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
@@ -241,7 +303,14 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
         policy_paths=tuple((base_dir / p) for p in paths),
         policy_kubernetes=reader.get("policies.kubernetes", False, _bool, "true or false"),
         identity_kubernetes=reader.get("identity.kubernetes", False, _bool, "true or false"),
-        kubeconfig=reader.get("identity.kubeconfig", None, str, "a path to a kubeconfig file"),
+        kubeconfig=reader.get(
+            "identity.kubeconfig",
+            None,
+            # A relative kubeconfig is relative to the config file, as policy paths are.
+            lambda v: str(base_dir / Path(str(v)).expanduser()),
+            "a path to a kubeconfig file",
+        ),
+        identity_watch_jobs=reader.get("identity.watchJobs", True, _bool, "true or false"),
         static_identities=static,
         dns_nameservers=reader.get(
             "dns.nameservers", no_paths, _strings, 'a list like ["10.96.0.10:53"]'
@@ -259,6 +328,7 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
             idle=duration("timeouts.idle", t.idle),
             sni_peek=duration("timeouts.sniPeek", t.sni_peek),
             drain=duration("timeouts.drain", t.drain),
+            body=duration("timeouts.body", t.body),
         ),
         limits=Limits(
             max_header_bytes=reader.get(
@@ -273,12 +343,65 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
                 _positive_int,
                 "a count",
             ),
+            new_connections_per_second=reader.get(
+                "limits.newConnectionsPerSecond",
+                lim.new_connections_per_second,
+                _positive_number,
+                "a rate, e.g. 200",
+            ),
+            new_connections_burst=reader.get(
+                "limits.newConnectionsBurst", lim.new_connections_burst, _positive_int, "a count"
+            ),
+            max_tunnels_per_workload=reader.get(
+                "limits.maxTunnelsPerWorkload",
+                lim.max_tunnels_per_workload,
+                _positive_int,
+                "a count",
+            ),
         ),
         tls_ca_cert=reader.get("tls.caCert", None, str, "a path to a PEM file"),
         tls_ca_key=reader.get("tls.caKey", None, str, "a path to a PEM file"),
         tls_upstream_ca_bundle=reader.get("tls.upstreamCABundle", None, str, "a PEM bundle path"),
+        tls_cert_cache_size=reader.get(
+            "tls.certCacheSize", d.tls_cert_cache_size, _positive_int, "a count, e.g. 1024"
+        ),
+        dlp_custom=reader.get(
+            "dlp.custom",
+            (),
+            parse_custom_detectors,
+            "a list like [{name: ticket-ids, headerValue: 'TICKET-[0-9]+'}]",
+        ),
+        dlp_credential_hosts=reader.get(
+            "dlp.credentialHosts",
+            (),
+            parse_credential_hosts,
+            "a list like [{name: ghe, token: '^ghp_', hosts: [github.corp.example]}]",
+        ),
         audit_output=reader.get("audit.output", "stdout", _audit_output, "stdout"),
+        audit_format=reader.get(
+            "audit.format", d.audit_format, _audit_format, "json, squid (access.log lines) or both"
+        ),
+        audit_squid_output=reader.get(
+            "audit.squidOutput",
+            d.audit_squid_output,
+            # A relative file is relative to the config file, as policy paths are.
+            lambda v: "stdout" if v == "stdout" else str(base_dir / str(v)),
+            "stdout or a file path",
+        ),
+        audit_squid_logformat=reader.get(
+            "audit.squidLogformat",
+            d.audit_squid_logformat,
+            _squid_logformat,
+            "squid, common, combined, or a format string of the supported codes",
+        ),
     )
+    if settings.audit_format == "both" and settings.audit_squid_output == "stdout":
+        reader.issue(
+            "audit.squidOutput",
+            "format both would interleave JSON records and Squid lines on stdout",
+            "set audit.squidOutput to a file, e.g. /var/log/outgate/access.log, "
+            "or use audit.format: squid",
+        )
     if settings.dns_min_ttl > settings.dns_max_ttl:
         reader.issue("dns.minTTL", "minTTL is larger than maxTTL", "make minTTL <= maxTTL")
     if reader.issues:

@@ -8,13 +8,20 @@ Files are polled rather than watched with inotify: polling sees ConfigMap update
 symlink swap in a hidden directory), network filesystems and editors that replace files, with
 nothing but `stat`. The fingerprint of every file is (path, mtime_ns, size, inode), plus the
 set of files and any missing paths.
+
+Policies come from sources (`PolicyStore.set_source`): the files, and the ClusterEgressPolicy /
+EgressPolicy objects of the cluster (proxy.control.kube.policies). Every change of any source
+compiles all of them, merged, into the next revision. When two sources define a policy of the
+same kind, namespace and name, the files win (the operator's config is authoritative) and the
+cluster's object is reported as left out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -22,7 +29,7 @@ import structlog
 from proxy.core.identity import Workload
 from proxy.core.policy.engine import Decision, Engine
 from proxy.core.policy.loader import load_paths, policy_files
-from proxy.core.policy.model import Action, Destination
+from proxy.core.policy.model import Action, Destination, Policy, PolicyKind
 from proxy.errors import ConfigError
 from proxy.metrics import POLICY_LAST_RELOAD_OK, POLICY_RELOADS, POLICY_REVISION, POLICY_RULES
 
@@ -34,6 +41,11 @@ DEFAULT_POLL_INTERVAL = 0.5
 
 _Fingerprint = tuple[tuple[str, int, int, int], ...]
 
+# Sources merge in this order; on a clash of kind/namespace/name the earlier one wins.
+FILE_SOURCE = "files"
+KUBERNETES_SOURCE = "kubernetes"
+_SOURCE_ORDER = (FILE_SOURCE, KUBERNETES_SOURCE)
+
 
 class PolicyStore:
     """Holds the Engine in force. Until the first successful load it holds an empty engine that
@@ -43,6 +55,10 @@ class PolicyStore:
         self._engine = Engine.compile((), default_action=Action.DENY, revision=0)
         self._loaded = False
         self._last_error: ConfigError | None = None
+        self._sources: dict[str, tuple[Policy, ...]] = {}
+        self._default_action = Action.DENY
+        # The file watcher reloads in a worker thread, the cluster source on the event loop.
+        self._lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -68,6 +84,36 @@ class PolicyStore:
 
     def record_failure(self, error: ConfigError) -> None:
         self._last_error = error
+
+    def set_source(
+        self, source: str, policies: Iterable[Policy], *, default_action: Action | None = None
+    ) -> tuple[Engine, list[tuple[Policy, Policy]]]:
+        """Replace one source's policies, compile every source merged into revision+1 and
+        install it. Returns the engine and the (left out, defined first) pairs of policies an
+        earlier source already defines. Only the file source clears `last_error` (a failed
+        file reload stays visible while cluster policies change)."""
+        with self._lock:
+            self._sources[source] = tuple(policies)
+            if default_action is not None:
+                self._default_action = default_action
+            merged: dict[tuple[PolicyKind, str, str], Policy] = {}
+            shadowed: list[tuple[Policy, Policy]] = []
+            rank = {name: index for index, name in enumerate(_SOURCE_ORDER)}
+            for name in sorted(self._sources, key=lambda n: rank.get(n, len(rank))):
+                for policy in self._sources[name]:
+                    first = merged.setdefault(policy.identity, policy)
+                    if first is not policy:
+                        shadowed.append((policy, first))
+            engine = Engine.compile(
+                merged.values(),
+                default_action=self._default_action,
+                revision=self._engine.revision + 1,
+            )
+            self._engine = engine
+            self._loaded = True
+            if source == FILE_SOURCE:
+                self._last_error = None
+        return engine, shadowed
 
     def decide(
         self, workload: Workload, destination: Destination, *, explain: bool = False
@@ -120,9 +166,7 @@ class PolicyFileWatcher:
             )
             self.store.record_failure(error)  # last: whoever sees the store change sees the rest
             return False
-        engine = Engine.compile(
-            policies, default_action=self.default_action, revision=self.store.revision + 1
-        )
+        engine, _ = self.store.set_source(FILE_SOURCE, policies, default_action=self.default_action)
         POLICY_RELOADS.labels(result="success").inc()
         POLICY_LAST_RELOAD_OK.set(1)
         POLICY_REVISION.set(engine.revision)
@@ -133,7 +177,6 @@ class PolicyFileWatcher:
             policies=len(engine.policies),
             rules=engine.rule_count,
         )
-        self.store.install(engine)
         return True
 
     def changed(self) -> bool:

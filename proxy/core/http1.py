@@ -18,6 +18,13 @@ Rules this module enforces, and why:
 5. Everything sent on is rendered from parsed values: the upstream and the client only ever see
    our canonical framing headers, never the peer's spelling of them.
 
+Speed: every kept-alive request passes through here twice (request and response head), so each
+parse first tries one regular expression that accepts only a head the line-by-line parser would
+accept unchanged (CRLF endings, token names, values without control bytes, a common start line)
+and extracts every field in one pass. Anything else, and every error, takes the line-by-line
+path, so what is accepted and every error message are the same either way. Field names are
+lowercased once per head, not once per lookup.
+
 Errors are `proxy.errors` types: a client's bad input is a BadRequest (400) with a specific reason,
 or UriTooLong (414) / HeadersTooLarge (431); an upstream's bad response is a BadGateway (502,
 reason upstream_bad_response).
@@ -146,6 +153,39 @@ _CHUNK_LINE = re.compile(
 
 _CRLF = b"\r\n"
 _HEAD_END = b"\r\n\r\n"
+
+# The fast path (module docstring), over the head decoded as latin-1 (one byte, one character).
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# Field lines: token ":" then field-value characters only (no CR, LF, NUL or other controls).
+_FIELD_BLOCK_RE = (
+    r"((?:" + _TCHAR + r"+:[\t\x20-\x7e\x80-\xff]*\r\n){0," + str(MAX_HEADER_COUNT) + r"})\r\n"
+)
+# method SP target SP version: a short token, visible ASCII without "#", HTTP/1.0 or 1.1.
+_FAST_REQUEST = re.compile(
+    "(" + _TCHAR + "{1," + str(MAX_METHOD_BYTES) + "}) "
+    r"([\x21\x22\x24-\x7e]{1," + str(MAX_TARGET_BYTES) + r"}) (HTTP/1\.[01])\r\n" + _FIELD_BLOCK_RE
+)
+_FAST_RESPONSE = re.compile(
+    r"(HTTP/1\.[0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _FIELD_BLOCK_RE
+)
+
+# Authorities seen recently -> (Host, port). Kept-alive clients name the same few hosts on every
+# request and normalising a name (IDNA, label checks) is the costliest step of a head; parsing
+# is pure, so the memo never changes an answer. Bounded, and emptied when full.
+AUTHORITY_CACHE_SIZE = 4096
+_authorities: dict[tuple[str, int | None], tuple[Host, int]] = {}
+
+
+def _split_authority(authority: str, *, default_port: int | None) -> tuple[Host, int]:
+    key = (authority, default_port)
+    found = _authorities.get(key)
+    if found is None:
+        found = split_authority(authority, default_port=default_port)  # raises: not memoised
+        if len(_authorities) >= AUTHORITY_CACHE_SIZE:
+            _authorities.clear()
+        _authorities[key] = found
+    return found
+
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -279,17 +319,69 @@ def _values(headers: Headers, lower_name: str) -> list[str]:
     return [value for name, value in headers if name.lower() == lower_name]
 
 
+_NO_VALUES: list[str] = []  # shared, never modified: what a missing field looks up to
+
+FieldIndex = dict[str, list[str]]
+
+
+# The fields parsing looks at; `_index` keeps only these.
+_INDEXED_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "connection", "expect"})
+
+
+def _index(headers: Headers) -> FieldIndex:
+    """Lowercased name -> its values in order, for the fields parsing needs: one lower() per
+    field, however many lookups follow."""
+    index: FieldIndex = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _INDEXED_FIELDS:
+            found = index.get(lower)
+            if found is None:
+                index[lower] = [value]
+            else:
+                found.append(value)
+    return index
+
+
+def _fast_fields(block: str) -> Headers:
+    """The fields of a block one of the _FAST_* patterns accepted, as _parse_fields gives them:
+    every line is `token:value CRLF` there, so the first colon ends the name."""
+    fields = []
+    for line in block.split("\r\n")[:-1]:
+        name, _, value = line.partition(":")
+        fields.append((name, value.strip(" \t")))
+    return tuple(fields)
+
+
 def _list_elements(values: list[str]) -> list[str]:
     """Elements of a comma-separated list field (RFC 9110 section 5.6.1); empty ones ignored."""
     return [item.strip(" \t") for value in values for item in value.split(",") if item.strip(" \t")]
 
 
-def _connection_tokens(headers: Headers) -> frozenset[str]:
-    tokens = _list_elements(_values(headers, "connection"))
+_NO_TOKENS: frozenset[str] = frozenset()
+# Connection values seen -> their tokens: peers send the same one or two spellings on every
+# message ("keep-alive", "close"). Bounded, emptied when full; only valid values are kept.
+_CONNECTION_MEMO_SIZE = 256
+_connection_memo: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _connection_tokens(index: FieldIndex) -> frozenset[str]:
+    values = index.get("connection")
+    if values is None:
+        return _NO_TOKENS
+    key = tuple(values)
+    found = _connection_memo.get(key)
+    if found is not None:
+        return found
+    tokens = _list_elements(values)
     for token in tokens:
         if not _TOKEN_STR.fullmatch(token):
             raise BadRequest(f"Connection field element is not a token: {token[:64]!r}")
-    return frozenset(token.lower() for token in tokens)
+    found = frozenset(token.lower() for token in tokens)
+    if len(_connection_memo) >= _CONNECTION_MEMO_SIZE:
+        _connection_memo.clear()
+    _connection_memo[key] = found
+    return found
 
 
 def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
@@ -340,25 +432,36 @@ class RequestHead:
 def parse_request_head(head: bytes) -> RequestHead:
     """Parse `head` (as delimited by find_head_end) or raise BadRequest / UriTooLong / 431."""
     head = bytes(head)
+    fast = _FAST_REQUEST.fullmatch(head.decode("latin-1"))
+    if fast is not None:
+        method, raw_target, version, block = fast.groups()
+        return _request(method, raw_target, version, _fast_fields(block))
     skip = _count_leading_empty_lines(head)
     lines = _split_head_lines(head[skip:])
     method, raw_target, version = _parse_request_line(lines[0])
-    headers = _parse_fields(lines[1:])
-    is_connect = method == "CONNECT"
+    return _request(method, raw_target, version, _parse_fields(lines[1:]))
 
+
+def _request(method: str, raw_target: str, version: str, headers: Headers) -> RequestHead:
+    """The checks after the lines are split: target, Host, framing, Connection, Expect."""
+    is_connect = method == "CONNECT"
     if is_connect:
-        host, port = split_authority(_connect_authority(raw_target), default_port=None)
+        host, port = _split_authority(_connect_authority(raw_target), default_port=None)
         scheme: str | None = None
         path = ""
     else:
         scheme, host, port, path = _parse_absolute_form(raw_target, method=method)
 
-    _check_host_field(headers, version=version, is_connect=is_connect)
-    framing, content_length = _request_framing(headers, version=version, is_connect=is_connect)
-    tokens = _connection_tokens(headers)
+    index = _index(headers)
+    _check_host_field(index, version=version, is_connect=is_connect)
+    framing, content_length = _request_framing(index, version=version, is_connect=is_connect)
+    tokens = _connection_tokens(index)
     # RFC 9110 section 10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored.
-    expect_continue = version == "HTTP/1.1" and any(
-        value.lower() == "100-continue" for value in _list_elements(_values(headers, "expect"))
+    expect = index.get("expect")
+    expect_continue = (
+        expect is not None
+        and version == "HTTP/1.1"
+        and any(value.lower() == "100-continue" for value in _list_elements(expect))
     )
     return RequestHead(
         method=method,
@@ -445,7 +548,7 @@ def _parse_absolute_form(target: str, *, method: str) -> tuple[str, Host, int, s
         )
     if not authority:
         raise BadRequest("absolute-form target without a host", reason=Reason.BAD_TARGET)
-    host, port = split_authority(authority, default_port=80)
+    host, port = _split_authority(authority, default_port=80)
     if not rest:
         # RFC 9112 section 3.2.4: an OPTIONS for the whole server (empty path) goes on as "*".
         path = "*" if method == "OPTIONS" else "/"
@@ -456,9 +559,9 @@ def _parse_absolute_form(target: str, *, method: str) -> tuple[str, Host, int, s
     return "http", host, port, path
 
 
-def _check_host_field(headers: Headers, *, version: str, is_connect: bool) -> None:
+def _check_host_field(index: FieldIndex, *, version: str, is_connect: bool) -> None:
     """RFC 9112 section 3.2: 400 for a 1.1 request without Host, or with several or a bad one."""
-    values = _values(headers, "host")
+    values = index.get("host", _NO_VALUES)
     if len(values) > 1:
         raise BadRequest("more than one Host field")
     if not values:
@@ -466,17 +569,17 @@ def _check_host_field(headers: Headers, *, version: str, is_connect: bool) -> No
             raise BadRequest("HTTP/1.1 request without a Host field")
         return
     try:
-        split_authority(values[0], default_port=80)
+        _split_authority(values[0], default_port=80)
     except BadRequest as exc:
         raise BadRequest(f"invalid Host field: {exc.message}") from None
 
 
 def _request_framing(
-    headers: Headers, *, version: str, is_connect: bool
+    index: FieldIndex, *, version: str, is_connect: bool
 ) -> tuple[BodyFraming, int | None]:
     """RFC 9112 section 6.3 for requests, refusing every case two parsers might read apart."""
-    lengths = _values(headers, "content-length")
-    codings = _values(headers, "transfer-encoding")
+    lengths = index.get("content-length", _NO_VALUES)
+    codings = index.get("transfer-encoding", _NO_VALUES)
     if lengths and codings:
         raise _ambiguous("both Content-Length and Transfer-Encoding")
     if codings:
@@ -524,7 +627,8 @@ def render_request_head(req: RequestHead, *, framing_header: bool = True) -> byt
     )
     authority = host if req.port == 80 else f"{host}:{req.port}"
     out = [f"{req.method} {req.path} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
-    drop = _NOT_FORWARDED_REQUEST | req.connection_tokens | {"host"}
+    tokens = req.connection_tokens
+    drop = _DROPPED_REQUEST_FIELDS | tokens if tokens else _DROPPED_REQUEST_FIELDS
     _render_fields(out, req.headers, drop)
     if framing_header:
         if req.framing is BodyFraming.LENGTH:
@@ -535,10 +639,13 @@ def render_request_head(req: RequestHead, *, framing_header: bool = True) -> byt
     return b"".join(out)
 
 
+_DROPPED_REQUEST_FIELDS = _NOT_FORWARDED_REQUEST | {"host"}
+
+
 def _render_fields(out: list[bytes], headers: Headers, drop: frozenset[str]) -> None:
-    for name, value in headers:
-        if name.lower() not in drop:
-            out.append(b"%s: %s\r\n" % (name.encode("ascii"), value.encode("latin-1")))
+    # Names are tokens (ASCII) and values were decoded as latin-1: one encode for all of them.
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers if name.lower() not in drop])
+    out.append(text.encode("latin-1"))
 
 
 # --- Responses ------------------------------------------------------------------------------------
@@ -585,17 +692,25 @@ def parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
 
 
 def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
-    lines = _split_head_lines(head)
-    match = _STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        raise BadRequest(f"invalid status line {_excerpt(lines[0])}")
-    version = match.group(1).decode("ascii")
-    status = int(match.group(2))
-    reason = (match.group(3) or b"").decode("latin-1")
-    headers = _parse_fields(lines[1:])
-    tokens = _connection_tokens(headers)
+    fast = _FAST_RESPONSE.fullmatch(head.decode("latin-1"))
+    if fast is not None:
+        version, status_text, reason_text, block = fast.groups()
+        status = int(status_text)
+        reason = reason_text or ""
+        headers = _fast_fields(block)
+    else:
+        lines = _split_head_lines(head)
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise BadRequest(f"invalid status line {_excerpt(lines[0])}")
+        version = match.group(1).decode("ascii")
+        status = int(match.group(2))
+        reason = (match.group(3) or b"").decode("latin-1")
+        headers = _parse_fields(lines[1:])
+    index = _index(headers)
+    tokens = _connection_tokens(index)
     framing, content_length, codings = _response_framing(
-        headers, version=version, status=status, request_method=request_method
+        index, version=version, status=status, request_method=request_method
     )
     return ResponseHead(
         version=version,
@@ -611,11 +726,11 @@ def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
 
 
 def _response_framing(
-    headers: Headers, *, version: str, status: int, request_method: str
+    index: FieldIndex, *, version: str, status: int, request_method: str
 ) -> tuple[BodyFraming, int | None, tuple[str, ...]]:
     """RFC 9112 section 6.3, steps numbered as there."""
-    lengths = _values(headers, "content-length")
-    codings = _values(headers, "transfer-encoding")
+    lengths = index.get("content-length", _NO_VALUES)
+    codings = index.get("transfer-encoding", _NO_VALUES)
     # 1. HEAD, 1xx, 204, 304: no body, whatever the fields say. Content-Length is not framing
     #    here, so an unusable value is dropped rather than failing the response.
     if request_method == "HEAD" or status < 200 or status in (204, 304):
@@ -662,6 +777,10 @@ def _response_content_length(lengths: list[str], *, lenient: bool) -> int | None
     repetition. Differing or non-numeric values are refused, or dropped when `lenient`."""
     if not lengths:
         return None
+    if len(lengths) == 1:  # the usual case, without the list-splitting below
+        only = lengths[0]
+        if only.isascii() and only.isdigit() and len(only) <= MAX_CONTENT_LENGTH_DIGITS:
+            return int(only)
     elements = [item.strip(" \t") for value in lengths for item in value.split(",")]
     if all(_DIGITS.fullmatch(item) for item in elements) and len({int(i) for i in elements}) == 1:
         return int(elements[0])

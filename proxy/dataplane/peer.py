@@ -22,6 +22,11 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Peer(asyncio.Protocol):
     """A client or upstream socket. Mutable state lives here and only here."""
 
@@ -120,16 +125,24 @@ class Peer(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait_data(self) -> None:
-        """Return once the buffer holds more than it did, or at EOF."""
+    async def wait_data(self, *, deadline: float | None = None) -> None:
+        """Return once the buffer holds more than it did, or at EOF.
+
+        With `deadline` (event-loop clock), raise TimeoutError if neither has happened by then.
+        One timer per wait: a loop of waits under one deadline costs far less than wrapping it
+        in `asyncio.timeout`, and this runs twice per kept-alive request.
+        """
         if self.eof:
             return
         loop = asyncio.get_running_loop()
-        self._data_waiter = loop.create_future()
+        waiter = self._data_waiter = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
-            await self._data_waiter
+            await waiter
         finally:
             self._data_waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def take(self, limit: int | None = None) -> bytes:
         """Remove and return up to `limit` buffered bytes (all when None)."""

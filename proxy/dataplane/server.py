@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import functools
 import socket
-import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,9 +47,13 @@ from proxy.core.http1 import (
     render_response_head,
 )
 from proxy.core.identity import IdentityLookup, Workload, WorkloadKind
-from proxy.core.policy.engine import Decision, Destination
+from proxy.core.policy.engine import Decision, Destination, Engine
+from proxy.core.policy.model import TunnelProtocol
+from proxy.dataplane.intercept import Interceptor
+from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.responses import CONNECT_ESTABLISHED, render_error
+from proxy.dataplane.tunnel import check_hello, read_first_bytes, record_violation, splice
 from proxy.errors import (
     BadGateway,
     BadRequest,
@@ -60,8 +64,10 @@ from proxy.errors import (
     Reason,
     ServiceUnavailable,
     TooManyRequests,
+    TunnelViolation,
 )
 from proxy.tasks import TaskSet
+from proxy.tls.certs import CertCache
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +75,23 @@ log = structlog.get_logger(__name__)
 RELAY_CHUNK_BYTES = 256 * 1024
 # Kernel accept queue: absorbs bursts of new connections while the loop is busy.
 LISTEN_BACKLOG = 1024
+# Routes remembered (ProxyServer._routes): a kept-alive client asks the same question on every
+# request. An entry is a few hundred bytes; the memo is emptied when full.
+ROUTE_MEMO_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Route:
+    """What deciding, resolving and guarding gave one (workload, destination). Valid while the
+    engine, the workload and the resolver's answer are these same objects (a policy reload, an
+    informer update or a new DNS answer replaces them)."""
+
+    engine: Engine
+    workload: Workload
+    addresses: tuple[IPAddress, ...]
+    decision: Decision
+    permitted: tuple[IPAddress, ...]
+    first_ip_text: str
 
 
 @dataclass(slots=True)
@@ -104,6 +127,7 @@ class ProxyServer:
         guard: AddressGuard,
         audit: AuditSink,
         is_ready: Callable[[], bool],
+        certs: CertCache | None = None,
     ) -> None:
         self._settings = settings
         self._policy = policy
@@ -112,11 +136,12 @@ class ProxyServer:
         self._guard = guard
         self._audit = audit
         self._is_ready = is_ready
+        self._interceptor = Interceptor(self, settings, certs)
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
-        self._per_source: Counter[IPAddress] = Counter()
+        self._admission = Admission(settings.limits)
         self._clients: dict[IPAddress, set[Peer]] = {}
-        self._open = 0
+        self._routes: dict[tuple[int, str, bool, int], _Route] = {}
         self.bound: tuple[str, int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -165,7 +190,7 @@ class ProxyServer:
     def _on_accept(self, client: Peer) -> None:
         assert client.transport is not None
         peername = client.transport.get_extra_info("peername")
-        src_ip = unmap_ipv4(parse_ip_address(peername[0].split("%")[0]))
+        src_ip = unmap_ipv4(_parse_ip(peername[0].split("%")[0]))
         src_port = int(peername[1])
         metrics.CONNECTIONS_ACCEPTED.inc()
         self._tasks.spawn(
@@ -173,9 +198,7 @@ class ProxyServer:
         )
 
     async def _serve_client(self, client: Peer, src_ip: IPAddress, src_port: int) -> None:
-        limits = self._settings.limits
-        self._open += 1
-        self._per_source[src_ip] += 1
+        self._admission.connection_opened(src_ip)
         self._clients.setdefault(src_ip, set()).add(client)
         metrics.ACTIVE_CONNECTIONS.labels(kind="client").inc()
         kept: list[_KeptUpstream] = []
@@ -185,11 +208,11 @@ class ProxyServer:
                 drained = asyncio.Event()
                 self._audit.call_when_drained(drained.set)
                 await drained.wait()
-            if self._open > limits.max_connections or (
-                self._per_source[src_ip] > limits.max_connections_per_source
-            ):
+            try:
                 ex = self._exchange(src_ip, src_port)
-                self._refuse(client, ex, TooManyRequests("too many connections"), keep_alive=False)
+                self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
+            except TooManyRequests as exc:
+                self._refuse(client, ex, exc, keep_alive=False)
                 return
             first = True
             while True:
@@ -203,10 +226,7 @@ class ProxyServer:
             for up in kept:
                 up.peer.close()
             client.close()
-            self._open -= 1
-            self._per_source[src_ip] -= 1
-            if self._per_source[src_ip] <= 0:
-                del self._per_source[src_ip]
+            self._admission.connection_closed(src_ip)
             clients = self._clients.get(src_ip)
             if clients is not None:
                 clients.discard(client)
@@ -217,7 +237,7 @@ class ProxyServer:
     def _exchange(self, src_ip: IPAddress, src_port: int, kind: str = "forward") -> Exchange:
         return Exchange(
             kind=kind,
-            source_ip=str(src_ip),
+            source_ip=_ip_text(src_ip),
             source_port=src_port,
             workload=self._identity.lookup(src_ip),
         )
@@ -234,26 +254,27 @@ class ProxyServer:
         """
         timeouts = self._settings.timeouts
         max_head = self._settings.limits.max_header_bytes
+        loop = asyncio.get_running_loop()
         if not first and not client.buffer:
+            idle_deadline = loop.time() + timeouts.idle
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeouts.idle):
-                    while not client.buffer and not client.eof:
-                        await client.wait_data()
+                while not client.buffer and not client.eof:
+                    await client.wait_data(deadline=idle_deadline)
             if not client.buffer:
                 return None
+        deadline = loop.time() + timeouts.header
         try:
-            async with asyncio.timeout(timeouts.header):
-                scanned = 0  # bytes already searched: each new read is scanned once
-                while True:
-                    end = find_head_end(client.buffer, max_head_bytes=max_head, start=scanned)
-                    if end >= 0:
-                        return client.take(end)
-                    scanned = len(client.buffer)
-                    if client.eof:
-                        if client.buffer.strip():
-                            raise BadRequest("connection closed inside the request head")
-                        return None
-                    await client.wait_data()
+            scanned = 0  # bytes already searched: each new read is scanned once
+            while True:
+                end = find_head_end(client.buffer, max_head_bytes=max_head, start=scanned)
+                if end >= 0:
+                    return client.take(end)
+                scanned = len(client.buffer)
+                if client.eof:
+                    if client.buffer.strip():
+                        raise BadRequest("connection closed inside the request head")
+                    return None
+                await client.wait_data(deadline=deadline)
         except TimeoutError:
             error: OutgateError = HeaderTimeout("request head not received in time")
         except OutgateError as exc:
@@ -286,6 +307,7 @@ class ProxyServer:
             ex.destination_ip = str(req.host.ip)
         ex.destination_port = req.port
         has_body = req.framing is not BodyFraming.NONE
+        held_tunnel: str | None = None
         try:
             if not self._is_ready():
                 raise ServiceUnavailable("the proxy is not ready: policy or identity not loaded")
@@ -293,14 +315,23 @@ class ProxyServer:
                 raise PolicyDenied(
                     "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE
                 )
+            if req.is_connect:
+                tunnel_key = workload_key(ex.workload, src_ip)
+                self._admission.open_tunnel(tunnel_key)
+                held_tunnel = tunnel_key
             addresses = await self._decide_and_resolve(ex, req)
             upstream = await self._upstream_for(ex, req, addresses, kept)
         except OutgateError as exc:
+            if held_tunnel is not None:
+                self._admission.close_tunnel(held_tunnel)
             keep = req.keep_alive and not has_body and not req.is_connect
             self._refuse(client, ex, exc, keep_alive=keep)
             return keep
-        if req.is_connect:
-            await self._tunnel(client, upstream, ex)
+        if held_tunnel is not None:
+            try:
+                await self._tunnel(client, upstream, ex, req)
+            finally:
+                self._admission.close_tunnel(held_tunnel)
             return False
         return await self._forward(client, upstream, ex, req, kept)
 
@@ -314,9 +345,16 @@ class ProxyServer:
         """
         engine = self._policy.engine
         workload = ex.workload
-        decision = engine.decide(
-            workload, Destination(host=req.host, port=req.port, ip=req.host.ip)
-        )
+        route_key = (id(workload), req.host.name, req.host.ip is None, req.port)
+        route = self._routes.get(route_key)
+        if route is not None and (route.engine is not engine or route.workload is not workload):
+            route = None
+        if route is not None:
+            decision = route.decision
+        else:
+            decision = engine.decide(
+                workload, Destination(host=req.host, port=req.port, ip=req.host.ip)
+            )
         ex.decision = decision
         if decision.action != "allow":
             raise PolicyDenied("denied by policy", reason=decision.reason)
@@ -324,6 +362,13 @@ class ProxyServer:
             addresses: tuple[IPAddress, ...] = (req.host.ip,)
         else:
             addresses = await self._resolver.resolve(req.host.name)
+        if route is not None and (addresses is route.addresses or addresses == route.addresses):
+            # The same policy, workload, destination and DNS answer as a request before: every
+            # step below is a pure function of those, so its outcome is replayed.
+            ex.destination_ip = route.first_ip_text
+            ex.decided = True
+            self._record_decision(ex)
+            return list(route.permitted)
         permitted: list[IPAddress] = []
         denied: Decision | None = None
         for ip in addresses:
@@ -354,9 +399,21 @@ class ProxyServer:
                 "destination address is private, reserved or metadata",
                 reason=Reason.GUARDED_ADDRESS,
             )
-        ex.destination_ip = str(permitted[0])  # first to dial; the close record has the one used
+        # The first to dial; the close record has the one used.
+        ex.destination_ip = _ip_text(permitted[0])
         ex.decided = True
         self._record_decision(ex)
+        if len(permitted) == len(addresses):  # nothing dropped, so nothing to log on a replay
+            if len(self._routes) >= ROUTE_MEMO_SIZE:
+                self._routes.clear()
+            self._routes[route_key] = _Route(
+                engine=engine,
+                workload=workload,
+                addresses=addresses,
+                decision=decision,
+                permitted=tuple(permitted),
+                first_ip_text=ex.destination_ip,
+            )
         return permitted
 
     def _record_decision(self, ex: Exchange) -> None:
@@ -405,7 +462,7 @@ class ProxyServer:
                 kept.remove(up)
                 usable = up.host == req.host.name and up.port == req.port and up.ip in addresses
                 if usable and not up.peer.eof and not up.peer.buffer:
-                    ex.destination_ip = str(up.ip)
+                    ex.destination_ip = _ip_text(up.ip)
                     return up.peer
                 up.peer.close()
         return await self._dial(ex, addresses, req.port)
@@ -433,41 +490,81 @@ class ProxyServer:
                 error = BadGateway(f"{ip} port {port} refused the connection")
                 continue
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("out_of_file_descriptors", during="upstream connect")
                 metrics.UPSTREAM_CONNECT_ERRORS.labels(kind="unreachable").inc()
                 error = BadGateway(f"cannot connect to {ip} port {port}: {exc.strerror}")
                 continue
-            ex.destination_ip = str(ip)
+            ex.destination_ip = _ip_text(ip)
             return peer
         raise error
 
     # -- tunnel ---------------------------------------------------------------------------------
-    async def _tunnel(self, client: Peer, upstream: Peer, ex: Exchange) -> None:
-        idle = self._settings.timeouts.idle
+    async def _tunnel(self, client: Peer, upstream: Peer, ex: Exchange, req: RequestHead) -> None:
+        """CONNECT (proxy.dataplane.tunnel): check the first bytes, then splice, or serve the
+        requests inside (rules with `inspect`, `protocol: http`: proxy.dataplane.intercept)."""
+        decision = ex.decision
+        protocol = (decision.protocol if decision else None) or TunnelProtocol.TLS
+        inspect = decision.inspect if decision is not None else None
+        intercept_tls = inspect is not None and protocol is TunnelProtocol.TLS
+        raw_upstream = upstream
+        if intercept_tls:
+            try:
+                upstream = await self._interceptor.open_upstream(upstream, req.host)
+            except OutgateError as exc:
+                upstream.close()
+                self._refuse(client, ex, exc, keep_alive=False)
+                return
         client_base = client.bytes_in - len(client.buffer)
         client.write(CONNECT_ESTABLISHED)
-        client.relay(upstream)
         metrics.ACTIVE_CONNECTIONS.labels(kind="tunnel").inc()
         reason = Reason.COMPLETED
+        inner: Peer = client
         try:
-            while not (client.closed and upstream.closed):
-                quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
-                if quiet >= idle:
-                    reason = Reason.IDLE_TIMEOUT
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(idle - quiet):
-                        await client.wait_closed()
-                        await upstream.wait_closed()
+            hello = await read_first_bytes(
+                client, protocol=protocol, timeouts=self._settings.timeouts
+            )
+            if hello is not None:
+                workload = ex.workload
+                check_hello(
+                    hello,
+                    ex,
+                    connect=req.host,
+                    port=req.port,
+                    tls=decision.tls if decision is not None else None,
+                    decide=lambda dest: self._policy.engine.decide(workload, dest),
+                )
+            if intercept_tls:
+                inner = await self._interceptor.terminate_client(client, req.host, ex)
+            if inspect is not None or protocol is TunnelProtocol.HTTP:
+                reason = await self._interceptor.serve_requests(
+                    inner,
+                    upstream,
+                    ex,
+                    connect=req.host,
+                    port=req.port,
+                    inspect=inspect,
+                    tls=intercept_tls,
+                )
+            else:
+                reason = await splice(client, upstream, idle=self._settings.timeouts.idle)
+        except TunnelViolation as exc:
+            reason = exc.reason
+            record_violation(ex, client, exc)
+        except OutgateError as exc:  # interception could not start: closed, never spliced
+            reason = exc.reason
         except asyncio.CancelledError:
             reason = Reason.DRAINED
             raise
         finally:
             if client.close_reason is not None:
                 reason = client.close_reason
+            inner.close()  # an intercepted session ends with close_notify
             client.close()
             upstream.close()
+            raw_upstream.close()
             ex.source_bytes = client.bytes_in - client_base
-            ex.destination_bytes = upstream.bytes_in
+            ex.destination_bytes = raw_upstream.bytes_in
             metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
             metrics.ACTIVE_CONNECTIONS.labels(kind="tunnel").dec()
@@ -481,9 +578,13 @@ class ProxyServer:
         ex: Exchange,
         req: RequestHead,
         kept: list[_KeptUpstream],
+        *,
+        head: bytes | None = None,
     ) -> bool:
+        """Send one request (`head`, or `req` rendered) and relay its response; True if the
+        client connection may carry another. Intercepted requests come here too."""
         metrics.ACTIVE_CONNECTIONS.labels(kind="forward").inc()
-        upstream.write(render_request_head(req))
+        upstream.write(head if head is not None else render_request_head(req))
         body_task: asyncio.Task[None] | None = None
         if req.framing is not BodyFraming.NONE:
             body_task = asyncio.get_running_loop().create_task(
@@ -500,8 +601,8 @@ class ProxyServer:
                 keep = False
         except OutgateError as exc:
             error = _body_error(body_task) or exc  # a bad request body explains an upstream cut
-            reason = error.reason
-            if ex.status is None:  # nothing of the response reached the client yet
+            reason = Reason.CLIENT_CLOSED if _client_left(body_task) else error.reason
+            if ex.status is None and reason is not Reason.CLIENT_CLOSED:
                 ex.status = error.status
                 client.write(
                     render_error(
@@ -531,11 +632,13 @@ class ProxyServer:
             if body_failed and reason is Reason.COMPLETED:
                 reason = Reason.CLIENT_CLOSED
                 keep = False
-            if client.close_reason is not None:
-                reason = client.close_reason
+            stalled = client.close_reason or upstream.close_reason
+            if stalled is not None:
+                reason = stalled
                 keep = False
             metrics.ACTIVE_CONNECTIONS.labels(kind="forward").dec()
-            metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
+            if ex.source_bytes:  # most requests carry no body: skip the no-op update
+                metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
             self._audit.close(ex, reason)
             reusable = keep and not upstream.eof and not upstream.buffer
@@ -544,7 +647,7 @@ class ProxyServer:
                     _KeptUpstream(
                         host=req.host.name,
                         port=req.port,
-                        ip=parse_ip_address(ex.destination_ip),
+                        ip=_parse_ip(ex.destination_ip),
                         peer=upstream,
                     )
                 )
@@ -554,6 +657,25 @@ class ProxyServer:
             client.close()
         return keep
 
+    async def _drain(self, peer: Peer) -> None:
+        """Wait for a slow reader, but not forever: one that takes nothing for the idle timeout
+        is cut, so a client or upstream that stops reading cannot pin a connection."""
+        try:
+            async with asyncio.timeout(self._settings.timeouts.idle):
+                await peer.drain()
+        except TimeoutError:
+            peer.close_reason = Reason.IDLE_TIMEOUT
+            peer.abort()
+            raise ConnectionResetError("peer stopped reading") from None
+
+    async def _read_body(self, client: Peer, limit: int | None) -> bytes:
+        """The next piece of a request body; a client silent for `timeouts.body` gets 408."""
+        try:
+            async with asyncio.timeout(self._settings.timeouts.body):
+                return await client.read_some(limit)
+        except TimeoutError:
+            raise HeaderTimeout("request body stalled", reason=Reason.BODY_TIMEOUT) from None
+
     async def _send_body(
         self, client: Peer, upstream: Peer, req: RequestHead, ex: Exchange
     ) -> None:
@@ -561,43 +683,43 @@ class ProxyServer:
         if req.framing is BodyFraming.LENGTH:
             remaining = req.content_length or 0
             while remaining:
-                data = await client.read_some(min(remaining, RELAY_CHUNK_BYTES))
+                data = await self._read_body(client, min(remaining, RELAY_CHUNK_BYTES))
                 if not data:
                     raise ConnectionResetError("client closed inside the request body")
                 remaining -= len(data)
                 ex.source_bytes += len(data)
                 upstream.write(data)
-                await upstream.drain()
+                await self._drain(upstream)
             return
         decoder = ChunkedDecoder()
         while not decoder.done:
-            data = await client.read_some()
+            data = await self._read_body(client, None)
             if not data:
                 raise ConnectionResetError("client closed inside the chunked request body")
             for piece in decoder.feed(data):
                 ex.source_bytes += len(piece)
                 upstream.write(encode_chunk(piece))
-            await upstream.drain()
+            await self._drain(upstream)
         upstream.write(LAST_CHUNK)
         client.unread(decoder.tail())
 
     async def _read_response_head(self, upstream: Peer) -> bytes:
         max_head = self._settings.limits.max_header_bytes
-        async with asyncio.timeout(self._settings.timeouts.idle):
-            scanned = 0
-            while True:
-                end = find_head_end(
-                    upstream.buffer, max_head_bytes=max_head, is_request=False, start=scanned
+        deadline = asyncio.get_running_loop().time() + self._settings.timeouts.idle
+        scanned = 0
+        while True:
+            end = find_head_end(
+                upstream.buffer, max_head_bytes=max_head, is_request=False, start=scanned
+            )
+            if end >= 0:
+                return upstream.take(end)
+            scanned = len(upstream.buffer)
+            if upstream.eof:
+                raise BadGateway(
+                    "upstream closed before a complete response head",
+                    reason=Reason.UPSTREAM_RESET,
                 )
-                if end >= 0:
-                    return upstream.take(end)
-                scanned = len(upstream.buffer)
-                if upstream.eof:
-                    raise BadGateway(
-                        "upstream closed before a complete response head",
-                        reason=Reason.UPSTREAM_RESET,
-                    )
-                await upstream.wait_data()
+            await upstream.wait_data(deadline=deadline)  # TimeoutError: the caller's 504
 
     async def _relay_response(
         self, client: Peer, upstream: Peer, ex: Exchange, req: RequestHead
@@ -626,7 +748,17 @@ class ProxyServer:
                 resp, framing=BodyFraming.UNTIL_CLOSE, transfer_codings=(), keep_alive=False
             )
         keep = req.keep_alive and resp.keep_alive and resp.framing is not BodyFraming.UNTIL_CLOSE
-        client.write(render_response_head(resp, keep_alive=keep))
+        head = render_response_head(resp, keep_alive=keep)
+        length = resp.content_length or 0
+        if resp.framing is BodyFraming.LENGTH and 0 < length <= min(
+            len(upstream.buffer), RELAY_CHUNK_BYTES
+        ):
+            # The whole (small) body came with the head: one write, one syscall, not two.
+            ex.destination_bytes += length
+            client.write(head + upstream.take(length))
+            await self._drain(client)
+            return keep
+        client.write(head)
         try:
             if dechunk:
                 await self._relay_chunked(client, upstream, ex, reframe=False)
@@ -655,7 +787,7 @@ class ProxyServer:
             for piece in decoder.feed(data):
                 ex.destination_bytes += len(piece)
                 client.write(encode_chunk(piece) if reframe else piece)
-            await client.drain()
+            await self._drain(client)
         if reframe:
             client.write(LAST_CHUNK)
         upstream.unread(decoder.tail())
@@ -681,7 +813,7 @@ class ProxyServer:
                 remaining -= len(data)
                 ex.destination_bytes += len(data)
                 client.write(data)
-                await client.drain()
+                await self._drain(client)
             return
         if framing is BodyFraming.CHUNKED:
             await self._relay_chunked(client, upstream, ex, reframe=True)
@@ -689,7 +821,26 @@ class ProxyServer:
         while data := await upstream.read_some():
             ex.destination_bytes += len(data)
             client.write(data)
-            await client.drain()
+            await self._drain(client)
+
+
+def _client_left(task: asyncio.Task[None] | None) -> bool:
+    """The request body failed because the client went away (so the upstream was cut)."""
+    if task is None or not task.done() or task.cancelled():
+        return False
+    return isinstance(task.exception(), ConnectionError)
+
+
+# Address text and parsing are memoised: a kept-alive client names the same few addresses on
+# every request, and the ipaddress module formats and parses in Python (microseconds a call).
+@functools.lru_cache(maxsize=4096)
+def _ip_text(ip: IPAddress) -> str:
+    return str(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> IPAddress:
+    return parse_ip_address(text)
 
 
 def _body_error(task: asyncio.Task[None] | None) -> OutgateError | None:

@@ -291,8 +291,13 @@ def test_expect_100_continue_is_relayed_before_the_body(
 
 
 def test_connect_forwards_bytes_sent_with_the_request_head(
-    proxy: ProxyProcess, origin: OriginServer
+    start_proxy: StartProxy, dns_server: ScriptedDNSServer, origin: OriginServer
 ) -> None:
+    # Plain HTTP inside the tunnel: the rule says `protocol: tcp` (the default, tls, refuses it).
+    dns_server.addresses("origin.test", "127.0.0.1")
+    proxy = start_proxy(
+        policy_allowing("origin.test") + "      protocol: tcp\n", nameserver=dns_server.nameserver
+    )
     with proxy.connect() as sock:
         sock.sendall(
             f"CONNECT origin.test:{origin.port} HTTP/1.1\r\nHost: origin.test:{origin.port}\r\n\r\n"

@@ -36,7 +36,10 @@ def test_edited_policy_changes_decisions_within_2s_while_a_tunnel_keeps_working(
 ) -> None:
     dns_server.addresses("origin.test", "127.0.0.1")
     dns_server.addresses("other.test", "127.0.0.1")
-    proxy = start_proxy(policy_allowing("origin.test"), nameserver=dns_server.nameserver)
+    # The tunnel carries plain HTTP: `protocol: tcp` (the default, tls, would refuse it).
+    proxy = start_proxy(
+        policy_allowing("origin.test") + "      protocol: tcp\n", nameserver=dns_server.nameserver
+    )
     origin_url = f"http://origin.test:{origin.port}/hello"
     other_url = f"http://other.test:{origin.port}/hello"
     assert _status(proxy, origin_url) == 200

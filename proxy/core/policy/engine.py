@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Protocol
 
+from proxy.core.hosts import IPAddress
 from proxy.core.identity import CidrTable, IPNetwork, SelectionKey, Workload
 from proxy.core.policy.model import (
     Action,
@@ -42,6 +43,7 @@ from proxy.core.policy.model import (
     PolicyKind,
     Rule,
     Tier,
+    TlsOptions,
     TunnelProtocol,
 )
 from proxy.errors import Reason
@@ -61,6 +63,11 @@ __all__ = [
 # not pod name), so replicas share an entry. A large cluster has a few thousand distinct shapes
 # (roughly its Deployments and StatefulSets); an entry is one small frozenset.
 SELECTION_CACHE_SIZE: Final = 4096
+# Decisions are memoised per (workload shape, destination): a kept-alive client asks the same
+# question on every request, twice (by name, then per resolved address). An entry is a key tuple
+# and a shared Decision, about 200 bytes, so the cap bounds the memo near 3 MB; when it fills it
+# is emptied (a wildcard rule lets clients mint names without end, so it must not grow).
+DECISION_CACHE_SIZE: Final = 16384
 
 
 class Outcome(StrEnum):
@@ -84,6 +91,7 @@ class Verdict:
     allowed_cidrs: tuple[IPNetwork, ...] = ()
     protocol: TunnelProtocol | None = None
     inspect: Inspect | None = None
+    tls: TlsOptions | None = None  # the deciding rule's `tls`; None means the defaults
 
     @property
     def allowed(self) -> bool:
@@ -155,6 +163,10 @@ class Decision:
     def inspect(self) -> Inspect | None:
         return self.verdict.inspect
 
+    @property
+    def tls(self) -> TlsOptions | None:
+        return self.verdict.tls
+
 
 class Decider(Protocol):
     """What the data plane calls: an Engine, or the PolicyStore that holds the one in force."""
@@ -172,6 +184,7 @@ def _rule_verdict(policy: Policy, rule: Rule) -> Verdict | None:
                 action=Outcome.ALLOW, reason=Reason.RULE_ALLOW,
                 rule=rule.name, ruleset=policy.ruleset, tier=policy.tier, mode=policy.mode,
                 allowed_cidrs=rule.cidrs, protocol=rule.protocol, inspect=rule.inspect,
+                tls=rule.tls,
             )  # fmt: skip
         case Action.DENY:
             return Verdict(
@@ -202,24 +215,59 @@ def _default_verdict(action: Action) -> Verdict:
             raise ValueError("the default action is Allow or Deny")
 
 
-@dataclass(frozen=True, slots=True)
+# A rule's ports as a set when they span at most this many numbers in all (lists of ports and
+# short ranges: one hash lookup), else as (start, end) pairs compared one by one.
+_PORT_SET_LIMIT: Final = 1024
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class _Entry:
-    """A rule placed in global evaluation order, with the verdict it gives when it decides."""
+    """A rule placed in global evaluation order, with the verdict it gives when it decides.
+    Its policy's tier and mode and its ports are flattened here for the hot path; entries
+    compare by identity (each exists once per engine)."""
 
     order: int
     slot: int  # index of its policy in Engine.policies
     policy: Policy
     rule: Rule
     verdict: Verdict | None  # None for Pass
+    tier: Tier
+    audit: bool  # the policy is in audit mode
+    port_set: frozenset[int] | None
+    port_ranges: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def build(cls, order: int, slot: int, policy: Policy, rule: Rule) -> _Entry:
+        ranges = tuple((r.start, r.end) for r in rule.ports)
+        span = sum(end - start + 1 for start, end in ranges)
+        port_set = (
+            frozenset(p for start, end in ranges for p in range(start, end + 1))
+            if span <= _PORT_SET_LIMIT
+            else None
+        )
+        return cls(
+            order, slot, policy, rule, _rule_verdict(policy, rule),
+            policy.tier, policy.mode is Mode.AUDIT, port_set, ranges,
+        )  # fmt: skip
+
+    def matches_port(self, port: int) -> bool:
+        if self.port_set is not None:
+            return port in self.port_set
+        return any(start <= port <= end for start, end in self.port_ranges)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Selection:
-    """Which policies select one workload shape."""
+    """Which policies select one workload shape. Compared by identity: it keys the decision
+    memo, and the selection cache hands out one object per shape."""
 
     slots: frozenset[int]
     namespace_slots: tuple[int, ...]  # selecting EgressPolicies, in evaluation order
     has_audit: bool  # an audit-mode policy selects it: the shadow evaluation is needed
+    # Step 2's isolation verdict when nothing matched (None: no EgressPolicy selects), for the
+    # enforced evaluation (audit-mode policies left out) and for the shadow one (all policies).
+    isolation_enforced: Verdict | None
+    isolation_all: Verdict | None
 
 
 class Engine:
@@ -233,6 +281,8 @@ class Engine:
         "_cache",
         "_cidrs",
         "_cluster_slots",
+        "_decision_objects",
+        "_decisions",
         "_default",
         "_exact",
         "_has_audit",
@@ -289,16 +339,22 @@ class Engine:
         order = 0
         for slot, policy in enumerate(ordered):
             for rule in policy.rules:
-                entry = _Entry(order, slot, policy, rule, _rule_verdict(policy, rule))
+                entry = _Entry.build(order, slot, policy, rule)
                 order += 1
+                # Each list stays in evaluation order and holds an entry once (a rule that
+                # names the same destination twice), so one list needs no merge.
                 for name in rule.fqdns:
-                    self._exact.setdefault(name, []).append(entry)
+                    _add_once(self._exact.setdefault(name, []), entry)
                 for suffix in rule.wildcard_suffixes:
-                    self._wildcard.setdefault(suffix, []).append(entry)
+                    _add_once(self._wildcard.setdefault(suffix, []), entry)
                 for cidr in rule.cidrs:
-                    self._cidrs.setdefault(cidr, []).append(entry)
+                    _add_once(self._cidrs.setdefault(cidr, []), entry)
         self._rule_count = order
         self._cache: OrderedDict[SelectionKey, _Selection] = OrderedDict()
+        self._decisions: dict[tuple[_Selection, str, bool, int, IPAddress | None], Decision] = {}
+        # One Decision object per (verdict, shadow) pair: verdicts are built here, once, so
+        # deciding allocates nothing. Keyed by identity; the values keep the verdicts alive.
+        self._decision_objects: dict[tuple[int, int], Decision] = {}
 
     @classmethod
     def compile(
@@ -314,23 +370,103 @@ class Engine:
         self, workload: Workload, destination: Destination, *, explain: bool = False
     ) -> Decision:
         selection = self._selection(workload)
+        if explain:
+            return self._explained(selection, destination)
+        host = destination.host
+        key = (selection, host.name, host.ip is None, destination.port, destination.ip)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(selection, destination)
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(self, selection: _Selection, destination: Destination) -> Decision:
+        """`decide` without the memo or the steps: the same verdicts as `_explained`."""
         candidates = self._candidates(destination)
-        steps: list[Step] | None = [] if explain else None
+        verdict = self._verdict(candidates, selection, enforce_only=True)
+        shadow: Verdict | None = None
+        if selection.has_audit:
+            every = self._verdict(candidates, selection, enforce_only=False)
+            if not every.same_outcome(verdict):
+                shadow = every
+        key = (id(verdict), id(shadow))
+        decision = self._decision_objects.get(key)
+        if decision is None:
+            decision = Decision(verdict=verdict, shadow=shadow, revision=self.revision)
+            self._decision_objects[key] = decision
+        return decision
+
+    def _verdict(
+        self, candidates: list[_Entry], selection: _Selection, *, enforce_only: bool
+    ) -> Verdict:
+        """Steps 1-4 of the module docstring over candidates already in evaluation order (admin
+        rules, then namespace, then baseline), in one pass."""
+        slots = selection.slots
+        admin_passed = False
+        deny: _Entry | None = None
+        allow: _Entry | None = None
+        namespace_done = False
+        for entry in candidates:
+            if entry.slot not in slots or (enforce_only and entry.audit):
+                continue
+            tier = entry.tier
+            if tier is Tier.ADMIN:
+                # 1. The first admin match decides; Pass hands over to step 2 and the admin
+                #    matches after it are not looked at.
+                if admin_passed:
+                    continue
+                if entry.verdict is not None:
+                    return entry.verdict
+                admin_passed = True
+                continue
+            if tier is Tier.NAMESPACE:
+                # 2. Deny over Allow, first of each in (policy name, rule order).
+                if entry.rule.action is Action.DENY:
+                    if deny is None:
+                        deny = entry
+                elif entry.rule.action is Action.ALLOW and allow is None:
+                    allow = entry
+                continue
+            if not namespace_done:
+                namespace_done = True
+                decided = self._namespace_verdict(deny, allow, selection, enforce_only)
+                if decided is not None:
+                    return decided
+            # 3. The first baseline match decides; Pass -> step 4.
+            if entry.verdict is not None:
+                return entry.verdict
+            return self._default
+        if not namespace_done:
+            decided = self._namespace_verdict(deny, allow, selection, enforce_only)
+            if decided is not None:
+                return decided
+        # 4. The configured default action.
+        return self._default
+
+    @staticmethod
+    def _namespace_verdict(
+        deny: _Entry | None, allow: _Entry | None, selection: _Selection, enforce_only: bool
+    ) -> Verdict | None:
+        if deny is not None:
+            return deny.verdict
+        if allow is not None:
+            return allow.verdict
+        return selection.isolation_enforced if enforce_only else selection.isolation_all
+
+    def _explained(self, selection: _Selection, destination: Destination) -> Decision:
+        candidates = self._candidates(destination)
+        steps: list[Step] = []
         verdict = self._evaluate(candidates, selection, enforce_only=True, steps=steps)
         shadow: Verdict | None = None
         if selection.has_audit:
-            shadow_steps: list[Step] | None = [] if explain else None
+            shadow_steps: list[Step] = []
             every = self._evaluate(candidates, selection, enforce_only=False, steps=shadow_steps)
             if not every.same_outcome(verdict):
                 shadow = every
-            if steps is not None and shadow_steps is not None:
-                steps.extend(dataclasses.replace(step, shadow=True) for step in shadow_steps)
-        return Decision(
-            verdict=verdict,
-            shadow=shadow,
-            revision=self.revision,
-            steps=tuple(steps) if steps is not None else (),
-        )
+            steps.extend(dataclasses.replace(step, shadow=True) for step in shadow_steps)
+        return Decision(verdict=verdict, shadow=shadow, revision=self.revision, steps=tuple(steps))
 
     # -- selection ------------------------------------------------------------------------------
 
@@ -356,32 +492,42 @@ class Engine:
         )
         slots = frozenset(cluster).union(namespaced)
         has_audit = self._has_audit and any(policies[s].mode is Mode.AUDIT for s in slots)
-        return _Selection(slots, namespaced, has_audit)
+        enforced = [slot for slot in namespaced if policies[slot].mode is not Mode.AUDIT]
+        return _Selection(
+            slots,
+            namespaced,
+            has_audit,
+            isolation_enforced=self._isolation[enforced[0]] if enforced else None,
+            isolation_all=self._isolation[namespaced[0]] if namespaced else None,
+        )
 
     # -- candidates -----------------------------------------------------------------------------
 
     def _candidates(self, destination: Destination) -> list[_Entry]:
         """Rules whose destination and port match, in evaluation order (any policy, any mode)."""
-        found: list[_Entry] = []
+        lists: list[list[_Entry]] = []
         host = destination.host
         if host.ip is None:  # fqdn entries never match an IP literal
             name = host.name
             hits = self._exact.get(name)
             if hits:
-                found.extend(hits)
+                lists.append(hits)
             # Wildcards: every strict parent suffix, so "*.stripe.com" matches names at any depth
             # under stripe.com but never stripe.com itself, and never "evilstripe.com".
             dot = name.find(".")
             while dot >= 0:
                 hits = self._wildcard.get(name[dot + 1 :])
                 if hits:
-                    found.extend(hits)
+                    lists.append(hits)
                 dot = name.find(".", dot + 1)
         if destination.ip is not None:
-            for hits in self._cidrs.containing(destination.ip):
-                found.extend(hits)
+            lists.extend(self._cidrs.containing(destination.ip))
         port = destination.port
-        matching = {entry.order: entry for entry in found if entry.rule.matches_port(port)}
+        if len(lists) == 1:  # the usual case: already in order, each entry once
+            return [entry for entry in lists[0] if entry.matches_port(port)]
+        matching = {
+            entry.order: entry for hits in lists for entry in hits if entry.matches_port(port)
+        }
         return [matching[order] for order in sorted(matching)]
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -524,6 +670,11 @@ class Engine:
             )
         else:
             steps.append(_step(tier, None, None, "no policy selects the workload"))
+
+
+def _add_once(entries: list[_Entry], entry: _Entry) -> None:
+    if not entries or entries[-1] is not entry:
+        entries.append(entry)
 
 
 def _step(tier: Tier, policy: Policy | None, rule: str | None, result: str) -> Step:

@@ -38,12 +38,14 @@ from proxy.core.policy.model import (
     API_VERSION,
     DEFAULT_PORTS,
     DEFAULT_PRIORITY,
+    DEFAULT_TLS,
     DLP_DETECTORS,
     MAX_PORT,
     MAX_PRIORITY,
     MIN_PORT,
     MIN_PRIORITY,
     Action,
+    EchMode,
     Inspect,
     Mode,
     Origin,
@@ -51,8 +53,10 @@ from proxy.core.policy.model import (
     PolicyKind,
     PortRange,
     Rule,
+    SniMode,
     Subject,
     Tier,
+    TlsOptions,
     TunnelProtocol,
 )
 from proxy.errors import BadRequest, ConfigError, ConfigIssue
@@ -86,7 +90,8 @@ _NAMESPACED_ONLY_HINTS = {
 }
 _SUBJECT_KEYS = ("namespaceSelector", "podSelector", "serviceAccounts", "owners")
 _OWNER_KEYS = ("kind", "name")
-_RULE_KEYS = ("name", "action", "to", "ports", "protocol", "inspect")
+_RULE_KEYS = ("name", "action", "to", "ports", "protocol", "inspect", "tls")
+_TLS_KEYS = ("sni", "ech")
 _TO_KEYS = ("fqdn", "cidr")
 _PORT_KEYS = ("port", "endPort")
 _INSPECT_KEYS = ("methods", "paths", "dlp")
@@ -418,7 +423,7 @@ def _parse_priority(spec: Mapping[str, object], issues: IssueCollector) -> int:
     return DEFAULT_PRIORITY
 
 
-_Choice = TypeVar("_Choice", Mode, TunnelProtocol, Action)
+_Choice = TypeVar("_Choice", Mode, TunnelProtocol, Action, SniMode, EchMode)
 
 
 def _parse_choice(
@@ -632,6 +637,9 @@ def _parse_rule(raw: object, kind: PolicyKind, issues: IssueCollector, path: str
                 f"inspect checks HTTP requests; protocol {protocol} does not carry them",
                 fix="remove inspect, or use protocol: tls (or http)",
             )
+    tls = DEFAULT_TLS
+    if "tls" in body:
+        tls = _parse_tls(body["tls"], action, protocol, issues, f"{path}.tls")
     if (
         len(issues.issues) != before
         or not isinstance(name, str)
@@ -648,7 +656,38 @@ def _parse_rule(raw: object, kind: PolicyKind, issues: IssueCollector, path: str
         ports=ports,
         protocol=protocol,
         inspect=inspect,
+        tls=tls,
     )
+
+
+def _parse_tls(
+    raw: object,
+    action: Action | None,
+    protocol: TunnelProtocol | None,
+    issues: IssueCollector,
+    path: str,
+) -> TlsOptions:
+    """`tls: {sni: required|optional, ech: allow|deny}`: how a `tls` tunnel's ClientHello is held
+    to its CONNECT host. Only meaningful on an Allow rule for protocol tls."""
+    body = issues.mapping(raw, path, what="tls")
+    if body is None:
+        return DEFAULT_TLS
+    issues.check_keys(body, _TLS_KEYS, path)
+    sni = _parse_choice(body, "sni", SniMode, SniMode.REQUIRED, issues, f"{path}.sni")
+    ech = _parse_choice(body, "ech", EchMode, EchMode.ALLOW, issues, f"{path}.ech")
+    if action is not None and action is not Action.ALLOW:
+        issues.add(
+            path,
+            f"tls applies to tunnels an Allow rule lets through; this rule is {action}",
+            fix="remove tls, or make the rule action: Allow",
+        )
+    if protocol is not None and protocol is not TunnelProtocol.TLS:
+        issues.add(
+            path,
+            f"tls options check a TLS ClientHello; protocol {protocol} does not start with one",
+            fix="remove tls, or use protocol: tls",
+        )
+    return TlsOptions(sni=sni or SniMode.REQUIRED, ech=ech or EchMode.ALLOW)
 
 
 def _parse_to(

@@ -74,6 +74,32 @@ class TunnelProtocol(StrEnum):
     HTTP = "http"  # plaintext HTTP, parsed and every request re-checked
 
 
+class SniMode(StrEnum):
+    """Whether a `tls` tunnel's ClientHello must carry a server name (a present one must always
+    equal the CONNECT host)."""
+
+    REQUIRED = "required"
+    OPTIONAL = "optional"  # for clients that omit SNI, e.g. some JDKs for single-label names
+
+
+class EchMode(StrEnum):
+    """Encrypted Client Hello: `allow` still checks the outer SNI; `deny` refuses the tunnel."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsOptions:
+    """A rule's `tls: {sni: required|optional, ech: allow|deny}` (tunnels with protocol tls)."""
+
+    sni: SniMode = SniMode.REQUIRED
+    ech: EchMode = EchMode.ALLOW
+
+
+DEFAULT_TLS = TlsOptions()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PortRange:
     start: int
@@ -148,6 +174,7 @@ class Rule:
     ports: tuple[PortRange, ...] = DEFAULT_PORTS
     protocol: TunnelProtocol = TunnelProtocol.TLS
     inspect: Inspect | None = None
+    tls: TlsOptions = DEFAULT_TLS
 
     def matches_host(self, destination: Destination) -> bool:
         """The reference semantics the engine's indexes implement (DESIGN section 3)."""

@@ -1,0 +1,3 @@
+module outgate.dev/bench/loadgen
+
+go 1.19
