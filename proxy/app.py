@@ -253,12 +253,14 @@ class App:
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:
-        await self.start()
+        # Handlers first: a signal that arrives while starting (an orchestrator's early SIGTERM,
+        # a SIGHUP right after "listening") must not meet the default action, which kills.
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        await self.start()
         await stop.wait()
         await self.stop()
 

@@ -35,6 +35,7 @@ from proxy.config import Settings
 from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.engine import Decision
 from proxy.errors import ConfigError, ConfigIssue, Reason
+from proxy.fdio import write_all
 
 # Raw client strings (paths, methods) are cut here: a record must stay one bounded line.
 MAX_RAW_FIELD_CHARS = 1024
@@ -365,16 +366,7 @@ class AuditSink:
 
     @staticmethod
     def _write_all(fd: int, batch: bytes) -> None:
-        view = memoryview(batch)
-        while view:
-            try:
-                written = os.write(fd, view)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                time.sleep(0.001)
-                continue
-            view = view[written:]
+        write_all(fd, batch)
 
     def _wake_drain_waiters(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []

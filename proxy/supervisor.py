@@ -46,6 +46,7 @@ from typing import TextIO, cast
 import structlog
 
 from proxy.config import Endpoint, Settings
+from proxy.fdio import write_all
 
 log = structlog.get_logger(__name__)
 
@@ -281,17 +282,8 @@ class Supervisor:
             log.warning("partial_audit_line_dropped", worker=index, bytes=len(pending))
 
     def write_lines(self, out: int, data: bytes) -> None:
-        view = memoryview(data)
         with self._locks[out]:
-            while view:
-                try:
-                    written = os.write(out, view)
-                except InterruptedError:
-                    continue
-                except BlockingIOError:
-                    time.sleep(0.001)
-                    continue
-                view = view[written:]
+            write_all(out, data)
 
     # -- stop -------------------------------------------------------------------------------
     def _signal_all(self, signum: signal.Signals) -> None:

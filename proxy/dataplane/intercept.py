@@ -33,7 +33,7 @@ from proxy.audit import Exchange
 from proxy.config import Settings
 from proxy.core.dlp import DlpConfig, merge_credential_hosts, scan_request
 from proxy.core.hosts import Host, parse_ip_address
-from proxy.core.http1 import BodyFraming, RequestHead, find_head_end
+from proxy.core.http1 import BodyFraming, RequestHead
 from proxy.core.inspection import (
     check_authority,
     check_inspect,
@@ -46,7 +46,6 @@ from proxy.dataplane.peer import Peer
 from proxy.dataplane.tlspeer import TLSPeer
 from proxy.errors import (
     BadGateway,
-    BadRequest,
     ConfigError,
     ConfigIssue,
     GatewayTimeout,
@@ -295,18 +294,8 @@ class Interceptor:
                         await client.wait_data()
             if not client.buffer:
                 return None
+        deadline = asyncio.get_running_loop().time() + timeouts.header
         try:
-            async with asyncio.timeout(timeouts.header):
-                scanned = 0
-                while True:
-                    end = find_head_end(client.buffer, max_head_bytes=max_head, start=scanned)
-                    if end >= 0:
-                        return client.take(end)
-                    scanned = len(client.buffer)
-                    if client.eof:
-                        if client.buffer.strip():
-                            raise BadRequest("connection closed inside the request head")
-                        return None
-                    await client.wait_data()
+            return await client.next_head(max_head_bytes=max_head, deadline=deadline)
         except TimeoutError:
             raise HeaderTimeout("request head not received in time") from None

@@ -13,7 +13,8 @@ import asyncio
 import time
 from typing import cast
 
-from proxy.errors import Reason
+from proxy.core.http1 import find_head_end
+from proxy.errors import BadRequest, Reason
 
 # 256 KiB: large reads amortise the per-call cost; bounded so a fast sender cannot fill memory.
 READ_BUFFER_LIMIT = 256 * 1024
@@ -143,6 +144,22 @@ class Peer(asyncio.Protocol):
             self._data_waiter = None
             if timer is not None:
                 timer.cancel()
+
+    async def next_head(self, *, max_head_bytes: int, deadline: float) -> bytes | None:
+        """The next complete message head from the buffer, reading until `deadline` (event-loop
+        clock; TimeoutError past it). None at a clean EOF between messages; BadRequest for an
+        EOF inside a head, and whatever `find_head_end` raises for a head over the limits."""
+        scanned = 0  # bytes already searched: each new read is scanned once
+        while True:
+            end = find_head_end(self.buffer, max_head_bytes=max_head_bytes, start=scanned)
+            if end >= 0:
+                return self.take(end)
+            scanned = len(self.buffer)
+            if self.eof:
+                if self.buffer.strip():
+                    raise BadRequest("connection closed inside the request head")
+                return None
+            await self.wait_data(deadline=deadline)
 
     def take(self, limit: int | None = None) -> bytes:
         """Remove and return up to `limit` buffered bytes (all when None)."""

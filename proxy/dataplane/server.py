@@ -56,7 +56,6 @@ from proxy.dataplane.responses import CONNECT_ESTABLISHED, render_error
 from proxy.dataplane.tunnel import check_hello, read_first_bytes, record_violation, splice
 from proxy.errors import (
     BadGateway,
-    BadRequest,
     GatewayTimeout,
     HeaderTimeout,
     OutgateError,
@@ -262,19 +261,10 @@ class ProxyServer:
                     await client.wait_data(deadline=idle_deadline)
             if not client.buffer:
                 return None
-        deadline = loop.time() + timeouts.header
         try:
-            scanned = 0  # bytes already searched: each new read is scanned once
-            while True:
-                end = find_head_end(client.buffer, max_head_bytes=max_head, start=scanned)
-                if end >= 0:
-                    return client.take(end)
-                scanned = len(client.buffer)
-                if client.eof:
-                    if client.buffer.strip():
-                        raise BadRequest("connection closed inside the request head")
-                    return None
-                await client.wait_data(deadline=deadline)
+            return await client.next_head(
+                max_head_bytes=max_head, deadline=loop.time() + timeouts.header
+            )
         except TimeoutError:
             error: OutgateError = HeaderTimeout("request head not received in time")
         except OutgateError as exc:
