@@ -428,18 +428,7 @@ class ProxyServer:
             ex.reason = error.reason
             self._record_decision(ex)
         self._audit.close(ex, error.reason)
-        destination = ex.destination_domain or ex.destination_ip or "-"
-        if ex.destination_port is not None:
-            destination = f"{destination}:{ex.destination_port}"
-        client.write(
-            render_error(
-                error,
-                event_id=ex.id,
-                workload=_describe(ex.workload),
-                destination=destination,
-                keep_alive=keep_alive,
-            )
-        )
+        client.write(_error_reply(error, ex, keep_alive=keep_alive))
         if not keep_alive:
             client.close()
 
@@ -594,15 +583,7 @@ class ProxyServer:
             reason = Reason.CLIENT_CLOSED if _client_left(body_task) else error.reason
             if ex.status is None and reason is not Reason.CLIENT_CLOSED:
                 ex.status = error.status
-                client.write(
-                    render_error(
-                        error,
-                        event_id=ex.id,
-                        workload=_describe(ex.workload),
-                        destination=f"{ex.destination_domain or ex.destination_ip}:{req.port}",
-                        keep_alive=False,
-                    )
-                )
+                client.write(_error_reply(error, ex, keep_alive=False))
             keep = False
         except ConnectionResetError:
             reason = Reason.CLIENT_CLOSED
@@ -844,6 +825,20 @@ def _abort_on_failure(task: asyncio.Task[None], upstream: Peer) -> None:
     """A request body that cannot be completed must not leave the upstream waiting for it."""
     if not task.cancelled() and task.exception() is not None:
         upstream.abort()
+
+
+def _error_reply(error: OutgateError, ex: Exchange, *, keep_alive: bool) -> bytes:
+    """The reply for `error`, naming this exchange's workload, destination and event id."""
+    destination = ex.destination_domain or ex.destination_ip or "-"
+    if ex.destination_port is not None:
+        destination = f"{destination}:{ex.destination_port}"
+    return render_error(
+        error,
+        event_id=ex.id,
+        workload=_describe(ex.workload),
+        destination=destination,
+        keep_alive=keep_alive,
+    )
 
 
 def _describe(workload: Workload) -> str:
