@@ -1,4 +1,7 @@
-"""The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain. Never the proxy port."""
+"""The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain. Never the proxy port.
+
+`/explain?source=IP&url=URL` shows the name decision; with `&resolve=1` also the DNS answer,
+the decision per address and what the address guard dropped (proxy.explainer)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import metrics
-from proxy.control.policy_source import PolicyStore
 from proxy.core.identity import IdentityLookup
+from proxy.dataplane.router import Router
 from proxy.errors import OutgateError
-from proxy.explainer import explain
+from proxy.explainer import explain, explain_route
 
 
 def build_admin_app(
     *,
-    policy: PolicyStore,
+    router: Router,
     identity: IdentityLookup,
     readiness: Callable[[], tuple[bool, dict[str, object]]],
 ) -> web.Application:
@@ -41,9 +44,15 @@ def build_admin_app(
         source = request.query.get("source", "")
         url = request.query.get("url", "")
         if not source or not url:
-            return web.Response(status=400, text="usage: /explain?source=IP&url=URL\n")
+            return web.Response(
+                status=400, text="usage: /explain?source=IP&url=URL[&resolve=1][&format=json]\n"
+            )
+        resolve = request.query.get("resolve", "") in ("1", "true", "yes")
         try:
-            text, data = explain(policy.engine, identity, source=source, url=url)
+            if resolve:
+                text, data = await explain_route(router, identity, source=source, url=url)
+            else:
+                text, data = explain(router, identity, source=source, url=url)
         except OutgateError as exc:
             return web.Response(status=400, text=f"{exc.message} ({exc.reason})\n")
         if request.query.get("format") == "json":

@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,7 +40,13 @@ from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import IPAddress, parse_ip_address
 from proxy.core.identity import IdentityLookup, StaticIdentityIndex
 from proxy.core.policy.model import Action
+from proxy.dataplane.dialer import Dialer, DirectDialer
+from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.http_relay import HttpRelay
+from proxy.dataplane.intercept import Interceptor
+from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
+from proxy.dataplane.tunnel import TunnelRelay
 from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
 from proxy.tls.ca import load_ca
@@ -82,6 +89,63 @@ def _cert_cache(settings: Settings) -> CertCache | None:
         )
     ca = load_ca(cert, key, source=settings.source)
     return CertCache(ca, size=settings.tls_cert_cache_size)
+
+
+def _listen(host: str, port: int, *, workers: int) -> socket.socket:
+    """A bound, listening, non-blocking socket; with `workers` above 1 every worker listens on
+    the same port (SO_REUSEPORT, proxy.supervisor)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server(
+        (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=workers > 1
+    )
+    sock.setblocking(False)
+    return sock
+
+
+def build_guard(settings: Settings, *, proxy_port: int, admin_port: int) -> AddressGuard:
+    """The address guard of DESIGN section 4 for these settings and the listeners' ports."""
+    return AddressGuard(
+        cluster_cidrs=settings.cluster_cidrs,
+        unsafe_allow_cidrs=settings.unsafe_allow_cidrs,
+        self_endpoints=[
+            (parse_ip_address(settings.listen.host), proxy_port),
+            (parse_ip_address(settings.admin.host), admin_port),
+        ],
+        local_addresses=_local_addresses(),
+    )
+
+
+def build_proxy(
+    settings: Settings,
+    *,
+    router: Router,
+    identity: IdentityLookup,
+    audit: AuditSink,
+    certs: CertCache | None,
+    is_ready: Callable[[], bool],
+    dialer: Dialer | None = None,
+) -> ProxyServer:
+    """The data plane's parts, each handed the ones it uses (docs/architecture.md). `dialer`
+    replaces the direct one (tests hand in one that fails on demand)."""
+    dialer = (
+        dialer if dialer is not None else DirectDialer(connect_timeout=settings.timeouts.connect)
+    )
+    log = ExchangeLog(audit=audit, identity=identity)
+    relay = HttpRelay(settings=settings, log=log)
+    interceptor = Interceptor(settings=settings, certs=certs, dialer=dialer, log=log, relay=relay)
+    tunnels = TunnelRelay(
+        timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
+    )
+    return ProxyServer(
+        settings=settings,
+        router=router,
+        dialer=dialer,
+        log=log,
+        relay=relay,
+        tunnels=tunnels,
+        audit=audit,
+        is_ready=is_ready,
+    )
 
 
 class App:
@@ -171,54 +235,34 @@ class App:
         if self.kube is not None:
             self.kube.start(self._tasks)
             log.info("kube_informers_started", api=self.kube.client.config.server)
-        listen = settings.listen
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        sock = socket.create_server(
-            (listen.host, listen.port),
-            family=family,
-            backlog=LISTEN_BACKLOG,
-            reuse_port=settings.workers > 1,  # every worker listens on the port (supervisor)
-        )
-        sock.setblocking(False)
+        # Both listeners are bound first: the guard must know their ports (the proxy never
+        # dials itself), and the admin app's /explain asks the router that guard belongs to.
+        sock = _listen(settings.listen.host, settings.listen.port, workers=settings.workers)
+        admin_sock = _listen(settings.admin.host, settings.admin.port, workers=settings.workers)
         proxy_port = sock.getsockname()[1]
+        admin_port = admin_sock.getsockname()[1]
+        guard = build_guard(settings, proxy_port=proxy_port, admin_port=admin_port)
+        self.router = Router(policy=self.policy, resolver=self.resolver, guard=guard)
         admin_app = build_admin_app(
-            policy=self.policy, identity=self.identity, readiness=self.readiness
+            router=self.router, identity=self.identity, readiness=self.readiness
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
-        site = web.TCPSite(
-            self._admin_runner,
-            settings.admin.host,
-            settings.admin.port,
-            reuse_port=settings.workers > 1,
-        )
-        await site.start()
-        admin_sock = self._admin_runner.addresses[0]
-        self.admin_address = (str(admin_sock[0]), int(admin_sock[1]))
-        guard = AddressGuard(
-            cluster_cidrs=settings.cluster_cidrs,
-            unsafe_allow_cidrs=settings.unsafe_allow_cidrs,
-            self_endpoints=[
-                (parse_ip_address(listen.host), proxy_port),
-                (parse_ip_address(settings.admin.host), self.admin_address[1]),
-            ],
-            local_addresses=_local_addresses(),
-        )
+        await web.SockSite(self._admin_runner, admin_sock).start()
+        self.admin_address = (str(admin_sock.getsockname()[0]), admin_port)
         if settings.unsafe_allow_cidrs:
             log.warning(
                 "unsafe_allow_cidrs_in_force",
                 cidrs=[str(c) for c in settings.unsafe_allow_cidrs],
                 note="the address guard lets these ranges through for every workload",
             )
-        self.proxy = ProxyServer(
-            settings=settings,
-            policy=self.policy,
+        self.proxy = build_proxy(
+            settings,
+            router=self.router,
             identity=self.identity,
-            resolver=self.resolver,
-            guard=guard,
             audit=self.audit,
-            is_ready=self.is_ready,
             certs=self.certs,
+            is_ready=self.is_ready,
         )
         self.proxy_address = await self.proxy.start(sock=sock)
         self._tasks.spawn(self.watcher.run(), name="policy file watcher")

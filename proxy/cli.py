@@ -114,7 +114,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from proxy.explainer import explain
+    import asyncio
+
+    from proxy.app import build_guard
+    from proxy.control.policy_source import PolicyStore
+    from proxy.control.resolver import Resolver
+    from proxy.dataplane.router import Router
+    from proxy.explainer import explain, explain_route
 
     try:
         settings = load_settings(args.config)
@@ -123,8 +129,28 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         _print_config_error(exc)
         return EXIT_INVALID
     identity = StaticIdentityIndex(settings.static_identities)
+    store = PolicyStore()
+    store.install(engine)
+    # The configured ports stand in for bound ones (0 means "any": nothing to exclude).
+    guard = build_guard(settings, proxy_port=settings.listen.port, admin_port=settings.admin.port)
+    resolver = Resolver(
+        nameservers=list(settings.dns_nameservers),
+        timeout=settings.dns_timeout,
+        min_ttl=settings.dns_min_ttl,
+        max_ttl=settings.dns_max_ttl,
+    )
+    router = Router(policy=store, resolver=resolver, guard=guard)
+
+    async def run() -> tuple[str, dict[str, object]]:
+        try:
+            if args.resolve:
+                return await explain_route(router, identity, source=args.source, url=args.url)
+            return explain(router, identity, source=args.source, url=args.url)
+        finally:
+            await resolver.close()
+
     try:
-        text, _ = explain(engine, identity, source=args.source, url=args.url)
+        text, _ = asyncio.run(run())
     except OutgateError as exc:
         print(f"error: {exc.message} ({exc.reason})", file=sys.stderr)
         return EXIT_USAGE
@@ -274,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--config", help="config file (default: the embedded config)")
     exp.add_argument("--policies", nargs="*", default=[], help="extra policy files/directories")
+    exp.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also resolve the name (the config's dns.nameservers) and show the decision per "
+        "address and what the address guard drops",
+    )
     exp.set_defaults(func=_cmd_explain)
 
     ca = sub.add_parser("ca", help="the interception CA (TLS inspection)")

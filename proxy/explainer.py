@@ -1,8 +1,11 @@
-"""`explain`: which workload a source is, and how the policy in force decides a URL for it.
+"""`explain`: which workload a source is, and how the proxy would route a URL for it.
 
-Shared by `outgate explain` and the admin `/explain` endpoint. It never resolves names: it shows
-the name decision (what happens before any DNS query), and, for IP-literal URLs, the address
-decision.
+Shared by `outgate explain` and the admin `/explain` endpoint. It asks the same Router the data
+plane asks (proxy.dataplane.router), with the evaluation steps collected, so what is explained
+is what is enforced. Without `resolve` it shows step 1, the name decision (what happens before
+any DNS query; for an IP literal, the address decision). With `resolve` it runs every step: the
+DNS answer, the decision per address, what the address guard dropped and why, and what would be
+dialled.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.core.hosts import parse_ip_address, split_authority, unmap_ipv4
-from proxy.core.identity import IdentityLookup
-from proxy.core.policy.engine import Destination, Engine
+from proxy.core.identity import IdentityLookup, Workload
+from proxy.core.policy.engine import Decider, Decision, Destination
 from proxy.core.policy.explain import decision_as_dict, render_explanation
+from proxy.dataplane.router import Route, Router
 from proxy.errors import BadRequest, Reason
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -33,17 +37,103 @@ def destination_from_url(url: str) -> Destination:
 
 
 def explain(
-    engine: Engine, identity: IdentityLookup, *, source: str, url: str
+    decider: Decider, identity: IdentityLookup, *, source: str, url: str
 ) -> tuple[str, dict[str, Any]]:
-    """Text for a person and a JSON-safe dict for tools, for the same decision."""
-    try:
-        source_ip = unmap_ipv4(parse_ip_address(source))
-    except ValueError:
-        raise BadRequest(f"source {source!r} is not an IP address") from None
-    workload = identity.lookup(source_ip)
-    destination = destination_from_url(url)
-    decision = engine.decide(workload, destination, explain=True)
+    """Step 1, the name decision: text for a person and a JSON-safe dict for tools. `decider`
+    is the Router (or an Engine: the Router asks the Engine in force)."""
+    workload, destination = _parse(identity, source, url)
+    decision = decider.decide(workload, destination, explain=True)
     return (
         render_explanation(workload, destination, decision),
         decision_as_dict(workload, destination, decision),
     )
+
+
+async def explain_route(
+    router: Router, identity: IdentityLookup, *, source: str, url: str
+) -> tuple[str, dict[str, Any]]:
+    """Every step, the DNS answer and the address guard included, as the data plane runs them."""
+    workload, destination = _parse(identity, source, url)
+    route = await router.route(workload, destination.host, destination.port, explain=True)
+    text = render_explanation(workload, destination, route.decision)
+    data = decision_as_dict(workload, destination, route.decision)
+    return text + "\n" + "\n".join(_route_lines(route)), {**data, "route": _route_dict(route)}
+
+
+def _parse(identity: IdentityLookup, source: str, url: str) -> tuple[Workload, Destination]:
+    try:
+        source_ip = unmap_ipv4(parse_ip_address(source))
+    except ValueError:
+        raise BadRequest(f"source {source!r} is not an IP address") from None
+    return identity.lookup(source_ip), destination_from_url(url)
+
+
+def _route_lines(route: Route) -> list[str]:
+    if not route.decision.allowed:
+        return ["resolve:     not asked (denied by name: no DNS query is made)"]
+    if route.resolve_error is not None:
+        error = route.resolve_error
+        return [
+            f"resolve:     {route.host.name} failed: {error.message}",
+            f"outcome:     {error.status} ({error.reason})",
+        ]
+    answer = ", ".join(str(ip) for ip in route.answer)
+    lines = [
+        f"resolve:     {route.host.name} -> {answer}"
+        if route.host.ip is None
+        else f"resolve:     not needed (IP literal {route.host.name})",
+        "addresses:",
+    ]
+    for check in route.checks:
+        if check.decision is not None and not check.decision.allowed:
+            verdict = f"denied by address: {_short(check.decision)}"
+        elif check.guarded is not None:
+            verdict = f"dropped by the address guard: {check.guarded}"
+        else:
+            verdict = "permitted"
+        decided = "" if check.decision is None else f" [{_short(check.decision)}]"
+        lines.append(f"  {check.ip}{decided}: {verdict}")
+    refusal = route.refusal()
+    if refusal is None:
+        lines.append("outcome:     allow; dial " + ", ".join(str(ip) for ip in route.permitted))
+    else:
+        lines.append(f"outcome:     deny {refusal.status} ({refusal.reason})")
+    return lines
+
+
+def _short(decision: Decision) -> str:
+    text = f"{decision.action} ({decision.reason})"
+    if decision.ruleset is not None:
+        text += f" by {decision.ruleset}"
+        if decision.rule is not None:
+            text += f" rule {decision.rule}"
+    return text
+
+
+def _route_dict(route: Route) -> dict[str, Any]:
+    refusal = route.refusal()
+    return {
+        "answer": [str(ip) for ip in route.answer],
+        "resolveError": None
+        if route.resolve_error is None
+        else {"reason": str(route.resolve_error.reason), "message": route.resolve_error.message},
+        "addresses": [
+            {
+                "ip": str(check.ip),
+                "decision": None
+                if check.decision is None
+                else {
+                    "action": str(check.decision.action),
+                    "reason": str(check.decision.reason),
+                    "ruleset": check.decision.ruleset,
+                    "rule": check.decision.rule,
+                },
+                "guarded": None if check.guarded is None else str(check.guarded),
+                "permitted": check.permitted,
+            }
+            for check in route.checks
+        ],
+        "permitted": [str(ip) for ip in route.permitted],
+        "outcome": "allow" if refusal is None else "deny",
+        "reason": None if refusal is None else str(refusal.reason),
+    }

@@ -12,8 +12,9 @@ Interception, in order (DESIGN section 1, "intercept"):
      nothing is ever relayed uninspected.
   3. Each request inside is read and parsed by the core parser, checked (Host -> 421, the rule's
      methods and paths -> 403, DLP -> 403), decided and audited on its own (one decision and one
-     close record, `outgate.tunnel_id` naming the tunnel), and forwarded with the same code that
-     forwards absolute-form requests (ProxyServer._forward).
+     close record, `outgate.tunnel_id` naming the tunnel), and forwarded with the same relay that
+     forwards absolute-form requests (proxy.dataplane.http_relay). A later request that needs a
+     new upstream connection gets it from the Dialer, pinned to the tunnel's address.
 
 A `protocol: http` tunnel runs step 3 over the plain sockets: every request's Host must name the
 CONNECT host, and, with `inspect`, the rule's checks apply as well.
@@ -22,9 +23,7 @@ CONNECT host, and, with `inspect`, the rule's checks apply as well.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -32,8 +31,8 @@ from proxy import metrics
 from proxy.audit import Exchange
 from proxy.config import Settings
 from proxy.core.dlp import DlpConfig, merge_credential_hosts, scan_request
-from proxy.core.hosts import Host, parse_ip_address
-from proxy.core.http1 import BodyFraming, RequestHead
+from proxy.core.hosts import Host
+from proxy.core.http1 import RequestHead
 from proxy.core.inspection import (
     check_authority,
     check_inspect,
@@ -42,22 +41,27 @@ from proxy.core.inspection import (
     request_line_hint,
 )
 from proxy.core.policy.model import Inspect
+from proxy.dataplane.dialer import Dialer, Upstream
+from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.http_relay import (
+    HttpRelay,
+    UpstreamPool,
+    keeps_connection_after_refusal,
+    read_request_head,
+)
 from proxy.dataplane.peer import Peer
+from proxy.dataplane.router import Route
 from proxy.dataplane.tlspeer import TLSPeer
 from proxy.errors import (
     BadGateway,
     ConfigError,
     ConfigIssue,
     GatewayTimeout,
-    HeaderTimeout,
     OutgateError,
     PolicyDenied,
     Reason,
 )
 from proxy.tls.certs import ALPN_PROTOCOLS, CertCache
-
-if TYPE_CHECKING:
-    from proxy.dataplane.server import ProxyServer, _KeptUpstream
 
 log = structlog.get_logger(__name__)
 
@@ -93,9 +97,19 @@ def upstream_context(bundle: str | None) -> ssl.SSLContext:
 class Interceptor:
     """Per-proxy interception state: the leaf cache, upstream trust, DLP configuration."""
 
-    def __init__(self, server: ProxyServer, settings: Settings, certs: CertCache | None) -> None:
-        self._server = server
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        certs: CertCache | None,
+        dialer: Dialer,
+        log: ExchangeLog,
+        relay: HttpRelay,
+    ) -> None:
         self._settings = settings
+        self._dialer = dialer
+        self._log = log
+        self._relay = relay
         self._certs = certs
         self._upstream_tls = upstream_context(settings.tls_upstream_ca_bundle)
         self._dlp = DlpConfig(
@@ -135,17 +149,17 @@ class Interceptor:
             ) from None
         return tls
 
-    async def _dial_again(self, ex: Exchange, connect: Host, port: int, *, tls: bool) -> Peer:
-        """A new upstream for a later request, to the same approved address."""
-        assert ex.destination_ip is not None
-        peer = await self._server._dial(ex, [parse_ip_address(ex.destination_ip)], port)
+    async def _dial_again(self, route: Route, *, tls: bool) -> Upstream:
+        """A new upstream for a later request, to the tunnel's (pinned) address."""
+        upstream = await self._dialer.dial(route)
         if not tls:
-            return peer
+            return upstream
         try:
-            return await self.open_upstream(peer, connect)
+            peer = await self.open_upstream(upstream.peer, route.host)
         except OutgateError:
-            peer.close()
+            upstream.peer.close()
             raise
+        return Upstream(peer=peer, ip=upstream.ip)
 
     # -- client ---------------------------------------------------------------------------------
     async def terminate_client(self, client: Peer, connect: Host, tunnel: Exchange) -> TLSPeer:
@@ -182,26 +196,34 @@ class Interceptor:
     async def serve_requests(
         self,
         client: Peer,
-        upstream: Peer,
+        upstream: Upstream,
         tunnel: Exchange,
         *,
-        connect: Host,
-        port: int,
+        route: Route,
         inspect: Inspect | None,
         tls: bool,
     ) -> Reason:
         """Read, check, decide and forward each request until the client connection ends.
         Returns the tunnel's close reason."""
-        kept: list[_KeptUpstream] = []
-        current: Peer | None = upstream
+        connect, port = route.host, route.port
+        pinned = route.pinned(upstream.ip)
+        pool = UpstreamPool()
+        current: Upstream | None = upstream
         scheme = "https" if tls else "http"
+        timeouts = self._settings.timeouts
         try:
             while True:
-                ex = self._inner_exchange(tunnel, tls=tls)
+                ex = self._log.open_inner(tunnel, tls=tls)
                 try:
-                    head = await self._read_head(client)
+                    # Before each request (the first too) the client may think: the idle timeout.
+                    head = await read_request_head(
+                        client,
+                        idle=timeouts.idle,
+                        header=timeouts.header,
+                        max_head_bytes=self._settings.limits.max_header_bytes,
+                    )
                 except OutgateError as exc:
-                    self._server._refuse(client, ex, exc, keep_alive=False)
+                    self._log.refuse(client, ex, exc, keep_alive=False)
                     return exc.reason
                 if head is None:
                     return client.close_reason or Reason.COMPLETED
@@ -215,49 +237,31 @@ class Interceptor:
                     if inspect is not None:
                         self._inspect(req, inspect, ex, connect)
                 except OutgateError as exc:
-                    keep = req is not None and req.keep_alive and req.framing is BodyFraming.NONE
-                    self._server._refuse(client, ex, exc, keep_alive=keep)
+                    keep = keeps_connection_after_refusal(req)
+                    self._log.refuse(client, ex, exc, keep_alive=keep)
                     if not keep:
                         return exc.reason
                     continue
-                ex.decided = True
-                self._server._record_decision(ex)
+                self._log.allowed(ex)
                 if current is None:
                     try:
-                        current = kept.pop().peer if kept else None
-                        if current is None:
-                            current = await self._dial_again(ex, connect, port, tls=tls)
+                        current = pool.take(pinned) or await self._dial_again(pinned, tls=tls)
                     except OutgateError as exc:
-                        keep = req.keep_alive and req.framing is BodyFraming.NONE
-                        self._server._refuse(client, ex, exc, keep_alive=keep)
+                        keep = keeps_connection_after_refusal(req)
+                        self._log.refuse(client, ex, exc, keep_alive=keep)
                         if not keep:
                             return exc.reason
                         continue
                 rendered = render_inner_request(inner, scheme=scheme)
                 upstream_now, current = current, None
-                if not await self._server._forward(
-                    client, upstream_now, ex, req, kept, head=rendered
+                if not await self._relay.forward(
+                    client, upstream_now, ex, req, pool, head=rendered
                 ):
                     return client.close_reason or Reason.COMPLETED
         finally:
-            for up in kept:
-                up.peer.close()
+            pool.close()
             if current is not None:
-                current.close()
-
-    def _inner_exchange(self, tunnel: Exchange, *, tls: bool) -> Exchange:
-        return Exchange(
-            kind="intercept" if tls else "tunnel_http",
-            source_ip=tunnel.source_ip,
-            source_port=tunnel.source_port,
-            workload=tunnel.workload,
-            destination_domain=tunnel.destination_domain,
-            destination_ip=tunnel.destination_ip,
-            destination_port=tunnel.destination_port,
-            server_name=tunnel.server_name,
-            decision=tunnel.decision,
-            tunnel_id=tunnel.id,
-        )
+                current.peer.close()
 
     def _inspect(self, req: RequestHead, inspect: Inspect, ex: Exchange, connect: Host) -> None:
         check_inspect(req, inspect)
@@ -281,21 +285,3 @@ class Interceptor:
                 f"request carries what DLP detector {hit.detector} looks for ({hit.field})",
                 reason=Reason.DLP_VIOLATION,
             )
-
-    async def _read_head(self, client: Peer) -> bytes | None:
-        """The next request head; None when the client left or idled out between requests."""
-        timeouts = self._settings.timeouts
-        max_head = self._settings.limits.max_header_bytes
-        if not client.buffer:
-            # Between requests (and before the first) the client may think: the idle timeout.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeouts.idle):
-                    while not client.buffer and not client.eof:
-                        await client.wait_data()
-            if not client.buffer:
-                return None
-        deadline = asyncio.get_running_loop().time() + timeouts.header
-        try:
-            return await client.next_head(max_head_bytes=max_head, deadline=deadline)
-        except TimeoutError:
-            raise HeaderTimeout("request head not received in time") from None

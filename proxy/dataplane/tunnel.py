@@ -1,6 +1,10 @@
-"""What happens on a CONNECT tunnel after the 200: check the first bytes, then splice.
+"""What happens on a CONNECT tunnel once its upstream is connected: 200, check the first
+bytes, then splice, or serve the requests inside (proxy.dataplane.intercept).
 
 Order (DESIGN section 1, step 6, and section 3 `protocol`):
+
+  0. For an intercepted rule (`inspect` with `protocol: tls`), TLS to the upstream is opened and
+     verified before the 200; a failure is the CONNECT's answer (502).
 
   1. The upstream is connected (the 200 is only sent after that), but nothing the client sends
      goes to it yet: the client peer stays in buffered mode while `read_first_bytes` feeds the
@@ -10,7 +14,7 @@ Order (DESIGN section 1, step 6, and section 3 `protocol`):
      SNI is decided by policy as a name of its own.
   3. Only then are the peers spliced (`splice`), the buffered first bytes flushed upstream first.
 
-A failed check raises `TunnelViolation`: the caller closes both sides and audits the reason,
+A failed check raises `TunnelViolation`: `TunnelRelay` closes both sides and audits the reason,
 the names involved and the first bytes. Nothing of the client's reached the upstream.
 """
 
@@ -38,8 +42,13 @@ from proxy.core.tunnel_protocols import (
     check_server_name,
     first_bytes_check,
 )
+from proxy.dataplane.dialer import Upstream
+from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.intercept import Interceptor
 from proxy.dataplane.peer import Peer
-from proxy.errors import Reason, TunnelViolation
+from proxy.dataplane.responses import CONNECT_ESTABLISHED
+from proxy.dataplane.router import Route, Router
+from proxy.errors import OutgateError, Reason, TunnelViolation
 
 log = structlog.get_logger(__name__)
 
@@ -151,3 +160,83 @@ async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
                 await client.wait_closed()
                 await upstream.wait_closed()
     return Reason.COMPLETED
+
+
+class TunnelRelay:
+    """Drives a CONNECT tunnel from the 200 to its close record."""
+
+    def __init__(
+        self,
+        *,
+        timeouts: Timeouts,
+        router: Router,
+        log: ExchangeLog,
+        interceptor: Interceptor,
+    ) -> None:
+        self._timeouts = timeouts
+        self._router = router
+        self._log = log
+        self._interceptor = interceptor
+
+    async def run(self, client: Peer, upstream: Upstream, ex: Exchange, route: Route) -> None:
+        """Serve the tunnel until it ends; writes its close record (or its refusal)."""
+        decision = ex.decision
+        protocol = (decision.protocol if decision else None) or TunnelProtocol.TLS
+        inspect = decision.inspect if decision is not None else None
+        intercept_tls = inspect is not None and protocol is TunnelProtocol.TLS
+        raw_upstream = upstream.peer
+        inner_upstream: Peer = raw_upstream
+        if intercept_tls:
+            try:
+                inner_upstream = await self._interceptor.open_upstream(raw_upstream, route.host)
+            except OutgateError as exc:
+                raw_upstream.close()
+                self._log.refuse(client, ex, exc, keep_alive=False)
+                return
+        client_base = client.bytes_in - len(client.buffer)
+        client.write(CONNECT_ESTABLISHED)
+        self._log.relay_started("tunnel")
+        reason = Reason.COMPLETED
+        inner: Peer = client
+        try:
+            hello = await read_first_bytes(client, protocol=protocol, timeouts=self._timeouts)
+            if hello is not None:
+                workload = ex.workload
+                check_hello(
+                    hello,
+                    ex,
+                    connect=route.host,
+                    port=route.port,
+                    tls=decision.tls if decision is not None else None,
+                    decide=lambda dest: self._router.decide(workload, dest),
+                )
+            if intercept_tls:
+                inner = await self._interceptor.terminate_client(client, route.host, ex)
+            if inspect is not None or protocol is TunnelProtocol.HTTP:
+                reason = await self._interceptor.serve_requests(
+                    inner,
+                    Upstream(peer=inner_upstream, ip=upstream.ip),
+                    ex,
+                    route=route,
+                    inspect=inspect,
+                    tls=intercept_tls,
+                )
+            else:
+                reason = await splice(client, raw_upstream, idle=self._timeouts.idle)
+        except TunnelViolation as exc:
+            reason = exc.reason
+            record_violation(ex, client, exc)
+        except OutgateError as exc:  # interception could not start: closed, never spliced
+            reason = exc.reason
+        except asyncio.CancelledError:
+            reason = Reason.DRAINED
+            raise
+        finally:
+            inner.close()  # an intercepted session ends with close_notify
+            client.close()
+            inner_upstream.close()
+            raw_upstream.close()
+            ex.source_bytes = client.bytes_in - client_base
+            ex.destination_bytes = raw_upstream.bytes_in
+            self._log.relay_ended("tunnel")
+            self._log.close(ex, reason, client)

@@ -1,0 +1,172 @@
+"""Owns one request's or tunnel's record from start to close (DESIGN section 1, step 7).
+
+For every exchange, whatever path it takes, exactly one decision record and one close record
+(proxy.audit), and with them:
+
+  - the refusal reply: one renderer (proxy.dataplane.responses.render_error) for every error a
+    client can see, naming the workload, the destination and the event id;
+  - the close reason, by one rule (`settle_reason`): a reason set on a peer by whoever closed it
+    on purpose (drain, a deleted source pod, a stalled reader) wins over what the relay saw;
+  - byte accounting: the wire bytes of an exchange are counted in `outgate_bytes_total` once.
+    A request inside a tunnel (interception, `protocol: http`) keeps its own byte counts in its
+    record, but the metric counts its tunnel's bytes only, which already hold them;
+  - the per-exchange metrics: decisions, shadow differences, guard refusals, open relays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Final
+
+import structlog
+
+from proxy import metrics
+from proxy.audit import AuditSink, Exchange
+from proxy.core.hosts import IPAddress
+from proxy.core.identity import IdentityLookup, Workload, WorkloadKind
+from proxy.dataplane.peer import Peer
+from proxy.dataplane.responses import render_error
+from proxy.dataplane.router import Route
+from proxy.errors import OutgateError, Reason
+
+log = structlog.get_logger(__name__)
+
+# Exchange kinds whose relay holds a gauge slot in outgate_active_connections.
+RELAY_KINDS: Final = ("tunnel", "forward")
+
+
+# Address text is memoised: a kept-alive client names the same few addresses on every request,
+# and the ipaddress module formats in Python (microseconds a call).
+@functools.lru_cache(maxsize=4096)
+def ip_text(ip: IPAddress) -> str:
+    return str(ip)
+
+
+def settle_reason(reason: Reason, *peers: Peer) -> Reason:
+    """The close reason of an exchange: the first of `peers` closed on purpose says why;
+    otherwise what the relay saw."""
+    for peer in peers:
+        if peer.close_reason is not None:
+            return peer.close_reason
+    return reason
+
+
+class ExchangeLog:
+    """Creates exchanges and writes everything about them: records, replies, metrics."""
+
+    def __init__(self, *, audit: AuditSink, identity: IdentityLookup) -> None:
+        self._audit = audit
+        self._identity = identity
+
+    # -- start --------------------------------------------------------------------------------
+    def open(self, src_ip: IPAddress, src_port: int, kind: str = "forward") -> Exchange:
+        return Exchange(
+            kind=kind,
+            source_ip=ip_text(src_ip),
+            source_port=src_port,
+            workload=self._identity.lookup(src_ip),
+        )
+
+    def open_inner(self, tunnel: Exchange, *, tls: bool) -> Exchange:
+        """A request inside `tunnel`: same source, workload, destination and decision."""
+        return Exchange(
+            kind="intercept" if tls else "tunnel_http",
+            source_ip=tunnel.source_ip,
+            source_port=tunnel.source_port,
+            workload=tunnel.workload,
+            destination_domain=tunnel.destination_domain,
+            destination_ip=tunnel.destination_ip,
+            destination_port=tunnel.destination_port,
+            server_name=tunnel.server_name,
+            decision=tunnel.decision,
+            tunnel_id=tunnel.id,
+        )
+
+    # -- decision -----------------------------------------------------------------------------
+    def routed(self, ex: Exchange, route: Route) -> None:
+        """Take the router's answer: log what the guard dropped, and, when something may be
+        dialled, write the allow record (a refusal's record is written by `refuse`)."""
+        ex.decision = route.deciding
+        for check in route.dropped:
+            metrics.GUARD_REFUSALS.labels(address_class=str(check.guarded)).inc()
+            log.warning(
+                "guarded_address_dropped",
+                host=route.host.name,
+                address=ip_text(check.ip),
+                address_class=str(check.guarded),
+                event_id=ex.id,
+            )
+        if route.permitted:
+            ex.destination_ip = ip_text(route.permitted[0])  # the close record has the one used
+            self.allowed(ex)
+
+    def allowed(self, ex: Exchange) -> None:
+        """The decision record for an exchange that goes ahead (`ex.decision` allows it)."""
+        ex.decided = True
+        self._record_decision(ex)
+
+    def _record_decision(self, ex: Exchange) -> None:
+        decision = ex.decision
+        allowed = ex.decided and ex.status is None
+        reason = ex.reason if ex.reason is not None else (decision.reason if decision else None)
+        ex.reason = reason
+        namespace = ex.workload.namespace
+        metrics.DECISIONS.labels(
+            action="allow" if allowed else "deny", reason=str(reason), namespace=namespace
+        ).inc()
+        if decision is not None and decision.shadow is not None:
+            metrics.SHADOW_DIFFERENCES.labels(
+                shadow_action=str(decision.shadow.action), namespace=namespace
+            ).inc()
+        self._audit.decision(ex)
+
+    # -- refusals -----------------------------------------------------------------------------
+    def refuse(self, client: Peer, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> None:
+        """Answer `error` with its decision record (unless the exchange was already decided)
+        and its close record; close the client connection unless `keep_alive`."""
+        ex.status = error.status
+        if not ex.decided:
+            ex.reason = error.reason
+            self._record_decision(ex)
+        self._audit.close(ex, error.reason)
+        client.write(self.reply(ex, error, keep_alive=keep_alive))
+        if not keep_alive:
+            client.close()
+
+    def reply(self, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> bytes:
+        """The reply for `error`, naming this exchange's workload, destination and event id
+        (also for a failure after the exchange was allowed, before a response head went out)."""
+        destination = ex.destination_domain or ex.destination_ip or "-"
+        if ex.destination_port is not None:
+            destination = f"{destination}:{ex.destination_port}"
+        return render_error(
+            error,
+            event_id=ex.id,
+            workload=_describe(ex.workload),
+            destination=destination,
+            keep_alive=keep_alive,
+        )
+
+    # -- relays and close ---------------------------------------------------------------------
+    def relay_started(self, kind: str) -> None:
+        metrics.ACTIVE_CONNECTIONS.labels(kind=kind).inc()
+
+    def relay_ended(self, kind: str) -> None:
+        metrics.ACTIVE_CONNECTIONS.labels(kind=kind).dec()
+
+    def close(self, ex: Exchange, reason: Reason, *peers: Peer) -> Reason:
+        """Write the close record once, with the reason `settle_reason` picks; count the bytes.
+        Returns the reason written."""
+        reason = settle_reason(reason, *peers)
+        if not ex.closed and ex.tunnel_id is None:
+            if ex.source_bytes:  # most requests carry no body: skip the no-op update
+                metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
+            metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
+        self._audit.close(ex, reason)
+        return reason
+
+
+def _describe(workload: Workload) -> str:
+    if workload.kind is WorkloadKind.UNKNOWN:
+        return "unknown source"
+    return f"{workload.namespace}/{workload.name}"
