@@ -14,13 +14,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.core.hosts import parse_ip_address, split_authority, unmap_ipv4
+from proxy.core.http1 import DEFAULT_PORTS
 from proxy.core.identity import IdentityLookup, Workload
 from proxy.core.policy.engine import Decider, Decision, Destination
 from proxy.core.policy.explain import decision_as_dict, render_explanation
 from proxy.dataplane.router import Route, Router
 from proxy.errors import BadRequest, Reason
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def destination_from_url(url: str) -> Destination:
@@ -30,9 +29,9 @@ def destination_from_url(url: str) -> Destination:
         return Destination(host=host, port=port, ip=host.ip)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         raise BadRequest(f"unsupported scheme {scheme!r}", reason=Reason.UNSUPPORTED_SCHEME)
-    host, port = split_authority(parts.netloc, default_port=_DEFAULT_PORTS[scheme])
+    host, port = split_authority(parts.netloc, default_port=DEFAULT_PORTS[scheme])
     return Destination(host=host, port=port, ip=host.ip)
 
 

@@ -5,9 +5,14 @@ Rules this module enforces, and why:
 1. A forward proxy sits between two parsers. Any input the two could read differently (request
    smuggling, response splitting) is refused, never repaired: bare CR or LF, obs-fold, whitespace
    before a field colon, control bytes, ambiguous Content-Length / Transfer-Encoding.
-2. Requests: only `CONNECT host:port` (authority-form) and absolute-form `http://` targets are
-   accepted (RFC 9112 section 3.2); origin-form and asterisk-form are for origin servers. The
-   target alone names the destination; the Host field is checked for validity, never believed.
+2. Requests: the listener says which request-targets it takes (RFC 9112 section 3.2), as a
+   `RequestForm`. The proxy listener (PROXY, the default) takes only `CONNECT host:port`
+   (authority-form) and absolute-form `http://`; origin-form and asterisk-form are for origin
+   servers. Where the proxy stands in for the origin server (ORIGIN: inside a tunnel, later a
+   transparent listener) it takes origin-form, asterisk-form for OPTIONS and absolute-form, and
+   refuses CONNECT. The destination is the target's, or in ORIGIN form the caller's (the CONNECT
+   authority); the Host field is checked for validity, and believed only in ORIGIN form when the
+   caller has no authority and the target names none.
 3. Request bodies: one Content-Length line of digits, or `Transfer-Encoding: chunked` exactly.
    RFC 9112 section 6.3 only requires chunked to be the final coding; we accept nothing else,
    because no real client sends other request codings and an upstream that does not know one
@@ -33,9 +38,10 @@ reason upstream_bad_response).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
+from types import MappingProxyType
 
 from proxy.core.hosts import Host, split_authority
 from proxy.errors import (
@@ -123,6 +129,9 @@ _NOT_FORWARDED_REQUEST = _NOT_FORWARDED | IDENTITY_CLAIM_HEADERS
 
 LAST_CHUNK = b"0\r\n\r\n"
 
+# The port an absolute-form target means when it names none (RFC 9110 sections 4.2.1, 4.2.2).
+DEFAULT_PORTS: Mapping[str, int] = MappingProxyType({"http": 80, "https": 443})
+
 # --- Grammar (RFC 9110 section 5.6, RFC 9112) -----------------------------------------------------
 
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
@@ -188,6 +197,22 @@ def _split_authority(authority: str, *, default_port: int | None) -> tuple[Host,
 
 
 Headers = tuple[tuple[str, str], ...]
+
+
+class RequestForm(StrEnum):
+    """Which request-targets a listener takes (RFC 9112 section 3.2)."""
+
+    # The proxy listener: `CONNECT host:port` (authority-form) and absolute-form `http://...`.
+    # Origin-form and asterisk-form name no host; they are for origin servers (400).
+    PROXY = "proxy"
+    # Where the proxy stands in for the origin server (inside an intercepted or `http` tunnel, a
+    # transparent listener): origin-form `/path?query`, asterisk-form `*` (OPTIONS only, section
+    # 3.2.4), and absolute-form `http://` or `https://`, which a server MUST accept (section
+    # 3.2.2). CONNECT is refused: the connection already has its destination.
+    ORIGIN = "origin"
+
+
+_PROXY = RequestForm.PROXY  # one global lookup on the hot path instead of global + attribute
 
 
 class BodyFraming(Enum):
@@ -401,18 +426,26 @@ def _header(headers: Headers, name: str) -> str | None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestHead:
-    """A parsed, validated request head. `host`/`port` come from the target, never from Host."""
+    """A parsed, validated request head.
+
+    `host`/`port` are where the request goes: the target's in PROXY form, never the Host
+    field's. In ORIGIN form they are the caller's authority when it gave one, else an
+    absolute-form target's, else the Host field's (`parse_request_head`).
+    """
 
     method: str
     version: str  # "HTTP/1.1" | "HTTP/1.0"
     is_connect: bool
     host: Host
     port: int
-    scheme: str | None  # "http" for absolute-form, None for CONNECT
-    # Origin-form path and query for absolute-form ("/" when the URL has none, "*" for OPTIONS
-    # without a path, RFC 9112 section 3.2.4); "" for CONNECT.
+    # The absolute-form target's scheme, lowercased ("http"; "https" too in ORIGIN form); None
+    # for CONNECT, origin-form and asterisk-form, whose scheme is the connection's.
+    scheme: str | None
+    # Path and query to send upstream: origin-form as sent, "*" for asterisk-form, derived for
+    # absolute-form ("/" when the URL has none, "*" for OPTIONS without a path, RFC 9112 section
+    # 3.2.4); "" for CONNECT.
     path: str
-    raw_target: str
+    raw_target: str  # as sent
     headers: Headers  # names as sent, values with OWS trimmed, in order
     framing: BodyFraming  # NONE, LENGTH or CHUNKED
     content_length: int | None
@@ -429,31 +462,61 @@ class RequestHead:
         return tuple(_values(self.headers, name.lower()))
 
 
-def parse_request_head(head: bytes) -> RequestHead:
-    """Parse `head` (as delimited by find_head_end) or raise BadRequest / UriTooLong / 431."""
+def parse_request_head(
+    head: bytes,
+    *,
+    form: RequestForm = RequestForm.PROXY,
+    authority: tuple[Host, int] | None = None,
+) -> RequestHead:
+    """Parse `head` (as delimited by find_head_end) or raise BadRequest / UriTooLong / 431 / 505.
+
+    `form` is the listener's (RequestForm). In ORIGIN form `authority` is where the connection
+    goes, the CONNECT host and port of a tunnel: it becomes `host`/`port` whatever the request
+    names; `target_authority(req)` is what an absolute-form target named, for the caller to
+    compare (a 421 is the caller's to give, once it knows the request's framing).
+    Without `authority` the request names it: an absolute-form target's (RFC 9112 section 3.2.2:
+    it wins over Host; port by scheme), else the Host field's (port 80: such a listener is plain
+    HTTP); a request with neither is a 400. PROXY form takes no `authority` (ValueError).
+    """
+    if authority is not None and form is _PROXY:
+        raise ValueError("an authority is only given in ORIGIN form")
     head = bytes(head)
     fast = _FAST_REQUEST.fullmatch(head.decode("latin-1"))
     if fast is not None:
         method, raw_target, version, block = fast.groups()
-        return _request(method, raw_target, version, _fast_fields(block))
+        return _request(method, raw_target, version, _fast_fields(block), form, authority)
     skip = _count_leading_empty_lines(head)
     lines = _split_head_lines(head[skip:])
     method, raw_target, version = _parse_request_line(lines[0])
-    return _request(method, raw_target, version, _parse_fields(lines[1:]))
+    return _request(method, raw_target, version, _parse_fields(lines[1:]), form, authority)
 
 
-def _request(method: str, raw_target: str, version: str, headers: Headers) -> RequestHead:
+def _request(
+    method: str,
+    raw_target: str,
+    version: str,
+    headers: Headers,
+    form: RequestForm,
+    authority: tuple[Host, int] | None,
+) -> RequestHead:
     """The checks after the lines are split: target, Host, framing, Connection, Expect."""
-    is_connect = method == "CONNECT"
-    if is_connect:
-        host, port = _split_authority(_connect_authority(raw_target), default_port=None)
-        scheme: str | None = None
-        path = ""
+    index = _index(headers)  # never raises: the target is still the first thing checked
+    # The PROXY branch calls no helper of its own: it runs for every request on the proxy
+    # listener, and a Python call is a measurable part of a head's parse.
+    if form is _PROXY:
+        is_connect = method == "CONNECT"
+        if is_connect:
+            host, port = _split_authority(_connect_authority(raw_target), default_port=None)
+            scheme: str | None = None
+            path = ""
+        else:
+            scheme, host, port, path = _parse_absolute_form(raw_target, method, form)
+        _check_host_field(index, version=version, is_connect=is_connect)
     else:
-        scheme, host, port, path = _parse_absolute_form(raw_target, method=method)
-
-    index = _index(headers)
-    _check_host_field(index, version=version, is_connect=is_connect)
+        is_connect = False
+        scheme, named, path = _parse_origin_target(raw_target, method)
+        _check_host_field(index, version=version, is_connect=False)
+        host, port = _origin_authority(index, authority, scheme, named)
     framing, content_length = _request_framing(index, version=version, is_connect=is_connect)
     tokens = _connection_tokens(index)
     # RFC 9110 section 10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored.
@@ -518,37 +581,49 @@ def _connect_authority(target: str) -> str:
     return target
 
 
-def _parse_absolute_form(target: str, *, method: str) -> tuple[str, Host, int, str]:
-    """`http://authority[path][?query]` -> (scheme, host, port, origin-form path)."""
-    if target == "*":
+def _parse_origin_target(
+    target: str, method: str
+) -> tuple[str | None, tuple[Host, int] | None, str]:
+    """ORIGIN form: origin-, asterisk- or absolute-form (RFC 9112 sections 3.2.1, 3.2.2, 3.2.4)
+    -> (scheme, the target's own authority with port 0 when it named none, path)."""
+    if method == "CONNECT":
         raise BadRequest(
-            "asterisk-form is for origin servers, not a proxy", reason=Reason.BAD_TARGET
+            "CONNECT sent where the proxy stands in for the origin server (inside a tunnel or"
+            " to a transparent listener)",
+            reason=Reason.BAD_TARGET,
         )
     if target.startswith("/"):
-        raise BadRequest(
-            "origin-form target sent to a proxy: use absolute-form http://host/path",
-            reason=Reason.BAD_TARGET,
-        )
+        return None, None, target
+    if target == "*":
+        if method != "OPTIONS":
+            raise BadRequest("asterisk-form is only for OPTIONS", reason=Reason.BAD_TARGET)
+        return None, None, target
+    scheme, host, port, path = _parse_absolute_form(target, method, RequestForm.ORIGIN)
+    return scheme, (host, port), path
+
+
+def _parse_absolute_form(target: str, method: str, form: RequestForm) -> tuple[str, Host, int, str]:
+    """`scheme://authority[path][?query]` -> (lowercased scheme, host, port, origin-form path).
+
+    The scheme is `http`, or in ORIGIN form `https` too. A port the target omits is 80 in PROXY
+    form and 0 in ORIGIN form (see `target_authority`).
+    """
     match = _ABSOLUTE_FORM.fullmatch(target)
     if match is None:
-        raise BadRequest(
-            "request target is not absolute-form http://host/path (authority-form is only for"
-            " CONNECT)",
-            reason=Reason.BAD_TARGET,
-        )
+        raise _not_absolute_form(target, form)
     scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
-    if scheme == "https":
-        raise BadRequest(
-            "https:// targets are not forwarded: use CONNECT host:443",
-            reason=Reason.UNSUPPORTED_SCHEME,
-        )
-    if scheme != "http":
+    if scheme != "http" and (scheme != "https" or form is _PROXY):
+        if scheme == "https":
+            raise BadRequest(
+                "https:// targets are not forwarded: use CONNECT host:443",
+                reason=Reason.UNSUPPORTED_SCHEME,
+            )
         raise BadRequest(
             f"scheme {scheme[:16]!r} is not supported", reason=Reason.UNSUPPORTED_SCHEME
         )
     if not authority:
         raise BadRequest("absolute-form target without a host", reason=Reason.BAD_TARGET)
-    host, port = _split_authority(authority, default_port=80)
+    host, port = _split_authority(authority, default_port=80 if form is _PROXY else 0)
     if not rest:
         # RFC 9112 section 3.2.4: an OPTIONS for the whole server (empty path) goes on as "*".
         path = "*" if method == "OPTIONS" else "/"
@@ -556,7 +631,60 @@ def _parse_absolute_form(target: str, *, method: str) -> tuple[str, Host, int, s
         path = "/" + rest
     else:
         path = rest
-    return "http", host, port, path
+    return scheme, host, port, path
+
+
+def target_authority(req: RequestHead) -> tuple[Host, int] | None:
+    """The authority an absolute-form target names, port 0 where it names none (0 is never a
+    valid port, so "omitted" is not mistaken for the scheme's default); None for CONNECT,
+    origin-form and asterisk-form.
+
+    In ORIGIN form with the caller's authority, this is what the request itself named. It is
+    derived on demand rather than kept on RequestHead: only a tunnel's check asks, while a field
+    would cost every request (a frozen dataclass sets each one through object.__setattr__,
+    about 2% of a head's parse).
+    """
+    if req.scheme is None:
+        return None
+    match = _ABSOLUTE_FORM.fullmatch(req.raw_target)
+    if match is None:
+        raise ValueError("RequestHead with a scheme but no absolute-form target")
+    return _split_authority(match.group(2), default_port=0)  # the parse checked it: no raise
+
+
+def _not_absolute_form(target: str, form: RequestForm) -> BadRequest:
+    """Why a target that is not absolute-form is refused. Origin-form and asterisk-form never
+    match _ABSOLUTE_FORM (a scheme starts with a letter), so they are told apart only here."""
+    if form is _PROXY and target == "*":
+        message = "asterisk-form is for origin servers, not a proxy"
+    elif form is _PROXY and target.startswith("/"):
+        message = "origin-form target sent to a proxy: use absolute-form http://host/path"
+    else:
+        expected = "absolute-form" if form is _PROXY else "origin-form /path or absolute-form"
+        message = (
+            f"request target is not {expected} http://host/path (authority-form is only for"
+            " CONNECT)"
+        )
+    return BadRequest(message, reason=Reason.BAD_TARGET)
+
+
+def _origin_authority(
+    index: FieldIndex,
+    authority: tuple[Host, int] | None,
+    scheme: str | None,
+    named: tuple[Host, int] | None,
+) -> tuple[Host, int]:
+    """ORIGIN form: where the request goes (`parse_request_head`), given the caller's authority
+    and the one an absolute-form target `named`. The Host field is already checked."""
+    if authority is not None:
+        return authority
+    if named is not None and scheme is not None:
+        host, port = named
+        return host, port or DEFAULT_PORTS[scheme]
+    values = index.get("host")
+    if not values:
+        raise BadRequest("request without a Host field names no destination")
+    return _split_authority(values[0], default_port=80)
 
 
 def _check_host_field(index: FieldIndex, *, version: str, is_connect: bool) -> None:

@@ -3,10 +3,10 @@
 Pure. The tunnel already fixes where bytes go (the CONNECT host and the address the guard
 approved); what is checked here is that each request inside agrees with it and with the rule:
 
-  1. Parse with the core parser (proxy.core.http1), so framing is as strict as for forwarded
-     requests. Origin-form targets (`GET /x`), the normal form inside a tunnel, are read as if
-     they named the CONNECT authority; absolute-form (`GET https://host/x`) is accepted too
-     (RFC 9112 section 3.2.2: a server MUST accept it).
+  1. Parse with the core parser (proxy.core.http1) in its ORIGIN form, so framing is as strict
+     as for forwarded requests. Origin-form targets (`GET /x`), the normal form inside a
+     tunnel, go to the CONNECT authority; absolute-form (`GET https://host/x`) is accepted too
+     (RFC 9112 section 3.2.2: a server MUST accept it), and CONNECT is a 400.
   2. Host (and an absolute-form authority) must name the CONNECT host: 421 otherwise
      (RFC 9110 section 15.5.20). An explicit port must be the CONNECT port; an omitted one is
      accepted, since the connection's port is fixed whatever the field says.
@@ -22,18 +22,19 @@ import re
 from dataclasses import dataclass
 
 from proxy.core.hosts import Host, split_authority
-from proxy.core.http1 import RequestHead, parse_request_head, render_request_head
-from proxy.core.policy.model import Inspect
-from proxy.errors import BadRequest, MisdirectedRequest, PolicyDenied, Reason
-
-_ORIGIN_FORM = re.compile(rb"\A((?:\r\n)*)([^ ]+) (/[^ ]*|\*) (HTTP/[^\r\n]*)\r\n", re.DOTALL)
-_ABSOLUTE_FORM = re.compile(
-    rb"\A((?:\r\n)*)([^ ]+) ([A-Za-z][A-Za-z0-9+.\-]*)://([^/?# ]*)([^ ]*) (HTTP/[^\r\n]*)\r\n",
-    re.DOTALL,
+from proxy.core.http1 import (
+    DEFAULT_PORTS,
+    RequestForm,
+    RequestHead,
+    parse_request_head,
+    render_request_head,
+    target_authority,
 )
+from proxy.core.policy.model import Inspect
+from proxy.errors import MisdirectedRequest, PolicyDenied, Reason
+
 # Dot segments and the encodings an origin may decode into a path separator or a dot.
 _AMBIGUOUS_PATH = re.compile(r"(?:^|/)\.\.?(?:/|$)|%2[eEfF]|%5[cC]|\\")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,36 +53,8 @@ def parse_inner_request(head: bytes, *, connect: Host, port: int) -> InnerReques
     host is `check_authority`'s question, asked once the framing is known (a 421 keeps a
     connection whose request had no body).
     """
-    authority = _authority(connect, port)
-    target: tuple[Host, int] | None = None
-    origin = _ORIGIN_FORM.match(head)
-    if origin is not None:
-        empty, method, rest, version = origin.groups()
-        if method == b"CONNECT":
-            raise BadRequest("CONNECT inside a tunnel", reason=Reason.BAD_TARGET)
-        if rest == b"*":
-            if method != b"OPTIONS":
-                raise BadRequest("asterisk-form is only for OPTIONS", reason=Reason.BAD_TARGET)
-            rest = b""
-        end = origin.end()
-    else:
-        absolute = _ABSOLUTE_FORM.match(head)
-        if absolute is None:
-            # Not a request line we can place; the parser says precisely what is wrong.
-            if parse_request_head(head).is_connect:
-                raise BadRequest("CONNECT inside a tunnel", reason=Reason.BAD_TARGET)
-            raise BadRequest("request target is not origin-form", reason=Reason.BAD_TARGET)
-        empty, method, target_scheme, target_authority, rest, version = absolute.groups()
-        name = target_scheme.decode("ascii").lower()
-        if name not in _DEFAULT_PORTS:
-            raise BadRequest(
-                f"scheme {name[:16]!r} inside a tunnel", reason=Reason.UNSUPPORTED_SCHEME
-            )
-        target = split_authority(target_authority.decode("ascii"), default_port=0)
-        end = absolute.end()
-    line = b"%s%s http://%s%s %s\r\n" % (empty, method, authority, rest, version)
-    req = parse_request_head(line + head[end:])
-    return InnerRequest(head=req, host_field=req.header("host"), target=target)
+    req = parse_request_head(head, form=RequestForm.ORIGIN, authority=(connect, port))
+    return InnerRequest(head=req, host_field=req.header("host"), target=target_authority(req))
 
 
 def check_authority(inner: InnerRequest, *, connect: Host, port: int) -> None:
@@ -111,11 +84,6 @@ def request_line_hint(head: bytes) -> tuple[str | None, str | None]:
     return parts[0].decode("latin-1"), parts[1].decode("latin-1")
 
 
-def _authority(host: Host, port: int) -> bytes:
-    name = f"[{host.name}]" if host.ip is not None and host.ip.version == 6 else host.name
-    return f"{name}:{port}".encode("ascii")
-
-
 def render_inner_request(inner: InnerRequest, *, scheme: str) -> bytes:
     """The request for the upstream: the core rendering (hop-by-hop and proxy fields dropped,
     framing re-rendered), with the client's own Host value, which it may have signed (AWS
@@ -134,7 +102,7 @@ def render_inner_request(inner: InnerRequest, *, scheme: str) -> bytes:
             if req.host.ip is not None and req.host.ip.version == 6
             else req.host.name
         )
-        default = _DEFAULT_PORTS.get(scheme)
+        default = DEFAULT_PORTS.get(scheme)
         host = (name if req.port == default else f"{name}:{req.port}").encode("ascii")
     return rendered[:line_end] + b"Host: " + host + b"\r\n" + rendered[host_end:]
 

@@ -83,6 +83,7 @@ class Route:
     answer: tuple[IPAddress, ...] = ()  # step 2 (the literal itself for an IP host); () if denied
     checks: tuple[AddressCheck, ...] = ()  # steps 3 and 4, one per answer address
     permitted: tuple[IPAddress, ...] = ()  # step 5: what may be dialled, in order
+    dropped: tuple[AddressCheck, ...] = ()  # the checks the guard refused (logged per request)
     # Step 2 failed: the resolver's error (502 dns_nxdomain / dns_servfail / dns_no_answer,
     # 504 dns_timeout), what the client sees. The name decision is kept for the record.
     resolve_error: OutgateError | None = None
@@ -90,11 +91,6 @@ class Route:
     @property
     def allowed(self) -> bool:
         return bool(self.permitted)
-
-    @property
-    def dropped(self) -> tuple[AddressCheck, ...]:
-        """Addresses the guard refused (logged and counted by the exchange log)."""
-        return tuple(check for check in self.checks if check.guarded is not None)
 
     @property
     def deciding(self) -> Decision:
@@ -237,4 +233,5 @@ class Router:
             answer=answer,
             checks=tuple(checks),
             permitted=tuple(permitted),
+            dropped=tuple(check for check in checks if check.guarded is not None),
         )

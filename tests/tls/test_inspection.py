@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.core.hosts import parse_host
+from proxy.core.http1 import MAX_TARGET_BYTES
 from proxy.core.inspection import (
     InnerRequest,
     check_authority,
@@ -14,7 +15,14 @@ from proxy.core.inspection import (
     render_inner_request,
 )
 from proxy.core.policy.model import Inspect
-from proxy.errors import BadRequest, MisdirectedRequest, OutgateError, PolicyDenied, Reason
+from proxy.errors import (
+    BadRequest,
+    MisdirectedRequest,
+    OutgateError,
+    PolicyDenied,
+    Reason,
+    UriTooLong,
+)
 
 CONNECT = parse_host("api.example.com")
 
@@ -33,6 +41,8 @@ ACCEPTED = [
     b"GET https://api.example.com:443/v2 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     b"OPTIONS * HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     b"GET / HTTP/1.0\r\n\r\n",
+    b"GET http://api.example.com/v2 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",  # port omitted
+    b"\r\nGET /v2 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
 ]
 
 
@@ -69,6 +79,9 @@ BAD = [
     b"POST / HTTP/1.1\r\nHost: api.example.com\r\n"
     b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET /\x01 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    b"CONNECT / HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    b"GET api.example.com:443 HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    b"GET https:///x HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
 ]
 
 
@@ -77,6 +90,14 @@ def test_malformed_or_ambiguous_requests_are_refused_by_the_core_parser(head: by
     with pytest.raises(OutgateError) as info:
         parse(head)
     assert info.value.status == 400
+
+
+def test_a_target_of_the_full_limit_is_accepted_as_the_client_sent_it() -> None:
+    target = b"/" + b"a" * (MAX_TARGET_BYTES - 1)
+    inner = parse(b"GET " + target + b" HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    assert inner.head.path.encode() == target
+    with pytest.raises(UriTooLong):
+        parse(b"GET " + target + b"a HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
 
 
 def test_the_upstream_gets_the_clients_host_and_no_proxy_or_hop_by_hop_headers() -> None:

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from proxy.core.hosts import Host, parse_host
 from proxy.core.http1 import (
     LAST_CHUNK,
     MAX_CHUNK_LINE_BYTES,
@@ -18,6 +19,7 @@ from proxy.core.http1 import (
     MAX_TRAILER_BYTES,
     BodyFraming,
     ChunkedDecoder,
+    RequestForm,
     RequestHead,
     ResponseHead,
     encode_chunk,
@@ -26,6 +28,7 @@ from proxy.core.http1 import (
     parse_response_head,
     render_request_head,
     render_response_head,
+    target_authority,
 )
 from proxy.errors import (
     BadGateway,
@@ -569,6 +572,225 @@ def test_request_head_is_frozen() -> None:
     assert isinstance(req, RequestHead)
     with pytest.raises(AttributeError):
         req.port = 1  # type: ignore[misc]
+
+
+# --- ORIGIN form: where the proxy stands in for the origin server --------------------------------
+
+TUNNEL = (parse_host("api.example.com"), 443)
+
+
+def origin(raw: bytes, authority: tuple[Host, int] | None = TUNNEL) -> RequestHead:
+    return parse_request_head(raw, form=RequestForm.ORIGIN, authority=authority)
+
+
+@pytest.mark.parametrize(
+    ("line", "path"),
+    [
+        pytest.param("GET / HTTP/1.1", "/", id="root"),
+        pytest.param("GET /v2/items?x=1 HTTP/1.1", "/v2/items?x=1", id="path-and-query"),
+        pytest.param("POST /%7Euser;p?q=a/b HTTP/1.1", "/%7Euser;p?q=a/b", id="kept-verbatim"),
+        pytest.param("GET //double HTTP/1.1", "//double", id="double-slash-is-a-path"),
+        pytest.param("OPTIONS * HTTP/1.1", "*", id="asterisk-for-options"),
+        pytest.param("get /x HTTP/1.1", "/x", id="method-case-kept"),
+    ],
+)
+def test_origin_form_is_accepted_for_the_given_authority(line: str, path: str) -> None:
+    req = origin(head(line, "Host: api.example.com"))
+    assert (req.host, req.port) == TUNNEL
+    assert req.path == path
+    assert req.raw_target == line.split(" ")[1]
+    assert req.scheme is None
+    assert not req.is_connect
+    assert target_authority(req) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "scheme", "named", "path"),
+    [
+        pytest.param(
+            "https://api.example.com/v2", "https", ("api.example.com", 0), "/v2", id="https"
+        ),
+        pytest.param(
+            "https://API.example.com:443/v2", "https", ("api.example.com", 443), "/v2", id="port"
+        ),
+        pytest.param("http://api.example.com", "http", ("api.example.com", 0), "/", id="http"),
+        pytest.param(
+            "HTTPS://api.example.com?q", "https", ("api.example.com", 0), "/?q", id="query"
+        ),
+        pytest.param("https://other.example/", "https", ("other.example", 0), "/", id="other-host"),
+    ],
+)
+def test_absolute_form_is_accepted_in_origin_form_and_its_authority_kept_apart(
+    target: str, scheme: str, named: tuple[str, int], path: str
+) -> None:
+    # RFC 9112 section 3.2.2: a server MUST accept absolute-form. The given authority still
+    # decides where the request goes; whether the target agrees is the caller's 421.
+    req = origin(head(f"GET {target} HTTP/1.1", "Host: api.example.com"))
+    assert (req.host, req.port) == TUNNEL
+    assert req.scheme == scheme
+    assert req.path == path
+    found = target_authority(req)
+    assert found is not None and (found[0].name, found[1]) == named
+
+
+def test_options_absolute_form_without_path_is_asterisk_in_origin_form() -> None:
+    assert origin(head("OPTIONS https://api.example.com HTTP/1.1", "Host: a")).path == "*"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        pytest.param(head("GET * HTTP/1.1", "Host: a"), BAD_TARGET, id="asterisk-not-options"),
+        pytest.param(head("POST * HTTP/1.1", "Host: a"), BAD_TARGET, id="asterisk-post"),
+        pytest.param(connect("api.example.com:443"), BAD_TARGET, id="connect-authority-form"),
+        pytest.param(head("CONNECT / HTTP/1.1", "Host: a"), BAD_TARGET, id="connect-origin-form"),
+        pytest.param(
+            head("CONNECT https://api.example.com/ HTTP/1.1", "Host: a"),
+            BAD_TARGET,
+            id="connect-absolute-form",
+        ),
+        pytest.param(get("api.example.com:443"), BAD_TARGET, id="authority-form-without-connect"),
+        pytest.param(get("?x"), BAD_TARGET, id="query-only"),
+        pytest.param(get("ftp://api.example.com/"), UNSUPPORTED, id="ftp"),
+        pytest.param(get("ws://api.example.com/"), UNSUPPORTED, id="ws"),
+        pytest.param(get("https:///x"), BAD_TARGET, id="absolute-form-empty-host"),
+        pytest.param(get("https://u@api.example.com/"), BAD_TARGET, id="userinfo"),
+        pytest.param(get("https://api.example.com:0/"), BAD_PORT, id="port-zero"),
+        pytest.param(get("/a#b"), BAD_TARGET, id="fragment"),
+        pytest.param(get("/caf\xe9"), BAD_TARGET, id="high-byte"),
+    ],
+)
+def test_origin_form_refuses_connect_asterisk_misuse_and_bad_targets_with_400(
+    raw: bytes, reason: Reason
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        origin(raw)
+    assert (info.value.status, info.value.reason) == (400, reason)
+
+
+# What the two forms disagree on; every other refusal is the same in both (next test).
+_ACCEPTED_IN_ORIGIN_FORM = {"origin-form", "asterisk-form", "https-absolute-form"}
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "reason"),
+    [pytest.param(name, raw, reason, id=name) for name, raw, reason in REFUSED_REQUESTS],
+)
+def test_origin_form_is_as_strict_as_the_proxy_form(name: str, raw: bytes, reason: Reason) -> None:
+    if name in _ACCEPTED_IN_ORIGIN_FORM:
+        origin(raw)
+        return
+    if raw.lstrip(b"\r\n").startswith(b"CONNECT "):
+        reason = BAD_TARGET  # refused by its method, before its target and fields are read
+    with pytest.raises(BadRequest) as info:
+        origin(raw)
+    assert (info.value.status, info.value.reason) == (400, reason)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(head("GET /index.html HTTP/1.1", "Host: example.com"), id="origin-form"),
+        pytest.param(head("OPTIONS * HTTP/1.1", "Host: example.com"), id="asterisk-form"),
+    ],
+)
+def test_proxy_form_refuses_origin_form_with_400_as_the_default_does(raw: bytes) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_request_head(raw, form=RequestForm.PROXY)
+    assert (info.value.status, info.value.reason) == (400, BAD_TARGET)
+
+
+def test_origin_form_limits_and_versions_are_the_proxy_forms() -> None:
+    at_limit = "/" + "a" * (MAX_TARGET_BYTES - 1)  # the limit counts the target as sent
+    assert len(origin(head(f"GET {at_limit} HTTP/1.1", "Host: a")).raw_target) == MAX_TARGET_BYTES
+    with pytest.raises(UriTooLong):
+        origin(head(f"GET {at_limit}a HTTP/1.1", "Host: a"))
+    with pytest.raises(VersionNotSupported):
+        origin(head("GET / HTTP/2.0", "Host: a"))
+    fields = [f"X-{i}: v" for i in range(MAX_HEADER_COUNT)]
+    with pytest.raises(HeadersTooLarge):
+        origin(head("GET / HTTP/1.1", "Host: a", *fields))
+
+
+def test_origin_form_parses_alike_on_the_fast_and_the_line_by_line_path() -> None:
+    raw = head("POST /x HTTP/1.1", "Host: api.example.com", "Content-Length: 3")
+    fast, slow = origin(raw), origin(b"\r\n" + raw)  # a leading empty line takes the slow path
+    assert fast == slow
+    assert (fast.framing, fast.content_length) == (BodyFraming.LENGTH, 3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "name", "port"),
+    [
+        pytest.param(head("GET /x HTTP/1.1", "Host: A.Example."), "a.example", 80, id="host"),
+        pytest.param(head("GET /x HTTP/1.1", "Host: a.example:8080"), "a.example", 8080, id="port"),
+        pytest.param(head("GET /x HTTP/1.0", "Host: [::1]:81"), "::1", 81, id="http10-ipv6"),
+        pytest.param(
+            head("GET http://t.example:8080/x HTTP/1.1", "Host: a.example"),
+            "t.example",
+            8080,
+            id="absolute-form-wins-over-host",  # RFC 9112 section 3.2.2
+        ),
+        pytest.param(
+            head("GET https://t.example/x HTTP/1.1", "Host: a.example"),
+            "t.example",
+            443,
+            id="absolute-form-default-port-by-scheme",
+        ),
+        pytest.param(
+            head("GET http://t.example/x HTTP/1.0"), "t.example", 80, id="absolute-form-no-host"
+        ),
+    ],
+)
+def test_origin_form_without_an_authority_takes_it_from_the_request(
+    raw: bytes, name: str, port: int
+) -> None:
+    req = origin(raw, authority=None)
+    assert (req.host.name, req.port) == (name, port)
+
+
+def test_origin_form_without_an_authority_renders_the_host_it_read() -> None:
+    req = origin(head("GET /x?y HTTP/1.1", "Host: A.example:8080", "Accept: */*"), authority=None)
+    assert (
+        render_request_head(req)
+        == b"GET /x?y HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        pytest.param(head("GET /x HTTP/1.1"), MALFORMED, id="http11-without-host"),
+        pytest.param(head("GET /x HTTP/1.0"), MALFORMED, id="http10-without-host"),
+        pytest.param(head("OPTIONS * HTTP/1.0"), MALFORMED, id="asterisk-without-host"),
+        pytest.param(head("GET /x HTTP/1.1", "Host: a", "Host: a"), MALFORMED, id="two-hosts"),
+        pytest.param(head("GET /x HTTP/1.1", "Host: a.example:0"), MALFORMED, id="bad-host"),
+    ],
+)
+def test_origin_form_without_an_authority_or_a_usable_host_is_400(
+    raw: bytes, reason: Reason
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        origin(raw, authority=None)
+    assert (info.value.status, info.value.reason) == (400, reason)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(get("http://a.example/x"), ("a.example", 0), id="port-omitted-is-0"),
+        pytest.param(get("http://a.example:80/x"), ("a.example", 80), id="port-given"),
+        pytest.param(connect("a.example:443"), None, id="connect"),
+    ],
+)
+def test_target_authority_in_proxy_form(raw: bytes, expected: tuple[str, int] | None) -> None:
+    found = target_authority(parse_request_head(raw))
+    assert ((found[0].name, found[1]) if found is not None else None) == expected
+
+
+def test_an_authority_in_proxy_form_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="ORIGIN"):
+        parse_request_head(get(), authority=TUNNEL)
 
 
 # --- Responses ----------------------------------------------------------------------------------
