@@ -21,11 +21,16 @@ Evaluation, DESIGN section 3 (the same numbers mark the code in `_evaluate`):
 Audit mode: the decision comes from enforce-mode policies only. When an audit-mode policy
 selects the workload, the engine evaluates again with every policy enforced; that verdict is the
 shadow decision, kept when it differs from the decision in action, ruleset or rule.
+
+Explain: there is one evaluator, `Engine._evaluate`. `decide(..., explain=True)` runs it with a
+`_Trace`, which it tells of each rule it takes and each tier's outcome as it goes; the trace only
+words those choices as `Step`s (DESIGN: what is explained is what is enforced). Without a trace
+the evaluator pays one `is not None` test per choice. tests/unit/test_policy_differential.py
+checks over generated policy sets that both paths give the same decision.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -370,27 +375,38 @@ class Engine:
         self, workload: Workload, destination: Destination, *, explain: bool = False
     ) -> Decision:
         selection = self._selection(workload)
-        if explain:
-            return self._explained(selection, destination)
+        if explain:  # the same evaluation with a trace; never memoised (steps are per call)
+            return self._decide(selection, destination, explain=True)
         host = destination.host
         key = (selection, host.name, host.ip is None, destination.port, destination.ip)
         decision = self._decisions.get(key)
         if decision is None:
-            decision = self._decide(selection, destination)
+            decision = self._decide(selection, destination, explain=False)
             if len(self._decisions) >= DECISION_CACHE_SIZE:
                 self._decisions.clear()
             self._decisions[key] = decision
         return decision
 
-    def _decide(self, selection: _Selection, destination: Destination) -> Decision:
-        """`decide` without the memo or the steps: the same verdicts as `_explained`."""
+    def _decide(
+        self, selection: _Selection, destination: Destination, *, explain: bool
+    ) -> Decision:
+        """The enforced evaluation and, when an audit-mode policy selects the workload, the
+        shadow one; with `explain`, each traced into steps (enforced first, then shadow)."""
         candidates = self._candidates(destination)
-        verdict = self._verdict(candidates, selection, enforce_only=True)
+        trace = _Trace(self, selection, enforce_only=True) if explain else None
+        verdict = self._evaluate(candidates, selection, enforce_only=True, trace=trace)
         shadow: Verdict | None = None
+        shadow_trace: _Trace | None = None
         if selection.has_audit:
-            every = self._verdict(candidates, selection, enforce_only=False)
+            shadow_trace = _Trace(self, selection, enforce_only=False) if explain else None
+            every = self._evaluate(candidates, selection, enforce_only=False, trace=shadow_trace)
             if not every.same_outcome(verdict):
                 shadow = every
+        if trace is not None:
+            steps = trace.steps + shadow_trace.steps if shadow_trace is not None else trace.steps
+            return Decision(
+                verdict=verdict, shadow=shadow, revision=self.revision, steps=tuple(steps)
+            )
         key = (id(verdict), id(shadow))
         decision = self._decision_objects.get(key)
         if decision is None:
@@ -398,11 +414,18 @@ class Engine:
             self._decision_objects[key] = decision
         return decision
 
-    def _verdict(
-        self, candidates: list[_Entry], selection: _Selection, *, enforce_only: bool
+    def _evaluate(
+        self,
+        candidates: list[_Entry],
+        selection: _Selection,
+        *,
+        enforce_only: bool,
+        trace: _Trace | None,
     ) -> Verdict:
         """Steps 1-4 of the module docstring over candidates already in evaluation order (admin
-        rules, then namespace, then baseline), in one pass."""
+        rules, then namespace, then baseline), in one pass. The only evaluator: `decide` runs it
+        with no trace, `decide(..., explain=True)` with one, which records each choice made here
+        as it is made (a trace call sits beside every branch that decides or hands over)."""
         slots = selection.slots
         admin_passed = False
         deny: _Entry | None = None
@@ -417,12 +440,16 @@ class Engine:
                 #    matches after it are not looked at.
                 if admin_passed:
                     continue
+                if trace is not None:
+                    trace.ordered(entry)
                 if entry.verdict is not None:
                     return entry.verdict
                 admin_passed = True
                 continue
             if tier is Tier.NAMESPACE:
                 # 2. Deny over Allow, first of each in (policy name, rule order).
+                if trace is not None:
+                    trace.namespace_match(entry)
                 if entry.rule.action is Action.DENY:
                     if deny is None:
                         deny = entry
@@ -431,42 +458,27 @@ class Engine:
                 continue
             if not namespace_done:
                 namespace_done = True
-                decided = self._namespace_verdict(deny, allow, selection, enforce_only)
+                decided = _namespace_verdict(deny, allow, selection, enforce_only)
+                if trace is not None:
+                    trace.namespace(deny, allow, decided)
                 if decided is not None:
                     return decided
             # 3. The first baseline match decides; Pass -> step 4.
+            if trace is not None:
+                trace.ordered(entry)
             if entry.verdict is not None:
                 return entry.verdict
-            return self._default
+            break
         if not namespace_done:
-            decided = self._namespace_verdict(deny, allow, selection, enforce_only)
+            decided = _namespace_verdict(deny, allow, selection, enforce_only)
+            if trace is not None:
+                trace.namespace(deny, allow, decided)
             if decided is not None:
                 return decided
         # 4. The configured default action.
+        if trace is not None:
+            trace.default(self._default)
         return self._default
-
-    @staticmethod
-    def _namespace_verdict(
-        deny: _Entry | None, allow: _Entry | None, selection: _Selection, enforce_only: bool
-    ) -> Verdict | None:
-        if deny is not None:
-            return deny.verdict
-        if allow is not None:
-            return allow.verdict
-        return selection.isolation_enforced if enforce_only else selection.isolation_all
-
-    def _explained(self, selection: _Selection, destination: Destination) -> Decision:
-        candidates = self._candidates(destination)
-        steps: list[Step] = []
-        verdict = self._evaluate(candidates, selection, enforce_only=True, steps=steps)
-        shadow: Verdict | None = None
-        if selection.has_audit:
-            shadow_steps: list[Step] = []
-            every = self._evaluate(candidates, selection, enforce_only=False, steps=shadow_steps)
-            if not every.same_outcome(verdict):
-                shadow = every
-            steps.extend(dataclasses.replace(step, shadow=True) for step in shadow_steps)
-        return Decision(verdict=verdict, shadow=shadow, revision=self.revision, steps=tuple(steps))
 
     # -- selection ------------------------------------------------------------------------------
 
@@ -530,73 +542,134 @@ class Engine:
         }
         return [matching[order] for order in sorted(matching)]
 
-    # -- evaluation -----------------------------------------------------------------------------
 
-    def _evaluate(
-        self,
-        candidates: list[_Entry],
-        selection: _Selection,
-        *,
-        enforce_only: bool,
-        steps: list[Step] | None,
-    ) -> Verdict:
-        admin: list[_Entry] = []
-        namespace: list[_Entry] = []
-        baseline: list[_Entry] = []
-        by_tier = {Tier.ADMIN: admin, Tier.NAMESPACE: namespace, Tier.BASELINE: baseline}
-        for candidate in candidates:
-            if candidate.slot in selection.slots and not (
-                enforce_only and candidate.policy.mode is Mode.AUDIT
-            ):
-                by_tier[candidate.policy.tier].append(candidate)
+def _add_once(entries: list[_Entry], entry: _Entry) -> None:
+    if not entries or entries[-1] is not entry:
+        entries.append(entry)
 
-        # 1. Admin tier: the first matching rule of a selecting policy decides; Pass -> step 2.
-        first = self._ordered_tier(Tier.ADMIN, admin, selection, enforce_only, steps)
-        if first is not None and first.verdict is not None:
-            return first.verdict
 
-        # 2. Namespace tier: Deny over Allow; selected with nothing matching -> isolation.
-        verdict = self._namespace_tier(namespace, selection, enforce_only, steps)
-        if verdict is not None:
-            return verdict
+def _namespace_verdict(
+    deny: _Entry | None, allow: _Entry | None, selection: _Selection, enforce_only: bool
+) -> Verdict | None:
+    """Step 2's outcome: a matching Deny, else a matching Allow, else isolation when a policy
+    selects the workload; None hands over to step 3."""
+    if deny is not None:
+        return deny.verdict
+    if allow is not None:
+        return allow.verdict
+    return selection.isolation_enforced if enforce_only else selection.isolation_all
 
-        # 3. Baseline tier: as step 1; Pass -> step 4.
-        first = self._ordered_tier(Tier.BASELINE, baseline, selection, enforce_only, steps)
-        if first is not None and first.verdict is not None:
-            return first.verdict
 
-        # 4. The configured default action.
-        if steps is not None:
-            steps.append(
-                Step(
-                    tier="default",
-                    ruleset=None,
-                    rule=None,
-                    result=f"no tier decided -> default {self._default.action}",
+# The tiers in evaluation order; a trace's progress is a position in it (its length: step 4).
+_TIERS: Final = (Tier.ADMIN, Tier.NAMESPACE, Tier.BASELINE)
+_DEFAULT_STEP: Final = len(_TIERS)
+
+
+class _Trace:
+    """The steps of one evaluation, written as `Engine._evaluate` reports its choices.
+
+    It decides nothing: the entries and verdicts it is handed are the ones the evaluation chose.
+    What it adds is description only: the selecting policies that had no matching rule (named
+    when the evaluation moves past their tier) and the words of each step.
+    """
+
+    __slots__ = (
+        "_matches",
+        "_namespace_slots",
+        "_policies",
+        "_reached",
+        "_selected",
+        "_shadow",
+        "_tier_slots",
+        "steps",
+    )
+
+    def __init__(self, engine: Engine, selection: _Selection, *, enforce_only: bool) -> None:
+        policies = engine.policies
+        self._policies = policies
+        self._tier_slots = engine._tier_slots
+        # The policies this evaluation looks at: those selecting the workload, less the
+        # audit-mode ones when only enforce-mode policies decide.
+        self._selected = frozenset(
+            slot
+            for slot in selection.slots
+            if not (enforce_only and policies[slot].mode is Mode.AUDIT)
+        )
+        self._namespace_slots = [s for s in selection.namespace_slots if s in self._selected]
+        self._shadow = not enforce_only  # the shadow evaluation enforces every policy
+        self._matches: list[_Entry] = []  # step 2's matching rules, in evaluation order
+        self._reached = 0  # position in _TIERS of the first tier not yet written
+        self.steps: list[Step] = []
+
+    def ordered(self, entry: _Entry) -> None:
+        """Step 1 or 3: `entry` is the first matching rule of its tier; it decides or passes."""
+        self._reach(_TIERS.index(entry.tier))
+        self._ordered_steps(entry.tier, entry)
+        self._reached += 1
+
+    def namespace_match(self, entry: _Entry) -> None:
+        """Step 2 saw a matching rule of a selecting EgressPolicy."""
+        self._reach(_TIERS.index(Tier.NAMESPACE))
+        self._matches.append(entry)
+
+    def namespace(self, deny: _Entry | None, allow: _Entry | None, verdict: Verdict | None) -> None:
+        """Step 2 concluded with `verdict` (None: it handed over to step 3)."""
+        tier = Tier.NAMESPACE
+        self._reach(_TIERS.index(tier))
+        for slot in self._namespace_slots:
+            policy = self._policies[slot]
+            matched = [entry for entry in self._matches if entry.slot == slot]
+            if not matched:
+                self._add(tier, policy.ruleset, None, "selects the workload; no rule matches")
+            for entry in matched:
+                note = " (not a match in the namespace tier)" if entry.verdict is None else ""
+                self._add(
+                    tier, policy.ruleset, entry.rule.name, f"{entry.rule.action} matches{note}"
                 )
-            )
-        return self._default
+        if deny is not None:
+            result = "Deny wins -> deny" if allow is not None else "Deny -> deny"
+            self._add(tier, deny.policy.ruleset, deny.rule.name, result)
+        elif allow is not None:
+            self._add(tier, allow.policy.ruleset, allow.rule.name, "Allow -> allow")
+        elif verdict is not None:
+            isolation = "selected and nothing matched -> deny (namespace isolation)"
+            self._add(tier, verdict.ruleset, None, isolation)
+        else:
+            self._add(tier, None, None, "no policy selects the workload")
+        self._reached += 1
 
-    def _ordered_tier(
-        self,
-        tier: Tier,
-        entries: list[_Entry],
-        selection: _Selection,
-        enforce_only: bool,
-        steps: list[Step] | None,
-    ) -> _Entry | None:
-        """Steps 1 and 3: entries are already in (priority, name, rule) order; the first decides."""
-        first = entries[0] if entries else None
-        if steps is None:
-            return first
+    def default(self, verdict: Verdict) -> None:
+        """Step 4: no tier decided."""
+        self._reach(_DEFAULT_STEP)
+        self.steps.append(
+            Step(
+                tier="default",
+                ruleset=None,
+                rule=None,
+                result=f"no tier decided -> default {verdict.action}",
+                shadow=self._shadow,
+            )
+        )
+
+    def _reach(self, position: int) -> None:
+        """The evaluation moved on to _TIERS[position]: an admin or baseline tier it left without
+        reporting a match had none. (Step 2 always reports its outcome through `namespace`.)"""
+        while self._reached < position:
+            tier = _TIERS[self._reached]
+            if tier is not Tier.NAMESPACE:
+                self._ordered_steps(tier, None)
+            self._reached += 1
+
+    def _ordered_steps(self, tier: Tier, first: _Entry | None) -> None:
+        """Steps 1 and 3: each selecting policy in order up to the one holding `first`."""
         any_selected = False
         for slot in self._tier_slots[tier]:
-            policy = self.policies[slot]
-            if slot not in selection.slots or (enforce_only and policy.mode is Mode.AUDIT):
+            if slot not in self._selected:
                 continue
             any_selected = True
+            policy = self._policies[slot]
             if first is None or first.slot != slot:
-                steps.append(_step(tier, policy, None, "selects the workload; no rule matches"))
+                self._add(tier, policy.ruleset, None, "selects the workload; no rule matches")
                 continue
             handover = "namespace tier" if tier is Tier.ADMIN else "default action"
             result = (
@@ -604,83 +677,12 @@ class Engine:
                 if first.verdict is not None
                 else f"Pass matches -> {handover}"
             )
-            steps.append(_step(tier, policy, first.rule.name, result))
-            break
+            self._add(tier, policy.ruleset, first.rule.name, result)
+            return
         if not any_selected:
-            steps.append(_step(tier, None, None, "no policy selects the workload"))
-        return first
+            self._add(tier, None, None, "no policy selects the workload")
 
-    def _namespace_tier(
-        self,
-        entries: list[_Entry],
-        selection: _Selection,
-        enforce_only: bool,
-        steps: list[Step] | None,
-    ) -> Verdict | None:
-        """Step 2."""
-        deny = next((e for e in entries if e.rule.action is Action.DENY), None)
-        allow = next((e for e in entries if e.rule.action is Action.ALLOW), None)
-        selecting = [
-            slot
-            for slot in selection.namespace_slots
-            if not (enforce_only and self.policies[slot].mode is Mode.AUDIT)
-        ]
-        if steps is not None:
-            self._explain_namespace(entries, selecting, deny, allow, steps)
-        if deny is not None:
-            return deny.verdict
-        if allow is not None:
-            return allow.verdict
-        if selecting:
-            return self._isolation[selecting[0]]
-        return None
-
-    def _explain_namespace(
-        self,
-        entries: list[_Entry],
-        selecting: list[int],
-        deny: _Entry | None,
-        allow: _Entry | None,
-        steps: list[Step],
-    ) -> None:
-        tier = Tier.NAMESPACE
-        for slot in selecting:
-            policy = self.policies[slot]
-            matched = [entry for entry in entries if entry.slot == slot]
-            if not matched:
-                steps.append(_step(tier, policy, None, "selects the workload; no rule matches"))
-            for entry in matched:
-                note = " (not a match in the namespace tier)" if entry.verdict is None else ""
-                steps.append(
-                    _step(tier, policy, entry.rule.name, f"{entry.rule.action} matches{note}")
-                )
-        if deny is not None:
-            result = "Deny wins -> deny" if allow is not None else "Deny -> deny"
-            steps.append(_step(tier, deny.policy, deny.rule.name, result))
-        elif allow is not None:
-            steps.append(_step(tier, allow.policy, allow.rule.name, "Allow -> allow"))
-        elif selecting:
-            steps.append(
-                _step(
-                    tier,
-                    self.policies[selecting[0]],
-                    None,
-                    "selected and nothing matched -> deny (namespace isolation)",
-                )
-            )
-        else:
-            steps.append(_step(tier, None, None, "no policy selects the workload"))
-
-
-def _add_once(entries: list[_Entry], entry: _Entry) -> None:
-    if not entries or entries[-1] is not entry:
-        entries.append(entry)
-
-
-def _step(tier: Tier, policy: Policy | None, rule: str | None, result: str) -> Step:
-    return Step(
-        tier=str(tier),
-        ruleset=policy.ruleset if policy is not None else None,
-        rule=rule,
-        result=result,
-    )
+    def _add(self, tier: Tier, ruleset: str | None, rule: str | None, result: str) -> None:
+        self.steps.append(
+            Step(tier=str(tier), ruleset=ruleset, rule=rule, result=result, shadow=self._shadow)
+        )
