@@ -1,5 +1,6 @@
 """The Markdown of a benchmark run: one row per scenario, Outgate beside Squid, the ratio, and
-whether each target of issue 6 is met. Pure: results dict in, text out."""
+whether each target of issue 6 is met; with `--baseline REV`, Outgate beside outgate@REV too,
+and whether its CPU per operation is within 5 % of REV's. Pure: results dict in, text out."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ CPU_RATIO_TARGET = 1.0
 TUNNEL_MEMORY_RATIO_TARGET = 0.5
 POLICY_SCALE_TARGET = 2.0
 POLICY_US_TARGET = 10.0
+# Against `--baseline REV`: CPU per operation at most this much above REV's on every row.
+BASELINE_TOLERANCE = 0.05
 
 
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -135,6 +138,149 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return found
 
 
+def _cpu_cost(row: dict[str, Any]) -> tuple[float | None, str]:
+    """The scenario's CPU figure: CPU per GB for bulk, per tunnel's whole life (open, handshake,
+    idle, one GET) for the idle tunnels, per operation otherwise."""
+    if row.get("cpu_s_per_gb") is not None:
+        return row["cpu_s_per_gb"], "CPU s/GB"
+    if row.get("kib_per_tunnel") is not None:
+        return row.get("cpu_per_op_us"), "CPU us/tunnel"
+    return row.get("cpu_per_op_us"), "CPU us/op"
+
+
+def _baseline_run_ratios(entry: dict[str, Any], figure: str) -> str:
+    """Outgate's run i over outgate@REV's run i, for `figure` ("cpu" or a Measurement field)."""
+    runs = entry.get("runs", {})
+    shown = []
+    for ours, theirs in zip(runs.get("outgate", []), runs.get("baseline", []), strict=False):
+        if figure == "cpu":
+            ratio = _ratio(_cpu_cost(ours)[0], _cpu_cost(theirs)[0])
+        else:
+            ratio = _ratio(ours.get(figure), theirs.get(figure))
+        if ratio is not None:
+            shown.append(f"{ratio:.2f}")
+    return ", ".join(shown) if shown else "-"
+
+
+def within_tolerance(ratio: float | None) -> str:
+    """`yes` within 5 % either way, `yes (lower)` more than 5 % below REV, `no` above."""
+    if ratio is None:
+        return "-"
+    if ratio > 1 + BASELINE_TOLERANCE:
+        return "no"
+    if ratio < 1 - BASELINE_TOLERANCE:
+        return "yes (lower)"
+    return "yes"
+
+
+def baseline_table(results: dict[str, Any]) -> list[str]:
+    """Outgate (the working tree) against outgate@REV, per scenario; empty without a baseline."""
+    base = results.get("baseline")
+    if not base:
+        return []
+    label = base.get("label", "baseline")
+    pct = f"{BASELINE_TOLERANCE * 100:g} %"
+    current = results.get("current", {})
+    here = f"HEAD {current['commit'][:7]}" if current.get("commit") else "HEAD ?"
+    if current.get("proxy_changes"):
+        here += f" + {current['proxy_changes']} changed or new files in proxy/"
+    lines = [
+        f"Outgate (the working tree: {here}) against `{label}` (commit {base['commit'][:7]}, "
+        "its proxy/ in a temporary git worktree, same interpreter and config), in the same run. "
+        f"Cells: Outgate / {label} (ratio). Within {pct}: Outgate's CPU figure (median of the "
+        f"repeats) is at most {pct} above {label}'s; `yes (lower)`: more than {pct} below it.",
+        "",
+        "| Scenario | Throughput | p99 ms | p99 ratio per run | CPU cost | CPU ratio per run "
+        f"| Peak RSS MiB | Errors | Within {pct} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts: list[tuple[str, float | None]] = []
+    for key, entry in results.get("scenarios", {}).items():
+        ours, theirs = entry["outgate"], entry.get("baseline")
+        if theirs is None:
+            continue
+        if ours.get("gb_per_s") is not None:
+            throughput = _pair(ours["gb_per_s"], theirs["gb_per_s"], ".2f") + " GB/s"
+        elif ours.get("throughput") is not None or theirs.get("throughput") is not None:
+            throughput = _pair(ours.get("throughput"), theirs.get("throughput"), ",.0f") + " /s"
+        else:
+            throughput = "-"
+        cost_ours, unit = _cpu_cost(ours)
+        cost_theirs, _ = _cpu_cost(theirs)
+        cost_fmt = ".3f" if unit == "CPU s/GB" else ".1f"
+        ratio = _ratio(cost_ours, cost_theirs)
+        verdicts.append((key, ratio))
+        memory = _pair(ours["peak_kib"] / 1024, theirs["peak_kib"] / 1024, ".1f")
+        if ours.get("kib_per_tunnel") is not None:
+            memory += "; " + _pair(ours["kib_per_tunnel"], theirs.get("kib_per_tunnel"), ".1f")
+            memory += " KiB/tunnel"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{key}`",
+                    throughput,
+                    _pair(ours.get("p99_ms"), theirs.get("p99_ms"), ".2f"),
+                    _baseline_run_ratios(entry, "p99_ms"),
+                    f"{_pair(cost_ours, cost_theirs, cost_fmt)} {unit}",
+                    _baseline_run_ratios(entry, "cpu"),
+                    memory,
+                    f"{ours['errors']} / {theirs['errors']}",
+                    within_tolerance(ratio),
+                ]
+            )
+            + " |"
+        )
+    if verdicts:
+        measured = [(key, r) for key, r in verdicts if r is not None]
+        every = len(measured) == len(verdicts) and all(
+            r <= 1 + BASELINE_TOLERANCE for _, r in measured
+        )
+        worst = max(measured, key=lambda item: item[1]) if measured else None
+        summary = f"CPU within {pct} of {label} on every row: {'yes' if every else 'no'}"
+        if worst is not None:
+            summary += f" (highest ratio: `{worst[0]}` {worst[1]:.2f}x)"
+        lines += ["", summary + "."]
+    return lines
+
+
+def micro_figures(micro: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, us per op) of each micro-benchmark figure, in table order."""
+    found: list[tuple[str, float]] = []
+    for rules, row in micro.get("policy_decision", {}).items():
+        found.append((f"Policy decision, {int(rules):,} rules, cold", row["cold_us"]))
+        found.append((f"Policy decision, {int(rules):,} rules, memo hit", row["warm_us"]))
+    hello = micro.get("clienthello", {})
+    if hello.get("status") == "ok":
+        found.append((f"ClientHello parse ({hello['bytes']} B)", hello["us"]))
+    head = micro.get("request_head", {})
+    if head:
+        found.append((f"Request head find + parse ({head['bytes']} B)", head["us"]))
+    audit = micro.get("audit_render", {})
+    if audit:
+        found.append(("Audit records rendered (decision + close)", audit["us"]))
+    return found
+
+
+def micro_baseline_table(results: dict[str, Any]) -> list[str]:
+    """The micro-benchmarks of the working tree beside those of outgate@REV."""
+    micro, theirs = results.get("micro", {}), results.get("micro_baseline")
+    if theirs is None or not micro or "error" in micro:
+        return []
+    label = results.get("baseline", {}).get("label", "baseline")
+    if "error" in theirs:
+        return ["", f"Micro-benchmarks against {label} failed: {theirs['error'][-300:]}"]
+    before = dict(micro_figures(theirs))
+    lines = [
+        "",
+        f"| Micro-benchmark (CPU 0, best of 25 loops) | us per op: Outgate / {label} (ratio) |",
+        "|---|---|",
+    ]
+    for name, value in micro_figures(micro):
+        lines.append(f"| {name} | {_pair(value, before.get(name), '.2f')} |")
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     s = results.get("settings", {})
@@ -154,6 +300,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     for label, measured, met in targets(results):
         out.append(f"| {label} | {measured} | {'yes' if met else 'no'} |")
+    compared = baseline_table(results)
+    if compared:
+        out += ["", *compared]
     micro = results.get("micro", {})
     if micro and "error" not in micro:
         out += ["", "| Micro-benchmark (CPU 0, best of 25 loops) | us per op |", "|---|---|"]
@@ -185,6 +334,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"splice(2), CPU s/GB | {probe['protocol_cpu_s_per_gb']:.3f} / "
             f"{probe['splice_cpu_s_per_gb']:.3f} |"
         )
+    out += micro_baseline_table(results)
     scaling = results.get("scaling", [])
     if scaling:
         out += [

@@ -11,7 +11,13 @@ Figures per scenario: throughput, p50/p99 latency, proxy CPU per operation (utim
 memory (VmHWM), errors, and each as a ratio to Squid. Writes bench/results/latest.json and
 latest.md and prints the table. Everything listens on 127.0.0.1 and is stopped before exit.
 
-  python -m bench.run [--quick] [--repeats N] [--only http,connect_tls,...]
+`--baseline REV` adds a third contender, `outgate@REV`: the `proxy` package of that git revision,
+checked out into a temporary git worktree (removed at the end) and run with the same interpreter
+and config as the working tree's Outgate, in every scenario and repeat; the report then gives,
+per row, Outgate's CPU per operation and p99 as ratios to it, per repeat too, and whether the
+CPU per operation is within 5 %.
+
+  python -m bench.run [--quick] [--repeats N] [--only http,connect_tls,...] [--baseline REV]
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from bench.servers import (
     OutgateProxy,
     Proxy,
     SquidProxy,
+    imported_from,
     raise_open_files_limit,
+    safe_name,
     tool,
 )
 
@@ -57,6 +65,7 @@ STEP_TIMEOUT = 240.0
 # Scripts other issues add (TLS, Kubernetes); run when present, their rows included.
 EXTRA_SCRIPTS = ("tls_bench.py", "kube_scale.py")
 EXTRA_TIMEOUT = 300.0
+GIT_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,82 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(REPO), *args],
+        capture_output=True,
+        text=True,
+        timeout=GIT_TIMEOUT,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {out.stderr.strip()[-500:]}")
+    return out.stdout.strip()
+
+
+@dataclass
+class BaselineTree:
+    """`outgate@REV`: REV's tree checked out into a temporary, detached git worktree. Only the
+    worktree list of the repository changes (no branch, no index, no checkout); `remove` undoes
+    that."""
+
+    rev: str
+    commit: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"outgate@{self.rev}"
+
+    @classmethod
+    def add(cls, rev: str) -> BaselineTree:
+        try:
+            commit = _git("rev-parse", "--verify", "--quiet", "--end-of-options", rev + "^{commit}")
+        except RuntimeError:
+            raise RuntimeError(f"{rev!r} is not a commit of {REPO}") from None
+        path = Path(tempfile.mkdtemp(prefix=f"outgate-baseline-{safe_name(rev)}-"))
+        tree = cls(rev=rev, commit=commit, path=path)
+        try:
+            _git("worktree", "add", "--detach", "--quiet", str(path), commit)
+            if not (path / "proxy" / "__main__.py").exists():
+                raise RuntimeError(f"{rev} ({commit[:12]}) has no proxy/__main__.py")
+            # Compile once here, so no proxy process of the run pays for it.
+            subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", str(path / "proxy")],
+                capture_output=True,
+                timeout=GIT_TIMEOUT,
+                check=False,
+            )
+        except BaseException:
+            tree.remove()
+            raise
+        return tree
+
+    def remove(self) -> None:
+        try:
+            _git("worktree", "remove", "--force", str(self.path))
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            print(f"bench: git worktree remove {self.path}: {error}", file=sys.stderr)
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            _git("worktree", "prune")
+
+
+def current_tree() -> dict[str, Any]:
+    """What the working tree's Outgate is: HEAD's commit, and whether proxy/ differs from it."""
+    found: dict[str, Any] = {}
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, OSError):
+        found["commit"] = _git("rev-parse", "HEAD")
+        found["proxy_changes"] = len(
+            _git("status", "--porcelain", "--untracked-files=all", "--", "proxy").splitlines()
+        )
+    return found
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, baseline: BaselineTree | None = None
+    ) -> None:
         self.args = args
         self.workdir = workdir
         self.warmup = 1.0 if args.quick else 2.0
@@ -108,6 +191,7 @@ class Bench:
         self.nameserver = NameServer()
         self.origin = Origin(workdir, cpu=LOAD_CPU)
         self.python = Path(sys.executable)
+        self.baseline = baseline
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,11 +204,22 @@ class Bench:
 
     @contextlib.contextmanager
     def proxy(self, name: str, *, workers: int = 1, cpu: str = PROXY_CPU) -> Iterator[Proxy]:
-        run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{safe_name(name)}-", dir=self.workdir))
         run_dir.chmod(0o777)
         proxy: Proxy
         if name == "squid":
             proxy = SquidProxy(run_dir, self.origin, cpu=cpu)
+        elif self.baseline is not None and name == self.baseline.label:
+            proxy = OutgateProxy(
+                run_dir,
+                self.origin,
+                self.nameserver,
+                cpu=cpu,
+                workers=workers,
+                python=self.python,
+                name=name,
+                source=self.baseline.path,
+            )
         else:
             proxy = OutgateProxy(
                 run_dir, self.origin, self.nameserver, cpu=cpu, workers=workers, python=self.python
@@ -139,12 +234,19 @@ class Bench:
     # -- scenarios --------------------------------------------------------------------------
     def measure(self, scenario: Scenario, name: str) -> Measurement:
         with self.proxy(name) as proxy:
-            if scenario.mode == "wrk":
-                result = self._wrk(proxy, scenario)
-            elif scenario.mode == "idle":
-                result = self._idle(proxy, scenario)
-            else:
-                result = self._loadgen(proxy, scenario)
+            try:
+                if scenario.mode == "wrk":
+                    result = self._wrk(proxy, scenario)
+                elif scenario.mode == "idle":
+                    result = self._idle(proxy, scenario)
+                else:
+                    result = self._loadgen(proxy, scenario)
+            except RuntimeError as error:
+                state = "running" if proxy.alive() else "exited"
+                raise RuntimeError(
+                    f"{error}\n{proxy.label} ({state}), last lines of its stderr:\n"
+                    f"{proxy.stderr_tail()}"
+                ) from error
             result.peak_kib = procstat.sample(proxy.pid).peak_kib
             if not proxy.alive():
                 result.errors += 1
@@ -279,7 +381,7 @@ class Bench:
         )
         assert proc.stdout is not None and proc.stdin is not None
         opened = 0
-        held = base
+        held = done = base
         raw: dict[str, Any] = {}
         try:
             for line in proc.stdout:
@@ -292,10 +394,13 @@ class Bench:
                     proc.stdin.flush()
                 elif line.startswith("{"):
                     raw = json.loads(line)
+                    done = procstat.sample(proxy.pid)
         finally:
             _finish(proc)
         if not raw:
             raise RuntimeError("the idle-tunnel load generator gave no result")
+        # From before the first tunnel opens to the last answer: CPU per tunnel's whole life.
+        cpu_used = done.cpu_seconds - base.cpu_seconds
         answered = int(raw.get("answered", 0))
         result = Measurement(
             scenario=scenario.key,
@@ -306,6 +411,8 @@ class Bench:
             p99_ms=raw.get("p99_ms"),
             errors=int(raw["errors"]) + (wanted - answered),
             kib_per_tunnel=(held.rss_kib - base.rss_kib) / opened if opened else None,
+            cpu_seconds=cpu_used,
+            cpu_per_op_us=cpu_used / answered * 1e6 if answered else None,
         )
         result.extra.update(
             tunnels=wanted,
@@ -366,13 +473,28 @@ def median_of(measurements: list[Measurement]) -> Measurement:
     return merged
 
 
-def pinned_module(module: str, cpus: str = PROXY_CPU) -> dict[str, Any]:
-    """Run `python -m module` pinned to `cpus`; its last stdout line is a JSON object."""
+def pinned_module(
+    module: str, cpus: str = PROXY_CPU, *, source: Path | None = None
+) -> dict[str, Any]:
+    """Run `python -m module` pinned to `cpus`; its last stdout line is a JSON object. With
+    `source`, bench/<module>.py of this tree runs against the `proxy` package of `source` (run
+    by path from that directory, so `source` comes first on sys.path)."""
+    argv = ["taskset", "-c", cpus, sys.executable, "-m", module]
+    if source is not None:
+        script = REPO / (module.replace(".", "/") + ".py")
+        runner = (
+            "import runpy, sys, proxy\n"
+            f"if not proxy.__file__.startswith({str(source) + os.sep!r}):\n"
+            "    sys.exit(f'imports {proxy.__file__}')\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        )
+        argv = ["taskset", "-c", cpus, sys.executable, "-c", runner]
     out = subprocess.run(
-        ["taskset", "-c", cpus, sys.executable, "-m", module],
+        argv,
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=source if source is not None else REPO,
+        env=dict(os.environ, PYTHONPATH=str(source)) if source is not None else None,
         timeout=STEP_TIMEOUT,
         check=False,
     )
@@ -444,30 +566,31 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short windows, 500 idle tunnels")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per proxy and scenario")
-    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
-    parser.add_argument("--only", default="", help="comma-separated scenario keys")
-    parser.add_argument("--no-extras", action="store_true", help="skip micro, scaling, scripts")
-    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json/.md")
-    args = parser.parse_args(argv)
+def check_imports(bench: Bench, baseline: BaselineTree, results: dict[str, Any]) -> None:
+    """Both Outgates, started as OutgateProxy starts them, import the tree they should: print
+    `proxy.__file__` of each once, and stop the run if any proxy module comes from elsewhere."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="import-probe-", dir=bench.workdir))
+    for key, label, source in (
+        ("current", "outgate", None),
+        ("baseline", baseline.label, baseline.path),
+    ):
+        found = imported_from(bench.python, source, probe_dir)
+        results[key]["imports"] = found
+        print(
+            f"bench: {label} imports proxy from {found['proxy_file']} ({found['modules']} "
+            f"proxy modules, {len(found['outside'])} from outside {found['expected']})",
+            flush=True,
+        )
+        if found["outside"]:
+            raise RuntimeError(f"{label} imports {found['outside'][:5]}")
 
-    if not LOADGEN.exists():
-        print("bench: bench/.build/loadgen is missing: run bench/install.sh", file=sys.stderr)
-        return 2
-    for name in ("squid", "nginx", "wrk", "taskset"):
-        tool(name)
-    raise_open_files_limit()
-    os.sched_setaffinity(0, {int(LOAD_CPU)})  # this script shares the load generator's CPU
-    started = time.monotonic()
-    wanted = {key for key in args.only.split(",") if key}
-    scenarios = [s for s in SCENARIOS if not wanted or s.key in wanted]
 
+def run_all(
+    args: argparse.Namespace, scenarios: list[Scenario], baseline: BaselineTree | None
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="outgate-bench-"))
     workdir.chmod(0o777)
-    bench = Bench(args, workdir)
+    bench = Bench(args, workdir, baseline)
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -481,25 +604,45 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scenarios": {},
     }
+    # Squid, Outgate (, outgate@REV); odd repeats run them in reverse order, so each proxy runs
+    # before and after the others (and Outgate's neighbour alternates between Squid and REV).
+    names = ["squid", "outgate"]
+    if baseline is not None:
+        names.append(baseline.label)
+        results["current"] = current_tree()
+        results["baseline"] = {
+            "rev": baseline.rev,
+            "commit": baseline.commit,
+            "label": baseline.label,
+        }
     try:
         bench.start()
+        if baseline is not None:
+            check_imports(bench, baseline, results)
         for scenario in scenarios:
-            runs: dict[str, list[Measurement]] = {"squid": [], "outgate": []}
+            runs: dict[str, list[Measurement]] = {name: [] for name in names}
             for repeat in range(args.repeats if scenario.mode != "idle" else 1):
-                order = ("squid", "outgate") if repeat % 2 == 0 else ("outgate", "squid")
+                order = names if repeat % 2 == 0 else names[::-1]
                 for name in order:
                     print(f"bench: {scenario.key} / {name} (run {repeat + 1})", flush=True)
                     runs[name].append(bench.measure(scenario, name))
-            results["scenarios"][scenario.key] = {
+            entry: dict[str, Any] = {
                 "title": scenario.title,
                 "rate": scenario.rate,
                 "outgate": asdict(median_of(runs["outgate"])),
                 "squid": asdict(median_of(runs["squid"])),
-                "runs": {name: [asdict(m) for m in ms] for name, ms in runs.items()},
+                "runs": {name: [asdict(m) for m in runs[name]] for name in ("squid", "outgate")},
             }
+            if baseline is not None:
+                entry["baseline"] = asdict(median_of(runs[baseline.label]))
+                entry["runs"]["baseline"] = [asdict(m) for m in runs[baseline.label]]
+            results["scenarios"][scenario.key] = entry
         if not args.no_extras:
             print("bench: micro-benchmarks", flush=True)
             results["micro"] = pinned_module("bench.micro")
+            if baseline is not None:
+                print(f"bench: micro-benchmarks, {baseline.label}", flush=True)
+                results["micro_baseline"] = pinned_module("bench.micro", source=baseline.path)
             print("bench: splice(2) probe", flush=True)
             results["splice_probe"] = pinned_module("bench.splice_probe", f"{PROXY_CPU},{LOAD_CPU}")
             print("bench: workers scaling", flush=True)
@@ -509,6 +652,48 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, 500 idle tunnels")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per proxy and scenario")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    parser.add_argument("--only", default="", help="comma-separated scenario keys")
+    parser.add_argument("--no-extras", action="store_true", help="skip micro, scaling, scripts")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json/.md")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default="",
+        help="also run the proxy package of git revision REV (outgate@REV) in every scenario",
+    )
+    args = parser.parse_args(argv)
+
+    if not LOADGEN.exists():
+        print("bench: bench/.build/loadgen is missing: run bench/install.sh", file=sys.stderr)
+        return 2
+    for name in ("squid", "nginx", "wrk", "taskset"):
+        tool(name)
+    raise_open_files_limit()
+    os.sched_setaffinity(0, {int(LOAD_CPU)})  # this script shares the load generator's CPU
+    started = time.monotonic()
+    wanted = {key for key in args.only.split(",") if key}
+    scenarios = [s for s in SCENARIOS if not wanted or s.key in wanted]
+
+    baseline: BaselineTree | None = None
+    if args.baseline:
+        try:
+            baseline = BaselineTree.add(args.baseline)
+        except RuntimeError as error:
+            print(f"bench: --baseline {args.baseline}: {error}", file=sys.stderr)
+            return 2
+    try:
+        results = run_all(args, scenarios, baseline)
+    finally:
+        if baseline is not None:
+            baseline.remove()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
 
     out = Path(args.out)

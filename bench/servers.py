@@ -4,14 +4,19 @@
   P-256 certificate, so the origin's handshake cost stays small next to the proxies').
 - `NameServer`: a tiny authoritative DNS server for the origin's name (Outgate resolves names
   itself, never from /etc/hosts; Squid reads the same answer from its own `hosts_file`).
-- `SquidProxy` and `OutgateProxy`: the two proxies under test, started with the same allowlist,
-  access logging on, caching off, one worker, pinned to one CPU.
+- `SquidProxy` and `OutgateProxy`: the proxies under test, started with the same allowlist,
+  access logging on, caching off, one worker, pinned to one CPU. An `OutgateProxy` with a
+  `source` runs the `proxy` package of that checkout (`bench.run --baseline REV`: a git worktree
+  of an older revision) with the same interpreter and config; `imported_from` shows which
+  files a process started that way imports.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
+import os
 import random
 import shutil
 import signal
@@ -97,11 +102,20 @@ def wait_port(port: int, timeout: float = START_TIMEOUT) -> None:
 class Process:
     """One child process, pinned to `cpu`, output to files in the run directory."""
 
-    def __init__(self, name: str, argv: list[str], *, cpu: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cpu: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.cpu = cpu
         self.workdir = workdir
+        self.env = env  # None: this process's environment
         self.proc: subprocess.Popen[bytes] | None = None
         self._files: list[IO[bytes]] = []
 
@@ -115,6 +129,7 @@ class Process:
             stderr=err,
             stdin=subprocess.DEVNULL,
             cwd=self.workdir,
+            env=self.env,
         )
 
     @property
@@ -353,10 +368,11 @@ class OutgateProxy(Proxy):
         workers: int = 1,
         python: Path,
         name: str = "outgate",
+        source: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
-        odir = workdir / name
+        odir = workdir / safe_name(name)
         odir.mkdir(exist_ok=True)
         (odir / "policies").mkdir(exist_ok=True)
         policy: dict[str, Any] = {
@@ -408,11 +424,75 @@ class OutgateProxy(Proxy):
         (odir / "outgate.yaml").write_text(yaml.safe_dump(config))
         argv = [str(python), "-m", "proxy", "run", "--config", str(odir / "outgate.yaml")]
         self.label = name
-        super().__init__(name, argv, cpu=cpu, workdir=odir)
+        self.source = source
+        super().__init__(
+            safe_name(name), argv, cpu=cpu, workdir=odir, env=outgate_environment(source)
+        )
         self.audit_log = odir / "audit.log"
 
     def start(self, *, stdout_name: str | None = None) -> None:
         super().start(stdout_name=stdout_name or "audit.log")
+
+
+def safe_name(name: str) -> str:
+    """A label such as `outgate@HEAD~1` or `outgate@origin/main` as one file name."""
+    return "".join(c if c.isalnum() or c in "._@-" else "_" for c in name)
+
+
+def outgate_environment(source: Path | None) -> dict[str, str] | None:
+    """The environment Outgate runs in: unchanged for the working tree (the venv's editable
+    install), or with `source` first on PYTHONPATH, so `python -m proxy` imports that checkout's
+    package. PYTHONPATH entries come before site-packages, and setuptools' editable finder is
+    appended to sys.meta_path, after the path finder, so the checkout wins; `imported_from`
+    checks it."""
+    if source is None:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(source), os.environ.get("PYTHONPATH", "")) if part
+    )
+    return env
+
+
+# Imports what `python -m proxy run` imports (the CLI, then the app and its data plane) and
+# reports where every `proxy` module came from.
+_IMPORT_PROBE = """
+import contextlib, json, sys
+import proxy, proxy.cli
+with contextlib.suppress(ImportError):
+    import proxy.app
+files = sorted(
+    getattr(m, "__file__", None) or "?"
+    for n, m in list(sys.modules.items())
+    if n == "proxy" or n.startswith("proxy.")
+)
+print(json.dumps({"proxy_file": proxy.__file__, "files": files}))
+"""
+
+
+def imported_from(python: Path, source: Path | None, cwd: Path) -> dict[str, Any]:
+    """Where a proxy started as OutgateProxy starts it (same interpreter, environment and kind
+    of working directory) imports `proxy` from: `proxy_file`, and `outside`, the loaded proxy
+    modules that are not under the expected tree (empty when the right code runs)."""
+    root = source if source is not None else Path(__file__).resolve().parent.parent
+    expected = (root / "proxy").resolve()
+    out = subprocess.run(
+        [str(python), "-c", _IMPORT_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=outgate_environment(source),
+        timeout=60,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"importing proxy failed: {out.stderr[-1500:]}")
+    found: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    files = found.pop("files")
+    found["expected"] = str(expected)
+    found["modules"] = len(files)
+    found["outside"] = [f for f in files if not Path(f).resolve().is_relative_to(expected)]
+    return found
 
 
 def tool(name: str) -> str:
