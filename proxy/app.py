@@ -132,7 +132,9 @@ def build_proxy(
     )
     log = ExchangeLog(audit=audit, identity=identity)
     relay = HttpRelay(settings=settings, log=log)
-    interceptor = Interceptor(settings=settings, certs=certs, dialer=dialer, log=log, relay=relay)
+    interceptor = Interceptor(
+        settings=settings, certs=certs, router=router, dialer=dialer, log=log, relay=relay
+    )
     tunnels = TunnelRelay(
         timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
     )

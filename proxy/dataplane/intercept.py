@@ -50,7 +50,7 @@ from proxy.dataplane.http_relay import (
     read_request_head,
 )
 from proxy.dataplane.peer import Peer
-from proxy.dataplane.router import Route
+from proxy.dataplane.router import Route, Router
 from proxy.dataplane.tlspeer import TLSPeer
 from proxy.errors import (
     BadGateway,
@@ -102,11 +102,13 @@ class Interceptor:
         *,
         settings: Settings,
         certs: CertCache | None,
+        router: Router,
         dialer: Dialer,
         log: ExchangeLog,
         relay: HttpRelay,
     ) -> None:
         self._settings = settings
+        self._router = router
         self._dialer = dialer
         self._log = log
         self._relay = relay
@@ -200,11 +202,11 @@ class Interceptor:
         tunnel: Exchange,
         *,
         route: Route,
-        inspect: Inspect | None,
         tls: bool,
     ) -> Reason:
-        """Read, check, decide and forward each request until the client connection ends.
-        Returns the tunnel's close reason."""
+        """Read, check, decide and forward each request until the client connection ends: the
+        rule's `inspect` checks are those of the route's (current) decision. Returns the
+        tunnel's close reason."""
         connect, port = route.host, route.port
         pinned = route.pinned(upstream.ip)
         pool = UpstreamPool()
@@ -234,6 +236,15 @@ class Interceptor:
                     req = inner.head
                     ex.method, ex.path = req.method, req.path
                     check_authority(inner, connect=connect, port=port)
+                    # Decided again when the policy changed since the tunnel opened, for the
+                    # tunnel's own address: a reload applies to the next request, not the next
+                    # tunnel.
+                    pinned = self._router.recheck(pinned)
+                    ex.decision = pinned.deciding
+                    refusal = pinned.refusal()
+                    if refusal is not None:
+                        raise refusal
+                    inspect = pinned.decision.inspect
                     if inspect is not None:
                         self._inspect(req, inspect, ex, connect)
                 except OutgateError as exc:

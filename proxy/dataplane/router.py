@@ -198,6 +198,21 @@ class Router:
             self._memo[key] = _Memo(engine, workload, route)
         return route
 
+    def recheck(self, route: Route) -> Route:
+        """`route` decided again with the policy in force, for the addresses it already permits
+        and without a new DNS query (a request inside a tunnel goes where the tunnel goes).
+        The same route while the policy revision is unchanged."""
+        engine = self._policy.engine
+        if route.decision.revision == engine.revision:
+            return route
+        host, port, workload = route.host, route.port, route.workload
+        decision = engine.decide(workload, Destination(host=host, port=port, ip=host.ip))
+        if not decision.allowed:
+            return Route(workload=workload, host=host, port=port, decision=decision)
+        return self._check_addresses(
+            engine, workload, host, port, decision, route.permitted, explain=False
+        )
+
     def _check_addresses(
         self,
         engine: Engine,

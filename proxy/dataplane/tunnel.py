@@ -218,7 +218,6 @@ class TunnelRelay:
                     Upstream(peer=inner_upstream, ip=upstream.ip),
                     ex,
                     route=route,
-                    inspect=inspect,
                     tls=intercept_tls,
                 )
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from proxy import metrics
+from proxy.core.policy.engine import Engine
+from proxy.core.policy.loader import load_text
+from proxy.core.policy.model import Action
 from proxy.tls.ca import init_ca, load_ca
 from proxy.tls.certs import CertCache
 from tests.support.fixtures import policy_allowing
@@ -192,4 +196,52 @@ async def test_an_intercepted_tunnel_counts_its_bytes_once(tmp_path: Path) -> No
             # The tunnel's wire bytes hold the inner request's: the metric counts them once.
             assert _bytes_total("egress") - egress == tunnel["source"]["bytes"]
             assert _bytes_total("ingress") - ingress == tunnel["destination"]["bytes"]
+    certs.close()
+
+
+async def test_a_policy_reload_applies_to_the_next_request_inside_an_intercepted_tunnel(
+    tmp_path: Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki", ["origin.test"])
+    ca_cert, ca_key = init_ca(tmp_path / "ca")
+    certs = CertCache(load_ca(str(ca_cert), str(ca_key)))
+    inspected = policy_allowing("origin.test").replace("ports:", "inspect: {}\n      ports:")
+    with OriginServer(ssl_context=pki.server_context()) as origin:
+        async with inprocess_proxy(
+            tmp_path,
+            inspected,
+            answers={"origin.test": LOOPBACK},
+            certs=certs,
+            tls={"upstreamCABundle": str(pki.ca_pem)},
+        ) as harness:
+            reader, writer = await connect(harness)
+            authority = f"origin.test:{origin.port}"
+            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                client_tls = ssl.create_default_context(cafile=str(ca_cert))
+                await writer.start_tls(client_tls, server_hostname="origin.test")
+            request = f"GET /hello HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+            status, _, _ = await http_exchange(reader, writer, request)
+            assert status == 200
+            denying = policy_allowing("origin.test").replace("action: Allow", "action: Deny")
+            harness.policy.install(
+                Engine.compile(
+                    load_text(denying, file="reloaded.yaml"),
+                    default_action=Action.DENY,
+                    revision=2,
+                )
+            )
+            status, headers, _ = await http_exchange(reader, writer, request)
+            assert status == 403 and headers["x-outgate-reason"] == "rule_deny"
+            inner = [
+                r["outgate"]
+                for r in harness.audit.records
+                if r["event"]["action"] == "decision" and r["outgate"]["connection"] == "intercept"
+            ]
+            assert [(o["decision"], o["policy_revision"]) for o in inner] == [
+                ("allow", 1),
+                ("deny", 2),
+            ]
+            writer.close()
     certs.close()

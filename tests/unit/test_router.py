@@ -218,3 +218,22 @@ async def test_explain_route_is_not_memoised_and_carries_steps() -> None:
     assert explained is not plain and explained.decision.steps
     assert explained.permitted == plain.permitted
     assert explained.decision.verdict == plain.decision.verdict
+
+
+async def test_recheck_keeps_the_route_until_the_policy_changes_and_asks_no_dns() -> None:
+    router, resolver, store = router_for(
+        policy(ALLOW_INTERNAL), {"db.corp.example": ips("10.20.1.1", "10.20.1.2")}
+    )
+    first = (await route(router, "db.corp.example")).pinned(ipaddress.ip_address("10.20.1.2"))
+    assert router.recheck(first) is first
+    asked = len(resolver.asked)
+    # A new revision whose rule no longer names the guarded block: the pinned address is refused.
+    store.engine = engine(
+        policy(ALLOW_INTERNAL.replace("{cidr: 10.20.0.0/16}", "{cidr: 10.9.0.0/16}")), 2
+    )
+    again = router.recheck(first)
+    assert again.permitted == () and again.refusal().reason is Reason.GUARDED_ADDRESS  # type: ignore[union-attr]
+    assert [check.ip for check in again.checks] == [ipaddress.ip_address("10.20.1.2")]
+    store.engine = engine(policy(DENY_NET), 3)
+    assert router.recheck(first).refusal().reason is Reason.NAMESPACE_ISOLATION  # type: ignore[union-attr]
+    assert len(resolver.asked) == asked
