@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +25,13 @@ from proxy.audit import AuditSink, Exchange
 from proxy.config import Settings, settings_from_mapping
 from proxy.core.identity import Workload, WorkloadKind
 from proxy.errors import ConfigError, Reason
+from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess
+from tests.support.waiting import wait_for
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -252,24 +253,13 @@ def test_an_unwritable_squid_output_is_a_config_error(tmp_path: Path) -> None:
 
 
 def wait_lines(path: Path, count: int, timeout: float = 10.0) -> list[str]:
-    """Poll until the file has `count` lines (the writer thread appends them)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """The file's lines once it has `count` of them (the writer thread appends them)."""
+
+    def enough() -> list[str] | None:
         lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count or time.monotonic() > deadline:
-            assert len(lines) >= count, f"{path} has {len(lines)} lines: {lines}"
-            return lines
-        time.sleep(0.05)
+        return lines if len(lines) >= count else None
 
-
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
+    return wait_for(enough, timeout, what=f"{path} to have {count} lines")
 
 
 def test_squid_lines_of_allowed_and_denied_requests_parse_with_the_native_layout(

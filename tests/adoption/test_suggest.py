@@ -30,6 +30,7 @@ from tests.adoption.records import (
     pod,
     recorded_log,
 )
+from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
@@ -201,14 +202,6 @@ def test_suggest_cli_reads_stdin_and_writes_loadable_yaml(tmp_path: Path) -> Non
 # -- records a real proxy wrote ------------------------------------------------------------------
 
 
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20", "-o", "/dev/null",
-         "-w", "%{http_code}", *args],
-        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False,
-    )  # fmt: skip
-
-
 def request_url(record: dict[str, Any]) -> str:
     destination = record["destination"]
     host = destination["domain"] or destination["ip"]
@@ -232,12 +225,16 @@ def test_policies_from_a_recorded_proxy_log_replay_through_explain(
         policy_allowing("origin.test", "*.origin.test", "internal.test"),
         nameserver=dns_server.nameserver,
     )
-    assert curl("-x", proxy.url, f"http://origin.test:{origin.port}/hello").stdout == "200"
-    assert curl("-x", proxy.url, f"http://api.origin.test:{origin.port}/hello").stdout == "200"
-    assert curl("-x", proxy.url, "--cacert", str(pki.ca_pem),
-                f"https://origin.test:{tls_origin.port}/hello").stdout == "200"  # fmt: skip
-    assert curl("-x", proxy.url, f"http://other.test:{origin.port}/").stdout == "403"  # policy
-    assert curl("-x", proxy.url, f"http://internal.test:{origin.port}/").stdout == "403"  # guard
+
+    def status(*args: str) -> str:
+        return curl("-x", proxy.url, *args, status_only=True).stdout
+
+    assert status(f"http://origin.test:{origin.port}/hello") == "200"
+    assert status(f"http://api.origin.test:{origin.port}/hello") == "200"
+    tls_url = f"https://origin.test:{tls_origin.port}/hello"
+    assert status("--cacert", str(pki.ca_pem), tls_url) == "200"
+    assert status(f"http://other.test:{origin.port}/") == "403"  # policy
+    assert status(f"http://internal.test:{origin.port}/") == "403"  # guard
     proxy.wait_records(lambda r: r["event"]["action"] == "close", count=5)
     proxy.stop()
     log = tmp_path / "audit.jsonl"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable
 
 import pytest
 
+from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
@@ -19,16 +19,6 @@ from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess, ResponseReader, read_response, read_until_close
 
 StartProxy = Callable[..., ProxyProcess]
-
-
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
 
 
 @pytest.fixture

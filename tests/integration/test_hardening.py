@@ -3,9 +3,11 @@ connection closed, the audit record and the metric."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
-import time
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,6 +17,7 @@ from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, ResponseReader, read_response, read_until_close
 from tests.support.rawserver import RawServer, read_head, reset
+from tests.support.waiting import wait_for
 
 StartProxy = Callable[..., ProxyProcess]
 TCP_POLICY = policy_allowing("origin.test", "raw.test") + "      protocol: tcp\n"
@@ -39,6 +42,15 @@ def _metric(proxy: ProxyProcess, prefix: str) -> float:
     return sum(values)
 
 
+def _clients_open(proxy: ProxyProcess) -> float:
+    return _metric(proxy, 'outgate_active_connections{kind="client"}')
+
+
+def _open_descriptors(proxy: ProxyProcess) -> int:
+    assert proxy.proc is not None
+    return len(os.listdir(f"/proc/{proxy.proc.pid}/fd"))
+
+
 # -- limits ---------------------------------------------------------------------------------
 
 
@@ -49,7 +61,7 @@ def test_global_connection_cap_answers_429_with_retry_after_and_admin_still_answ
         TCP_POLICY, nameserver=names.nameserver, config={"limits": {"maxConnections": 2}}
     )
     held = [proxy.connect(), proxy.connect()]
-    time.sleep(0.3)
+    wait_for(lambda: _clients_open(proxy) == 2, what="the proxy to hold both connections")
     with proxy.connect() as sock:
         status, headers, _ = read_response(sock)
         assert read_until_close(sock) == b""
@@ -68,7 +80,7 @@ def test_per_source_cap_answers_429(start_proxy: StartProxy, names: ScriptedDNSS
         TCP_POLICY, nameserver=names.nameserver, config={"limits": {"maxConnectionsPerSource": 1}}
     )
     with proxy.connect():
-        time.sleep(0.3)
+        wait_for(lambda: _clients_open(proxy) == 1, what="the proxy to hold the first connection")
         with proxy.connect() as second:
             status, _, body = read_response(second)
     assert status == 429
@@ -150,11 +162,10 @@ def test_a_client_that_stops_reading_pauses_the_upstream_then_times_out(
 # -- faults ---------------------------------------------------------------------------------
 
 
-def _reset_mid_body(conn: socket.socket) -> None:
-    read_head(conn)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
-    time.sleep(0.1)
-    reset(conn)
+def _until_the_proxy_closes(conn: socket.socket) -> None:
+    """Hold the connection open, so the proxy reacts to the fault and not to our close."""
+    while conn.recv(65536):
+        pass
 
 
 def _garbage(conn: socket.socket) -> None:
@@ -170,18 +181,17 @@ def _huge_headers(conn: socket.socket) -> None:
 def _endless_chunk_extension(conn: socket.socket) -> None:
     read_head(conn)
     conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"e" * 20_000)
-    time.sleep(0.5)
+    _until_the_proxy_closes(conn)
 
 
 def _chunked_cut_halfway(conn: socket.socket) -> None:
     read_head(conn)
     conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nwo")
     conn.shutdown(socket.SHUT_WR)
-    time.sleep(0.2)
+    _until_the_proxy_closes(conn)
 
 
 UPSTREAM_FAULTS = [
-    ("reset-mid-body", _reset_mid_body, None, "upstream_reset"),
     ("garbage-response", _garbage, 502, "upstream_bad_response"),
     ("oversized-headers", _huge_headers, 502, "upstream_bad_response"),
     ("endless-chunk-extension", _endless_chunk_extension, None, "upstream_bad_response"),
@@ -214,6 +224,40 @@ def test_faulty_upstream_is_survived_and_reported(
         assert f"X-Outgate-Reason: {reason}".encode() in data
     else:  # the head was already relayed: the only honest signal is a cut connection
         assert b"hello from origin" not in data
+    _assert_closed_for_then_serves_the_next_client(proxy, origin, reason)
+
+
+def test_upstream_reset_mid_body_cuts_the_client_after_the_head(
+    start_proxy: StartProxy, names: ScriptedDNSServer, origin: OriginServer
+) -> None:
+    client_has_head = threading.Event()
+
+    def reset_mid_body(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        client_has_head.wait(10)  # so the reset lands mid-body, after the head was relayed
+        reset(conn)
+
+    proxy = start_proxy(TCP_POLICY, nameserver=names.nameserver)
+    with RawServer(reset_mid_body) as raw, proxy.connect() as sock:
+        sock.sendall(_get(f"http://raw.test:{raw.port}/", host="raw.test"))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the head: {received!r}"
+            received += chunk
+        client_has_head.set()
+        with contextlib.suppress(ConnectionResetError):  # a reset passed on is as honest
+            received += read_until_close(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) < 100000  # the only honest signal left is a cut connection
+    _assert_closed_for_then_serves_the_next_client(proxy, origin, "upstream_reset")
+
+
+def _assert_closed_for_then_serves_the_next_client(
+    proxy: ProxyProcess, origin: OriginServer, reason: str
+) -> None:
     close = proxy.wait_records(lambda r: r["event"]["action"] == "close")[0]
     assert close["outgate"]["reason"] == reason
     with proxy.connect() as sock:  # and the proxy serves the next client as before
@@ -225,12 +269,17 @@ def test_client_vanishing_mid_body_aborts_the_upstream_and_is_recorded(
     start_proxy: StartProxy, names: ScriptedDNSServer
 ) -> None:
     got: list[bytes] = []
+    body_started = threading.Event()
+    upstream_closed = threading.Event()
 
     def collect(conn: socket.socket) -> None:
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
+            if b"\r\n\r\nz" in data:
+                body_started.set()
         got.append(data)
+        upstream_closed.set()
 
     proxy = start_proxy(TCP_POLICY, nameserver=names.nameserver)
     with RawServer(collect) as raw:
@@ -240,32 +289,37 @@ def test_client_vanishing_mid_body_aborts_the_upstream_and_is_recorded(
                 "Content-Length: 100000\r\n\r\n".encode()
                 + b"z" * 1000
             )
-            time.sleep(0.3)
+            assert body_started.wait(10), "the upstream never got the start of the body"
         close = proxy.wait_records(lambda r: r["event"]["action"] == "close")[0]
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert upstream_closed.wait(10), "the proxy left the upstream connection open"
     assert close["outgate"]["reason"] == "client_closed"
-    assert got and len(got[0].split(b"\r\n\r\n", 1)[1]) < 100000  # never a complete body
+    assert len(got[0].split(b"\r\n\r\n", 1)[1]) < 100000  # never a complete body
 
 
 def test_running_out_of_file_descriptors_is_survived(
     start_proxy: StartProxy, names: ScriptedDNSServer, origin: OriginServer
 ) -> None:
-    proxy = start_proxy(TCP_POLICY, nameserver=names.nameserver, rlimit_nofile=64)
+    limit = 64
+    proxy = start_proxy(TCP_POLICY, nameserver=names.nameserver, rlimit_nofile=limit)
     warning = proxy.wait_log(lambda e: e.get("event") == "file_descriptor_limit_low")
-    assert warning["limit"] == 64
+    assert warning["limit"] == limit
+    idle = _open_descriptors(proxy)
     flood = []
     for _ in range(120):
         try:
             flood.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
         except OSError:
             break
-    time.sleep(0.5)
+    wait_for(
+        lambda: _open_descriptors(proxy) == limit, what=f"the proxy to hold all {limit} descriptors"
+    )
     assert proxy.proc is not None and proxy.proc.poll() is None, "the proxy died"
     for sock in flood:
         sock.close()
-    time.sleep(0.5)
+    wait_for(
+        lambda: _open_descriptors(proxy) <= idle,
+        what=f"the proxy to close the flood and be back to {idle} descriptors",
+    )
     with proxy.connect() as sock:
         sock.sendall(_get(f"http://origin.test:{origin.port}/hello"))
         assert read_response(sock)[0] == 200
@@ -300,6 +354,9 @@ def test_blocked_stdout_slows_acceptance_and_loses_no_record(
 # -- lifecycle ------------------------------------------------------------------------------
 
 
+RELOAD_EVENTS = ("reload_requested", "policy_loaded", "policy_reload_failed")
+
+
 @pytest.fixture
 def draining_proxy(start_proxy: StartProxy, names: ScriptedDNSServer) -> Iterator[ProxyProcess]:
     yield start_proxy(TCP_POLICY, nameserver=names.nameserver, config={"timeouts": {"drain": "2s"}})
@@ -327,8 +384,32 @@ def test_sigterm_fails_readiness_stops_accepting_and_drains_open_tunnels(
     assert close["outgate"]["reason"] == "drained"
 
 
-def test_sighup_reloads_policy_at_once(draining_proxy: ProxyProcess) -> None:
+def test_sighup_reloads_policy_at_once(
+    draining_proxy: ProxyProcess, names: ScriptedDNSServer, origin: OriginServer
+) -> None:
     proxy = draining_proxy
+    names.addresses("new.test", "127.0.0.1")
+
+    def status(host: str) -> int:
+        with proxy.connect() as sock:
+            sock.sendall(_get(f"http://{host}:{origin.port}/hello", host=host))
+            return read_response(sock)[0]
+
+    assert (status("raw.test"), status("new.test")) == (200, 403)
+    # An edit the file watcher cannot see (same size, mtime and inode): only SIGHUP brings it in.
+    path = proxy.policy_dir / "policies.yaml"
+    before = path.stat()
+    path.write_text(path.read_text().replace("raw.test", "new.test"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
     proxy.signal(signal.SIGHUP)
-    proxy.wait_log(lambda e: e.get("event") == "reload_requested")
-    proxy.wait_log(lambda e: e.get("event") == "policy_loaded" and e.get("revision") == 2)
+    loaded = proxy.wait_log(lambda e: e.get("event") == "policy_loaded" and e.get("revision") == 2)
+    assert [e["event"] for e in proxy.logs if e.get("event") in RELOAD_EVENTS] == [
+        "policy_loaded",  # revision 1, at start
+        "reload_requested",
+        "policy_loaded",
+    ]
+    assert loaded["rules"] == 1
+    assert (status("raw.test"), status("new.test")) == (403, 200)
+    _, metrics = proxy.admin("/metrics")
+    assert "outgate_policy_revision 2.0" in metrics

@@ -3,13 +3,13 @@ and a broken file leaves the last good policy in force and says so."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, ResponseReader, read_response
+from tests.support.waiting import wait_for
 
 StartProxy = Callable[..., ProxyProcess]
 RELOAD_DEADLINE = 2.0
@@ -20,15 +20,6 @@ def _status(proxy: ProxyProcess, target: str) -> int:
     with proxy.connect() as sock:
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         return read_response(sock)[0]
-
-
-def _wait_for_status(proxy: ProxyProcess, target: str, wanted: int) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < RELOAD_DEADLINE:
-        if _status(proxy, target) == wanted:
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"{target} did not become {wanted} within {RELOAD_DEADLINE}s")
 
 
 def test_edited_policy_changes_decisions_within_2s_while_a_tunnel_keeps_working(
@@ -50,7 +41,11 @@ def test_edited_policy_changes_decisions_within_2s_while_a_tunnel_keeps_working(
         reader = ResponseReader(tunnel)
         assert reader.next()[0] == 200
         (proxy.policy_dir / "policies.yaml").write_text(policy_allowing("other.test"))
-        _wait_for_status(proxy, other_url, 200)
+        wait_for(
+            lambda: _status(proxy, other_url) == 200,
+            timeout=RELOAD_DEADLINE,
+            what=f"{other_url} to be answered 200 under the edited policy",
+        )
         assert _status(proxy, origin_url) == 403
         # The tunnel decided under the old policy keeps carrying traffic.
         tunnel.sendall(b"GET /hello HTTP/1.1\r\nHost: origin.test\r\n\r\n")

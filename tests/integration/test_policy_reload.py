@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,9 @@ from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.model import Action, Destination
 from proxy.errors import ConfigError, Reason
 from proxy.metrics import REGISTRY
+from tests.support.waiting import eventually
 
-DEADLINE = 2.0
+DEADLINE = 2.0  # the claim under test: an edit is in force within 2 s
 POLL = 0.05
 WORKLOAD = Workload(
     kind=WorkloadKind.POD, namespace="payments", name="api-1", labels={"app": "api"}
@@ -47,15 +47,6 @@ def allowed(store: PolicyStore, host: str) -> bool:
 def metric(name: str, **labels: str) -> float:
     value = REGISTRY.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-async def eventually(condition: Callable[[], bool]) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > DEADLINE:
-            raise AssertionError(f"condition not met within {DEADLINE}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 @contextlib.asynccontextmanager
@@ -87,14 +78,14 @@ async def test_edit_break_and_fix_a_policy_file(tmp_path: Path) -> None:
     async with running(watcher):
         # An edit is in force within the deadline.
         path.write_text(policy_allowing("a.example", "b.example"))
-        await eventually(lambda: allowed(store, "b.example"))
+        await eventually(lambda: allowed(store, "b.example"), timeout=DEADLINE)
         assert store.revision == 2
         assert metric("outgate_policy_revision") == 2
 
         # A broken file: the old engine stays, the error is recorded, logged and counted.
         with capture_logs() as logs:
             path.write_text(policy_allowing("a.example", "b.example").replace("Allow", "Alow"))
-            await eventually(lambda: store.last_error is not None)
+            await eventually(lambda: store.last_error is not None, timeout=DEADLINE)
         assert allowed(store, "b.example")
         assert store.revision == 2
         assert store.loaded
@@ -114,7 +105,7 @@ async def test_edit_break_and_fix_a_policy_file(tmp_path: Path) -> None:
 
         # Fixing the file recovers.
         path.write_text(policy_allowing("c.example"))
-        await eventually(lambda: store.last_error is None)
+        await eventually(lambda: store.last_error is None, timeout=DEADLINE)
         assert store.revision == 3
         assert allowed(store, "c.example") and not allowed(store, "b.example")
         assert metric("outgate_policy_last_reload_success") == 1
@@ -130,24 +121,35 @@ async def test_adding_and_removing_files_reloads(tmp_path: Path) -> None:
         (tmp_path / "b.yaml").write_text(
             policy_allowing("b.example").replace("name: api,", "name: second,")
         )
-        await eventually(lambda: store.revision == 2)
+        await eventually(lambda: store.revision == 2, timeout=DEADLINE)
         assert [policy.name for policy in store.engine.policies] == ["api", "second"]
         (tmp_path / "a.yaml").unlink()
         (tmp_path / "b.yaml").unlink()
-        await eventually(lambda: store.revision == 3)
+        await eventually(lambda: store.revision == 3, timeout=DEADLINE)
         assert store.engine.policies == ()
         assert store.decide(
             WORKLOAD, Destination(host=parse_host("x.example"), port=443)
         ).reason is (Reason.DEFAULT_ALLOW)
 
 
-async def test_an_unchanged_tree_is_not_reloaded(tmp_path: Path) -> None:
+async def test_an_unchanged_tree_is_not_reloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "a.yaml").write_text(policy_allowing("a.example"))
     store = PolicyStore()
     watcher = PolicyFileWatcher(store, [tmp_path], default_action=Action.DENY, interval=POLL)
     watcher.load_initial()
+    answers: list[bool] = []
+    check = watcher.changed
+
+    def recorded_check() -> bool:
+        answers.append(check())
+        return answers[-1]
+
+    monkeypatch.setattr(watcher, "changed", recorded_check)
     async with running(watcher):
-        await asyncio.sleep(POLL * 6)
+        await eventually(lambda: len(answers) >= 5)  # five polls saw the tree
+    assert not any(answers)
     assert store.revision == 1
 
 
@@ -173,6 +175,6 @@ async def test_a_path_that_appears_later_is_picked_up(tmp_path: Path) -> None:
         watcher.load_initial()
     async with running(watcher):
         path.write_text(policy_allowing("a.example"))
-        await eventually(lambda: store.loaded)
+        await eventually(lambda: store.loaded, timeout=DEADLINE)
     assert allowed(store, "a.example")
     assert store.revision == 1

@@ -35,6 +35,7 @@ from tests.support.dnsserver import (
     Response,
     ScriptedDNSServer,
 )
+from tests.support.waiting import eventually
 
 ip = ipaddress.ip_address
 
@@ -568,7 +569,8 @@ async def test_a_caller_giving_up_does_not_cancel_the_shared_lookup(
     resolver = make_resolver()
     impatient = asyncio.create_task(resolver.resolve("slow.example.com"))
     patient = asyncio.create_task(resolver.resolve("slow.example.com"))
-    await asyncio.sleep(0.05)
+    # Both callers wait on one query once it is out.
+    await eventually(lambda: dns_server.count("slow.example.com", "A") == 1)
     impatient.cancel()
     assert await patient == (ip("192.0.2.110"),)
     with pytest.raises(asyncio.CancelledError):

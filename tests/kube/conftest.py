@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,27 +19,19 @@ from proxy.core.identity import StaticIdentityIndex, Workload
 from proxy.metrics import REGISTRY
 from proxy.tasks import TaskSet
 from tests.support.fakekube import FakeKube
+from tests.support.waiting import eventually
 
 # Short delays so that faults heal within a test; the production values are in
 # proxy.control.kube.reflector.ReflectorTuning.
 FAST = ReflectorTuning(
     backoff_initial=0.05, backoff_max=0.4, inactivity_timeout=10.0, watch_timeout_seconds=120
 )
-DEADLINE = 15.0
 
 
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeKube]:
     with FakeKube(tmp_path / "kube") as server:
         yield server
-
-
-async def eventually(condition: Callable[[], Any], timeout: float = DEADLINE) -> None:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def metric(name: str, **labels: str) -> float:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.core.identity import WorkloadKind
-from tests.kube.conftest import Informers, eventually, metric
+from tests.kube.conftest import Informers, metric
 from tests.support.fakekube import FakeKube, job, namespace, pod
+from tests.support.waiting import eventually
 
 
 def set_phase(phase: str) -> Any:

@@ -11,8 +11,9 @@ from proxy.core.hosts import parse_host
 from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import Action, Destination, PolicyKind
-from tests.kube.conftest import Informers, eventually, metric
+from tests.kube.conftest import Informers, metric
 from tests.support.fakekube import FakeKube
+from tests.support.waiting import eventually
 
 CLIENT = Workload(kind=WorkloadKind.POD, namespace="tests", name="c", labels={"app": "client"})
 

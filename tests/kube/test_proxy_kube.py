@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from tests.support.fakekube import FakeKube, namespace, pod
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.waiting import wait_for
 
 PORTS = "[{port: 1024, endPort: 65535}]"
 PAYMENTS_POLICY = f"""
@@ -50,17 +50,6 @@ def api_pod(name: str, ip: str, **kwargs: Any) -> dict[str, Any]:
         service_account="api-sa",
         **kwargs,
     )
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 def ready(proxy: ProxyProcess) -> bool:

@@ -4,7 +4,6 @@ effects, stale IPs, request spins)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 from pathlib import Path
@@ -13,8 +12,9 @@ from typing import Any
 import pytest
 
 from proxy.control.kube.reflector import Reflector
-from tests.kube.conftest import FAST, Informers, eventually, metric
+from tests.kube.conftest import FAST, Informers, metric
 from tests.support.fakekube import FakeKube, decode_rv, namespace, pod
+from tests.support.waiting import eventually
 
 
 def pods_ip(n: int) -> str:
@@ -123,8 +123,11 @@ async def test_a_deletion_only_a_relist_reveals(fake: FakeKube) -> None:
     async with Informers(fake) as informers:
         await informers.synced()
         fake.delete("pods", "default", "p0", silent=True)  # gone, and no event says so
-        await asyncio.sleep(0.2)
+        fake.create("pods", pod("marker", "10.9.0.99"))  # an event after the deletion
+        await eventually(lambda: informers.lookup("10.9.0.99").name == "marker")
         assert informers.lookup(pods_ip(0)).name == "p0"
+        # One more unseen write, so the version we hold is older than the compaction.
+        fake.patch("pods", "default", "marker", lambda o: None, silent=True)
         fake.compact()  # the only way a client learns: its version expires, it relists
         fake.abort_watches("pods")
         await eventually(lambda: informers.lookup(pods_ip(0)).is_unknown)
@@ -213,13 +216,12 @@ async def test_a_stalled_watch_is_replaced_after_the_inactivity_timeout(fake: Fa
 async def test_very_short_watches_back_off_instead_of_spinning(fake: FakeKube) -> None:
     seed_pods(fake, 1)
     fake.watch_max_seconds = 0  # every watch ends at once, with nothing in it
-    async with Informers(fake) as informers:
-        await eventually(lambda: informers.pods.synced)
-        await asyncio.sleep(2.0)
-        watches = len(fake.requests_for("pods", "watch"))
-    # Backoff from 50 ms doubling to 400 ms allows about nine in two seconds; a spin would
-    # make hundreds. Generous bounds: a loaded machine only makes fewer.
-    assert 2 <= watches <= 16, watches
+    async with Informers(fake):
+        await eventually(lambda: len(fake.requests_for("pods", "watch")) >= 6)
+        watches = fake.requests_for("pods", "watch")
+    # Five backoffs from 50 ms doubling to 400 ms, each at least half its step (equal jitter),
+    # take at least 0.575 s; a spin would make six watches in milliseconds.
+    assert watches[5].at - watches[0].at >= 0.5, [w.at for w in watches]
     assert metric("outgate_kube_watch_restarts_total", resource="pods", reason="too_short") >= 2
 
 

@@ -17,18 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clients import curl
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_STAMP = REPO / ".venv" / ".installed-run"
-
-
-def _curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "10", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -78,13 +70,13 @@ def make_run() -> Iterator[subprocess.Popen[str]]:
 def test_make_run_then_curl_allowed_and_denied_as_the_readme_says(
     local_server: None, make_run: subprocess.Popen[str]
 ) -> None:
-    allowed = _curl("-x", "http://127.0.0.1:3128", "http://127.0.0.1:8000/index.html")
+    allowed = curl("-x", "http://127.0.0.1:3128", "http://127.0.0.1:8000/index.html", max_time=10)
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout == "hello from a local server\n"
-    denied = _curl("-x", "http://127.0.0.1:3128", "-i", "http://pastebin.com/raw/x")
+    denied = curl("-x", "http://127.0.0.1:3128", "-i", "http://pastebin.com/raw/x", max_time=10)
     assert denied.stdout.startswith("HTTP/1.1 403")
     assert "X-Outgate-Reason: rule_deny" in denied.stdout
-    tunnel = _curl("-x", "http://127.0.0.1:3128", "https://pastebin.com/")
+    tunnel = curl("-x", "http://127.0.0.1:3128", "https://pastebin.com/", max_time=10)
     assert tunnel.returncode != 0 and "403" in tunnel.stderr
     os.killpg(make_run.pid, signal.SIGTERM)
     out, _ = make_run.communicate(timeout=20)

@@ -8,13 +8,13 @@ import http.client
 import json
 import re
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.clients import curl
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, ResponseReader
 from tests.tls.servers import (
@@ -26,16 +26,6 @@ from tests.tls.servers import (
 )
 
 HOUR = 3600
-
-
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
 
 
 def outgate_trust(outgate_ca: tuple[Path, Path]) -> ssl.SSLContext:

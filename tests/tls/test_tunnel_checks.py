@@ -9,12 +9,12 @@ import http.client
 import socket
 import ssl
 import struct
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.support.clients import curl
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess
 from tests.tls.hello import ECH, client_hello, handshake, hello_body, records, server_name_ext
@@ -27,16 +27,6 @@ from tests.tls.servers import (
     send_byte_by_byte,
     send_split_across_records,
 )
-
-
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
 
 
 def close_record(proxy: ProxyProcess, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
