@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 from proxy.core.hosts import parse_ip_address, split_authority, unmap_ipv4
 from proxy.core.http1 import DEFAULT_PORTS
 from proxy.core.identity import IdentityLookup, Workload
-from proxy.core.policy.engine import Decider, Decision, Destination
-from proxy.core.policy.explain import decision_as_dict, render_explanation
+from proxy.core.policy.engine import Decider, Destination
+from proxy.core.policy.explain import decision_as_dict, describe_outcome, render_explanation
 from proxy.dataplane.router import Route, Router
 from proxy.errors import BadRequest, Reason
 
@@ -85,12 +85,12 @@ def _route_lines(route: Route) -> list[str]:
     ]
     for check in route.checks:
         if check.decision is not None and not check.decision.allowed:
-            verdict = f"denied by address: {_short(check.decision)}"
+            verdict = f"denied by address: {describe_outcome(check.decision.verdict)}"
         elif check.guarded is not None:
             verdict = f"dropped by the address guard: {check.guarded}"
         else:
             verdict = "permitted"
-        decided = "" if check.decision is None else f" [{_short(check.decision)}]"
+        decided = "" if check.decision is None else f" [{describe_outcome(check.decision.verdict)}]"
         lines.append(f"  {check.ip}{decided}: {verdict}")
     refusal = route.refusal()
     if refusal is None:
@@ -98,15 +98,6 @@ def _route_lines(route: Route) -> list[str]:
     else:
         lines.append(f"outcome:     deny {refusal.status} ({refusal.reason})")
     return lines
-
-
-def _short(decision: Decision) -> str:
-    text = f"{decision.action} ({decision.reason})"
-    if decision.ruleset is not None:
-        text += f" by {decision.ruleset}"
-        if decision.rule is not None:
-            text += f" rule {decision.rule}"
-    return text
 
 
 def _route_dict(route: Route) -> dict[str, Any]:

@@ -102,12 +102,18 @@ def _describe_workload(workload: Workload) -> str:
     return " ".join(parts)
 
 
-def _describe_verdict(verdict: Verdict) -> str:
+def describe_outcome(verdict: Verdict) -> str:
+    """`allow (rule_allow) by ns/policy rule name`: what decided, in one phrase."""
     text = f"{verdict.action} ({verdict.reason})"
     if verdict.ruleset is not None:
         text += f" by {verdict.ruleset}"
         if verdict.rule is not None:
             text += f" rule {verdict.rule}"
+    return text
+
+
+def _describe_verdict(verdict: Verdict) -> str:
+    text = describe_outcome(verdict)
     details = []
     if verdict.tier is not None:
         details.append(f"tier {verdict.tier}")
