@@ -8,6 +8,7 @@ import ipaddress
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,16 @@ def _bytes_total(direction: str) -> float:
     return value or 0.0
 
 
-async def test_an_intercepted_tunnel_counts_its_bytes_once(tmp_path: Path) -> None:
+@dataclass
+class Intercepting:
+    harness: Harness
+    origin: OriginServer
+    ca_cert: Path  # the proxy's interception CA, for the client to trust
+
+
+@pytest.fixture
+async def intercepting(tmp_path: Path) -> AsyncIterator[Intercepting]:
+    """The in-process proxy intercepting origin.test (`inspect: {}`), a TLS origin for it."""
     pki = make_pki(tmp_path / "pki", ["origin.test"])
     ca_cert, ca_key = init_ca(tmp_path / "ca")
     certs = CertCache(load_ca(str(ca_cert), str(ca_key)))
@@ -178,70 +188,58 @@ async def test_an_intercepted_tunnel_counts_its_bytes_once(tmp_path: Path) -> No
             certs=certs,
             tls={"upstreamCABundle": str(pki.ca_pem)},
         ) as harness:
-            egress, ingress = _bytes_total("egress"), _bytes_total("ingress")
-            url = f"https://origin.test:{origin.port}/hello"
-            done = await asyncio.create_subprocess_exec(
-                "curl", "--silent", "--show-error", "--max-time", "20",
-                "-x", f"http://127.0.0.1:{harness.address[1]}", "--cacert", str(ca_cert),
-                "-o", "/dev/null", "-w", "%{http_code}", url,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
-            )  # fmt: skip
-            out, err = await done.communicate()
-            assert out == b"200", err
-            records = await harness.audit.wait_for(closes, count=2)
-            tunnel = next(r for r in records if r["outgate"]["connection"] == "tunnel")
-            inner = next(r for r in records if r["outgate"]["connection"] == "intercept")
-            assert inner["outgate"]["tunnel_id"] == tunnel["event"]["id"]
-            assert inner["destination"]["bytes"] > 0
-            # The tunnel's wire bytes hold the inner request's: the metric counts them once.
-            assert _bytes_total("egress") - egress == tunnel["source"]["bytes"]
-            assert _bytes_total("ingress") - ingress == tunnel["destination"]["bytes"]
+            yield Intercepting(harness, origin, ca_cert)
     certs.close()
+
+
+async def test_an_intercepted_tunnel_counts_its_bytes_once(intercepting: Intercepting) -> None:
+    harness, origin = intercepting.harness, intercepting.origin
+    egress, ingress = _bytes_total("egress"), _bytes_total("ingress")
+    url = f"https://origin.test:{origin.port}/hello"
+    done = await asyncio.create_subprocess_exec(
+        "curl", "--silent", "--show-error", "--max-time", "20",
+        "-x", f"http://127.0.0.1:{harness.address[1]}", "--cacert", str(intercepting.ca_cert),
+        "-o", "/dev/null", "-w", "%{http_code}", url,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    out, err = await done.communicate()
+    assert out == b"200", err
+    records = await harness.audit.wait_for(closes, count=2)
+    tunnel = next(r for r in records if r["outgate"]["connection"] == "tunnel")
+    inner = next(r for r in records if r["outgate"]["connection"] == "intercept")
+    assert inner["outgate"]["tunnel_id"] == tunnel["event"]["id"]
+    assert inner["destination"]["bytes"] > 0
+    # The tunnel's wire bytes hold the inner request's: the metric counts them once.
+    assert _bytes_total("egress") - egress == tunnel["source"]["bytes"]
+    assert _bytes_total("ingress") - ingress == tunnel["destination"]["bytes"]
 
 
 async def test_a_policy_reload_applies_to_the_next_request_inside_an_intercepted_tunnel(
-    tmp_path: Path,
+    intercepting: Intercepting,
 ) -> None:
-    pki = make_pki(tmp_path / "pki", ["origin.test"])
-    ca_cert, ca_key = init_ca(tmp_path / "ca")
-    certs = CertCache(load_ca(str(ca_cert), str(ca_key)))
-    inspected = policy_allowing("origin.test").replace("ports:", "inspect: {}\n      ports:")
-    with OriginServer(ssl_context=pki.server_context()) as origin:
-        async with inprocess_proxy(
-            tmp_path,
-            inspected,
-            answers={"origin.test": LOOPBACK},
-            certs=certs,
-            tls={"upstreamCABundle": str(pki.ca_pem)},
-        ) as harness:
-            reader, writer = await connect(harness)
-            authority = f"origin.test:{origin.port}"
-            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-            async with asyncio.timeout(EVENT_TIMEOUT):
-                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-                client_tls = ssl.create_default_context(cafile=str(ca_cert))
-                await writer.start_tls(client_tls, server_hostname="origin.test")
-            request = f"GET /hello HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
-            status, _, _ = await http_exchange(reader, writer, request)
-            assert status == 200
-            denying = policy_allowing("origin.test").replace("action: Allow", "action: Deny")
-            harness.policy.install(
-                Engine.compile(
-                    load_text(denying, file="reloaded.yaml"),
-                    default_action=Action.DENY,
-                    revision=2,
-                )
-            )
-            status, headers, _ = await http_exchange(reader, writer, request)
-            assert status == 403 and headers["x-outgate-reason"] == "rule_deny"
-            inner = [
-                r["outgate"]
-                for r in harness.audit.records
-                if r["event"]["action"] == "decision" and r["outgate"]["connection"] == "intercept"
-            ]
-            assert [(o["decision"], o["policy_revision"]) for o in inner] == [
-                ("allow", 1),
-                ("deny", 2),
-            ]
-            writer.close()
-    certs.close()
+    harness = intercepting.harness
+    reader, writer = await connect(harness)
+    authority = f"origin.test:{intercepting.origin.port}"
+    writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        client_tls = ssl.create_default_context(cafile=str(intercepting.ca_cert))
+        await writer.start_tls(client_tls, server_hostname="origin.test")
+    request = f"GET /hello HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    status, _, _ = await http_exchange(reader, writer, request)
+    assert status == 200
+    denying = policy_allowing("origin.test").replace("action: Allow", "action: Deny")
+    harness.policy.install(
+        Engine.compile(
+            load_text(denying, file="reloaded.yaml"), default_action=Action.DENY, revision=2
+        )
+    )
+    status, headers, _ = await http_exchange(reader, writer, request)
+    assert status == 403 and headers["x-outgate-reason"] == "rule_deny"
+    inner = [
+        r["outgate"]
+        for r in harness.audit.records
+        if r["event"]["action"] == "decision" and r["outgate"]["connection"] == "intercept"
+    ]
+    assert [(o["decision"], o["policy_revision"]) for o in inner] == [("allow", 1), ("deny", 2)]
+    writer.close()
