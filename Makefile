@@ -9,7 +9,7 @@ RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
 
-.PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench
+.PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench bench-instructions
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ test: lint typecheck pytest
 bench: $(RUN_STAMP)
 	bench/install.sh
 	$(BIN)/python -m bench.run $(ARGS)
+
+# Instructions per operation under Valgrind, deterministic (bench/README.md, "Instruction counts").
+# ARGS="--baseline fad4617" compares with that revision; ARGS="--repeats 3" for medians.
+bench-instructions: $(RUN_STAMP)
+	bench/install.sh
+	$(BIN)/python -m bench.instructions $(ARGS)
 
 # Mixed traffic for SOAK_SECONDS (default 60): no lost audit record, flat memory (bench/soak.py).
 SOAK_SECONDS ?= 60

@@ -1,7 +1,8 @@
 #!/bin/sh
 # What `make bench` needs beyond the virtualenv: Debian's squid (the baseline), nginx (the
 # origin), wrk (absolute-form HTTP load) and Go (to build bench/loadgen, the tunnel load
-# generator). Installs only what is missing; builds the load generator into bench/.build/.
+# generator), and valgrind (bench/instructions.py). Installs only what is missing; builds the
+# load generator into bench/.build/.
 set -eu
 cd "$(dirname "$0")"
 
@@ -11,6 +12,7 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
 command -v go >/dev/null 2>&1 || missing="$missing golang-go"
 command -v taskset >/dev/null 2>&1 || missing="$missing util-linux"
+command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
 if [ -n "$missing" ]; then
     echo "bench: installing$missing"
     SUDO=""
