@@ -59,9 +59,9 @@ from bench.servers import (
     NameServer,
     Origin,
     OutgateProxy,
-    imported_from,
     outgate_environment,
     raise_open_files_limit,
+    require_imports,
     tool,
 )
 
@@ -300,16 +300,7 @@ class Measurer:
     def check_imports(self, label: str, source: Path) -> dict[str, Any]:
         """The tree's proxy package is the one a proxy started with its environment imports."""
         probe = Path(tempfile.mkdtemp(prefix="import-probe-", dir=self.workdir))
-        found = imported_from(self.python, source, probe)
-        print(
-            f"instructions: {label} imports proxy from {found['proxy_file']} "
-            f"({found['modules']} proxy modules, {len(found['outside'])} from outside "
-            f"{found['expected']})",
-            flush=True,
-        )
-        if found["outside"] or not Path(found["proxy_file"]).resolve().is_relative_to(source):
-            raise RuntimeError(f"{label} imports proxy modules from elsewhere: {found}")
-        return found
+        return require_imports(self.python, source, probe, label=label, prefix="instructions")
 
     def measure(
         self, label: str, source: Path, scenario: str, ops: dict[str, int], repeat: int = 0

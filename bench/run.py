@@ -48,8 +48,8 @@ from bench.servers import (
     OutgateProxy,
     Proxy,
     SquidProxy,
-    imported_from,
     raise_open_files_limit,
+    require_imports,
     safe_name,
     tool,
 )
@@ -574,15 +574,9 @@ def check_imports(bench: Bench, baseline: BaselineTree, results: dict[str, Any])
         ("current", "outgate", None),
         ("baseline", baseline.label, baseline.path),
     ):
-        found = imported_from(bench.python, source, probe_dir)
-        results[key]["imports"] = found
-        print(
-            f"bench: {label} imports proxy from {found['proxy_file']} ({found['modules']} "
-            f"proxy modules, {len(found['outside'])} from outside {found['expected']})",
-            flush=True,
+        results[key]["imports"] = require_imports(
+            bench.python, source, probe_dir, label=label, prefix="bench"
         )
-        if found["outside"]:
-            raise RuntimeError(f"{label} imports {found['outside'][:5]}")
 
 
 def run_all(

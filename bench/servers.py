@@ -495,6 +495,24 @@ def imported_from(python: Path, source: Path | None, cwd: Path) -> dict[str, Any
     return found
 
 
+def require_imports(
+    python: Path, source: Path | None, cwd: Path, *, label: str, prefix: str
+) -> dict[str, Any]:
+    """`imported_from`, printed once (`prefix: label imports proxy from ...`); RuntimeError when
+    `proxy` or any of its modules comes from outside the expected tree."""
+    found = imported_from(python, source, cwd)
+    print(
+        f"{prefix}: {label} imports proxy from {found['proxy_file']} ({found['modules']} "
+        f"proxy modules, {len(found['outside'])} from outside {found['expected']})",
+        flush=True,
+    )
+    if found["outside"] or not Path(found["proxy_file"]).resolve().is_relative_to(
+        found["expected"]
+    ):
+        raise RuntimeError(f"{label} imports proxy modules from elsewhere: {found}")
+    return found
+
+
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
