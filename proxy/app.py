@@ -102,6 +102,16 @@ def _listen(host: str, port: int, *, workers: int) -> socket.socket:
     return sock
 
 
+def build_resolver(settings: Settings) -> Resolver:
+    """The resolver of the `dns` settings (proxy.control.resolver)."""
+    return Resolver(
+        nameservers=list(settings.dns_nameservers),
+        timeout=settings.dns_timeout,
+        min_ttl=settings.dns_min_ttl,
+        max_ttl=settings.dns_max_ttl,
+    )
+
+
 def build_guard(settings: Settings, *, proxy_port: int, admin_port: int) -> AddressGuard:
     """The address guard of DESIGN section 4 for these settings and the listeners' ports."""
     return AddressGuard(
@@ -173,13 +183,9 @@ class App:
             self.identity = self.kube.identity
         # Issue 4: the interception CA, loaded (and checked) at start: a bad pair is a config error.
         self.certs = _cert_cache(settings)
-        self.resolver = Resolver(
-            nameservers=list(settings.dns_nameservers),
-            timeout=settings.dns_timeout,
-            min_ttl=settings.dns_min_ttl,
-            max_ttl=settings.dns_max_ttl,
-        )
+        self.resolver = build_resolver(settings)
         self.draining = False
+        self.router: Router | None = None  # built in start(): the guard needs the bound ports
         self.proxy: ProxyServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks = TaskSet()

@@ -116,9 +116,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import asyncio
 
-    from proxy.app import build_guard
+    from proxy.app import build_guard, build_resolver
     from proxy.control.policy_source import PolicyStore
-    from proxy.control.resolver import Resolver
     from proxy.dataplane.router import Router
     from proxy.explainer import explain, explain_route
 
@@ -133,12 +132,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     store.install(engine)
     # The configured ports stand in for bound ones (0 means "any": nothing to exclude).
     guard = build_guard(settings, proxy_port=settings.listen.port, admin_port=settings.admin.port)
-    resolver = Resolver(
-        nameservers=list(settings.dns_nameservers),
-        timeout=settings.dns_timeout,
-        min_ttl=settings.dns_min_ttl,
-        max_ttl=settings.dns_max_ttl,
-    )
+    resolver = build_resolver(settings)
     router = Router(policy=store, resolver=resolver, guard=guard)
 
     async def run() -> tuple[str, dict[str, object]]:

@@ -16,7 +16,6 @@ For every exchange, whatever path it takes, exactly one decision record and one 
 from __future__ import annotations
 
 import functools
-from typing import Final
 
 import structlog
 
@@ -30,9 +29,6 @@ from proxy.dataplane.router import Route
 from proxy.errors import OutgateError, Reason
 
 log = structlog.get_logger(__name__)
-
-# Exchange kinds whose relay holds a gauge slot in outgate_active_connections.
-RELAY_KINDS: Final = ("tunnel", "forward")
 
 
 # Address text is memoised: a kept-alive client names the same few addresses on every request,

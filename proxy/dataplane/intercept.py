@@ -247,22 +247,15 @@ class Interceptor:
                     inspect = pinned.decision.inspect
                     if inspect is not None:
                         self._inspect(req, inspect, ex, connect)
+                    self._log.allowed(ex)  # a dial failure below is this allowed request's 502
+                    if current is None:
+                        current = pool.take(pinned) or await self._dial_again(pinned, tls=tls)
                 except OutgateError as exc:
                     keep = keeps_connection_after_refusal(req)
                     self._log.refuse(client, ex, exc, keep_alive=keep)
                     if not keep:
                         return exc.reason
                     continue
-                self._log.allowed(ex)
-                if current is None:
-                    try:
-                        current = pool.take(pinned) or await self._dial_again(pinned, tls=tls)
-                    except OutgateError as exc:
-                        keep = keeps_connection_after_refusal(req)
-                        self._log.refuse(client, ex, exc, keep_alive=keep)
-                        if not keep:
-                            return exc.reason
-                        continue
                 rendered = render_inner_request(inner, scheme=scheme)
                 upstream_now, current = current, None
                 if not await self._relay.forward(

@@ -144,10 +144,6 @@ class Router:
         self._guard = guard
         self._memo: dict[tuple[int, str, bool, int], _Memo] = {}
 
-    @property
-    def revision(self) -> int:
-        return self._policy.engine.revision
-
     def decide(
         self, workload: Workload, destination: Destination, *, explain: bool = False
     ) -> Decision:
