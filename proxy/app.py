@@ -40,13 +40,14 @@ from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import IPAddress, parse_ip_address
 from proxy.core.identity import IdentityLookup, StaticIdentityIndex
 from proxy.core.policy.model import Action
-from proxy.dataplane.dialer import Dialer, DirectDialer
+from proxy.dataplane.dialer import Dialer, DirectDialer, RoutingDialer
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.intercept import Interceptor
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
 from proxy.dataplane.tunnel import TunnelRelay
+from proxy.dataplane.upstream import ParentDialer
 from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
 from proxy.tls.ca import load_ca
@@ -125,6 +126,14 @@ def build_guard(settings: Settings, *, proxy_port: int, admin_port: int) -> Addr
     )
 
 
+def build_parents(settings: Settings) -> dict[str, Dialer]:
+    """One dialer per configured upstream (issue 12), by name."""
+    return {
+        spec.name: ParentDialer(spec, max_head_bytes=settings.limits.max_header_bytes)
+        for spec in settings.upstreams
+    }
+
+
 def build_proxy(
     settings: Settings,
     *,
@@ -136,10 +145,15 @@ def build_proxy(
     dialer: Dialer | None = None,
 ) -> ProxyServer:
     """The data plane's parts, each handed the ones it uses (docs/architecture.md). `dialer`
-    replaces the direct one (tests hand in one that fails on demand)."""
-    dialer = (
+    replaces the direct one (tests hand in one that fails on demand); with upstreams configured,
+    a RoutingDialer sends each route the way its `via` names."""
+    direct = (
         dialer if dialer is not None else DirectDialer(connect_timeout=settings.timeouts.connect)
     )
+    if settings.upstreams:
+        dialer = RoutingDialer(direct=direct, upstreams=build_parents(settings))
+    else:
+        dialer = direct
     log = ExchangeLog(audit=audit, identity=identity)
     relay = HttpRelay(settings=settings, log=log)
     interceptor = Interceptor(
@@ -250,7 +264,9 @@ class App:
         proxy_port = sock.getsockname()[1]
         admin_port = admin_sock.getsockname()[1]
         guard = build_guard(settings, proxy_port=proxy_port, admin_port=admin_port)
-        self.router = Router(policy=self.policy, resolver=self.resolver, guard=guard)
+        self.router = Router(
+            policy=self.policy, resolver=self.resolver, guard=guard, routes=settings.routes
+        )
         admin_app = build_admin_app(
             router=self.router, identity=self.identity, readiness=self.readiness
         )

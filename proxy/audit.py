@@ -104,6 +104,12 @@ class Exchange:
     dlp_detector: str | None = None  # the DLP detector that refused the request
     dlp_field: str | None = None  # where it fired (a header's name, url.query...), never the value
     tunnel_id: str | None = None  # a request inside a tunnel: the tunnel's event id
+    # Issue 12, with upstreams configured: "direct" or the upstream's name, the parent proxy used
+    # (host:port), who resolved the name ("local" | "parent"), and a parent's refusing status.
+    upstream: str | None = None
+    upstream_proxy: str | None = None
+    upstream_resolve: str | None = None
+    upstream_status: int | None = None
     decision: Decision | None = None
     reason: Reason | None = None
     status: int | None = None
@@ -182,6 +188,15 @@ def _tls_fields(ex: Exchange, out: dict[str, Any]) -> None:
         out["dlp"] = {"detector": ex.dlp_detector, "field": _cut(ex.dlp_field)}
     if ex.tunnel_id is not None:
         out["tunnel_id"] = ex.tunnel_id
+    if ex.upstream is not None:
+        upstream: dict[str, Any] = {"name": ex.upstream}
+        if ex.upstream_proxy is not None:
+            upstream["proxy"] = ex.upstream_proxy
+        if ex.upstream_resolve is not None:
+            upstream["resolve"] = ex.upstream_resolve
+        if ex.upstream_status is not None:
+            upstream["status"] = ex.upstream_status
+        out["upstream"] = upstream
 
 
 def decision_record(ex: Exchange) -> dict[str, Any]:

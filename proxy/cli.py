@@ -133,7 +133,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     # The configured ports stand in for bound ones (0 means "any": nothing to exclude).
     guard = build_guard(settings, proxy_port=settings.listen.port, admin_port=settings.admin.port)
     resolver = build_resolver(settings)
-    router = Router(policy=store, resolver=resolver, guard=guard)
+    router = Router(policy=store, resolver=resolver, guard=guard, routes=settings.routes)
 
     async def run() -> tuple[str, dict[str, object]]:
         try:

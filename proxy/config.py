@@ -7,6 +7,7 @@ so the embedded default config finds its embedded default policies.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -26,7 +28,26 @@ from proxy.core.dlp import (
     parse_custom_detectors,
 )
 from proxy.core.hosts import parse_port
-from proxy.core.identity import StaticIdentity, parse_static_identities
+from proxy.core.identity import (
+    IssueCollector,
+    StaticIdentity,
+    describe_type,
+    key_path,
+    parse_static_identities,
+)
+from proxy.core.policy.loader import parse_destinations
+from proxy.core.upstreams import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FAIL_LIMIT,
+    DEFAULT_RESPONSE_TIMEOUT,
+    DEFAULT_RETRY_AFTER,
+    DIRECT,
+    ProxyAddress,
+    ResolveMode,
+    RouteRule,
+    RouteTable,
+    UpstreamSpec,
+)
 from proxy.errors import ConfigError, ConfigIssue, OutgateError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,6 +126,10 @@ class Settings:
     audit_format: str = "json"
     audit_squid_output: str = "stdout"
     audit_squid_logformat: str = "squid"
+    # Issue 12: parent proxies, and which allowed destinations go through them (None: no
+    # upstreams, everything direct, and records carry no `outgate.upstream`).
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    routes: RouteTable | None = None
 
 
 # The accepted shape: key -> nested shape (dict) or None for a leaf. Unknown keys are errors.
@@ -136,6 +161,9 @@ _SHAPE: dict[str, Any] = {
     "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None, "certCacheSize": None},
     "dlp": {"custom": None, "credentialHosts": None},
     "audit": {"output": None, "format": None, "squidOutput": None, "squidLogformat": None},
+    # Lists of mappings: their keys are checked by _parse_upstreams and _parse_routes.
+    "upstreams": None,
+    "routes": None,
 }
 
 
@@ -395,6 +423,20 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
             "squid, common, combined, or a format string of the supported codes",
         ),
     )
+    upstreams_issues = IssueCollector(file=file)
+    upstreams = _parse_upstreams(
+        raw.get("upstreams") if isinstance(raw, Mapping) else None, upstreams_issues, base_dir
+    )
+    routes = _parse_routes(
+        raw.get("routes") if isinstance(raw, Mapping) else None,
+        upstreams_issues,
+        names={spec.name for spec in upstreams},
+        resolved_by_parent=frozenset(
+            spec.name for spec in upstreams if spec.resolve is ResolveMode.PARENT
+        ),
+    )
+    reader.issues.extend(upstreams_issues.issues)
+    settings = dataclasses.replace(settings, upstreams=upstreams, routes=routes)
     if settings.audit_format == "both" and settings.audit_squid_output == "stdout":
         reader.issue(
             "audit.squidOutput",
@@ -407,6 +449,212 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
     if reader.issues:
         raise ConfigError(reader.issues)
     return settings
+
+
+# -- upstreams and routes (issue 12) ---------------------------------------------------------
+_UPSTREAM_KEYS = (
+    "name",
+    "proxies",
+    "credentialsFile",
+    "caBundle",
+    "connectTimeout",
+    "responseTimeout",
+    "failLimit",
+    "retryAfter",
+    "resolve",
+)
+_ROUTES_KEYS = ("default", "rules")
+_ROUTE_RULE_KEYS = ("to", "via")
+_UPSTREAM_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+_UPSTREAM_EXAMPLE = "upstreams: [{name: corp, proxies: [http://proxy.corp.example:3128]}]"
+
+
+def parse_proxy_url(value: object) -> ProxyAddress:
+    """`http://host:port` or `https://host:port`. Credentials in the URL are refused (they would
+    end up in logs, `ps` and every copy of the config); the message never repeats the value."""
+    if not isinstance(value, str):
+        raise ValueError(f"a proxy URL must be a string, not {describe_type(value)}")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "the URL carries credentials; put user:password in credentialsFile instead"
+        )
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"scheme {parts.scheme or '(none)'!r} is not http or https")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("a proxy URL has no path, query or fragment")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    if port is None or port == 0:
+        raise ValueError("the port is required, e.g. http://proxy.corp.example:3128")
+    host = parts.hostname
+    if not host:
+        raise ValueError("the host is missing")
+    return ProxyAddress(scheme=parts.scheme, host=host, port=port)
+
+
+def _parse_upstreams(
+    raw: object, issues: IssueCollector, base_dir: Path
+) -> tuple[UpstreamSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        issues.add("upstreams", f"expected a list, not {describe_type(raw)}", fix=_UPSTREAM_EXAMPLE)
+        return ()
+    specs: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        path = key_path("upstreams", index)
+        entry = issues.mapping(item, path, what="an upstream")
+        if entry is None:
+            continue
+        issues.check_keys(entry, _UPSTREAM_KEYS, path)
+        before = len(issues.issues)
+        name = entry.get("name")
+        if not isinstance(name, str) or not _UPSTREAM_NAME.match(name) or name == DIRECT:
+            issues.add(
+                key_path(path, "name"),
+                f"invalid upstream name {name!r}"
+                + (" (direct means no upstream)" if name == DIRECT else ""),
+                fix="lowercase letters, digits and '-', e.g. name: corp",
+            )
+            name = f"#{index}"
+        elif name in seen:
+            issues.add(
+                key_path(path, "name"),
+                f"upstream {name!r} is defined twice",
+                fix="give each upstream its own name",
+            )
+        seen.add(name)
+        proxies: list[ProxyAddress] = []
+        raw_proxies = entry.get("proxies")
+        if not isinstance(raw_proxies, list) or not raw_proxies:
+            issues.add(
+                key_path(path, "proxies"),
+                "proxies is missing or empty",
+                fix="list the parent proxies in the order to try them: "
+                "[http://proxy-a.corp.example:3128, http://proxy-b.corp.example:3128]",
+            )
+        else:
+            for pindex, url in enumerate(raw_proxies):
+                try:
+                    proxies.append(parse_proxy_url(url))
+                except ValueError as exc:
+                    issues.add(
+                        key_path(key_path(path, "proxies"), pindex),
+                        str(exc),
+                        fix="write http://host:port or https://host:port",
+                    )
+
+        spec = _parse_upstream(entry, path, issues, base_dir, name, tuple(proxies))
+        if len(issues.issues) == before:
+            specs.append(spec)
+    return tuple(specs)
+
+
+def _parse_upstream(
+    entry: Mapping[str, Any],
+    path: str,
+    issues: IssueCollector,
+    base_dir: Path,
+    name: str,
+    proxies: tuple[ProxyAddress, ...],
+) -> UpstreamSpec:
+    def value(key: str, default: T, convert: Callable[[Any], T], fix: str) -> T:
+        node = entry.get(key)
+        if node is None:
+            return default
+        try:
+            return convert(node)
+        except (ValueError, TypeError) as exc:
+            issues.add(key_path(path, key), f"invalid value {node!r}: {exc}", fix=fix)
+            return default
+
+    def file_path(node: Any) -> str:
+        if not isinstance(node, str) or not node:
+            raise ValueError("expected a file path")
+        return str(base_dir / Path(node).expanduser())
+
+    def resolve_mode(node: Any) -> ResolveMode:
+        return ResolveMode(str(node))
+
+    spec = UpstreamSpec(
+        name=name,
+        proxies=proxies,
+        credentials_file=value(
+            "credentialsFile",
+            None,
+            file_path,
+            "a path to a file whose first line is user:password",
+        ),
+        ca_bundle=value("caBundle", None, file_path, "a path to a PEM bundle"),
+        connect_timeout=value(
+            "connectTimeout", DEFAULT_CONNECT_TIMEOUT, parse_duration, "a duration, e.g. 10s"
+        ),
+        response_timeout=value(
+            "responseTimeout", DEFAULT_RESPONSE_TIMEOUT, parse_duration, "a duration, e.g. 30s"
+        ),
+        fail_limit=value("failLimit", DEFAULT_FAIL_LIMIT, _positive_int, "a count, e.g. 3"),
+        retry_after=value(
+            "retryAfter", DEFAULT_RETRY_AFTER, parse_duration, "a duration, e.g. 10s"
+        ),
+        resolve=value("resolve", ResolveMode.LOCAL, resolve_mode, "local or parent"),
+    )
+    return spec
+
+
+def _parse_routes(
+    raw: object,
+    issues: IssueCollector,
+    *,
+    names: set[str],
+    resolved_by_parent: frozenset[str],
+) -> RouteTable | None:
+    if raw is None:
+        return RouteTable(resolved_by_parent=resolved_by_parent) if names else None
+    entry = issues.mapping(raw, "routes", what="routes")
+    if entry is None:
+        return None
+    issues.check_keys(entry, _ROUTES_KEYS, "routes")
+    known = ", ".join([DIRECT, *sorted(names)])
+
+    def via(node: object, path: str) -> str:
+        if isinstance(node, str) and (node == DIRECT or node in names):
+            return node
+        issues.add(
+            path, f"{node!r} is neither direct nor an upstream's name", fix=f"use one of: {known}"
+        )
+        return DIRECT
+
+    default = via(entry.get("default", DIRECT), "routes.default")
+    rules: list[RouteRule] = []
+    raw_rules = entry.get("rules")
+    if raw_rules is not None and not isinstance(raw_rules, list):
+        issues.add(
+            "routes.rules",
+            f"expected a list, not {describe_type(raw_rules)}",
+            fix="rules: [{to: [{fqdn: '*.corp.example'}], via: direct}]",
+        )
+        raw_rules = []
+    for index, item in enumerate(raw_rules or []):
+        path = key_path("routes.rules", index)
+        rule = issues.mapping(item, path, what="a route")
+        if rule is None:
+            continue
+        issues.check_keys(rule, _ROUTE_RULE_KEYS, path)
+        fqdns, suffixes, cidrs = parse_destinations(rule.get("to"), issues, f"{path}.to")
+        rules.append(
+            RouteRule.of(
+                via=via(rule.get("via"), f"{path}.via"),
+                fqdns=fqdns,
+                wildcard_suffixes=suffixes,
+                cidrs=cidrs,
+                name=f"routes.rules[{index}]",
+            )
+        )
+    return RouteTable(rules=tuple(rules), default=default, resolved_by_parent=resolved_by_parent)
 
 
 def load_settings(path: str | Path | None) -> Settings:

@@ -32,6 +32,10 @@ class Reason(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_RESET = "upstream_reset"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    # Parent proxies (issue 12).
+    UPSTREAM_PROXY_REFUSED = "upstream_proxy_refused"  # the parent answered CONNECT with non-2xx
+    UPSTREAM_PROXY_UNAVAILABLE = "upstream_proxy_unavailable"  # no proxy of the upstream answered
+    UPSTREAM_PROXY_TIMEOUT = "upstream_proxy_timeout"  # connect or the parent's answer timed out
     # Client input (RFC 9112 strictness).
     MALFORMED_REQUEST = "malformed_request"
     AMBIGUOUS_FRAMING = "ambiguous_framing"
@@ -129,6 +133,18 @@ class BadGateway(OutgateError):
 
     status = 502
     default_reason = Reason.UPSTREAM_REFUSED
+
+
+class UpstreamProxyRefused(BadGateway):
+    """A parent proxy refused a CONNECT (403, 407, 502...). The client sees 502, never the
+    parent's own status: a 407 would invite it to send its credentials toward the parent."""
+
+    default_reason = Reason.UPSTREAM_PROXY_REFUSED
+
+    def __init__(self, message: str, *, proxy: str, parent_status: int) -> None:
+        super().__init__(message)
+        self.proxy = proxy  # host:port of the parent proxy (never credentials)
+        self.parent_status = parent_status
 
 
 class ServiceUnavailable(OutgateError):

@@ -18,6 +18,7 @@ from proxy.core.http1 import DEFAULT_PORTS
 from proxy.core.identity import IdentityLookup, Workload
 from proxy.core.policy.engine import Decider, Destination
 from proxy.core.policy.explain import decision_as_dict, describe_outcome, render_explanation
+from proxy.core.upstreams import DIRECT
 from proxy.dataplane.router import Route, Router
 from proxy.errors import BadRequest, Reason
 
@@ -42,10 +43,21 @@ def explain(
     is the Router (or an Engine: the Router asks the Engine in force)."""
     workload, destination = _parse(identity, source, url)
     decision = decider.decide(workload, destination, explain=True)
-    return (
-        render_explanation(workload, destination, decision),
-        decision_as_dict(workload, destination, decision),
+    text = render_explanation(workload, destination, decision)
+    data = decision_as_dict(workload, destination, decision)
+    way_out = (
+        decider.way_out_by_name(destination.host, destination.port)
+        if isinstance(decider, Router) and decision.allowed
+        else None
     )
+    if way_out is not None:
+        via, undecided = way_out
+        note = (
+            " (by name; a cidr route may apply once it resolves: use resolve)" if undecided else ""
+        )
+        text += f"\nroute:       {_describe_via(via)}{note}"
+        data["upstream"] = {"name": via, "final": not undecided}
+    return text, data
 
 
 async def explain_route(
@@ -70,6 +82,13 @@ def _parse(identity: IdentityLookup, source: str, url: str) -> tuple[Workload, D
 def _route_lines(route: Route) -> list[str]:
     if not route.decision.allowed:
         return ["resolve:     not asked (denied by name: no DNS query is made)"]
+    if route.parent_resolves:
+        return [
+            f"resolve:     not here: upstream {route.via} resolves names (resolve: parent)",
+            f"outcome:     allow; {_describe_via(route.via or DIRECT)}, asking it for "
+            f"{route.host.name}",
+            f"route:       {_describe_via(route.via or DIRECT)}",
+        ]
     if route.resolve_error is not None:
         error = route.resolve_error
         return [
@@ -93,11 +112,21 @@ def _route_lines(route: Route) -> list[str]:
         decided = "" if check.decision is None else f" [{describe_outcome(check.decision.verdict)}]"
         lines.append(f"  {check.ip}{decided}: {verdict}")
     refusal = route.refusal()
-    if refusal is None:
+    if refusal is not None:
+        lines.append(f"outcome:     deny {refusal.status} ({refusal.reason})")
+    elif route.via is None or route.via == DIRECT:
         lines.append("outcome:     allow; dial " + ", ".join(str(ip) for ip in route.permitted))
     else:
-        lines.append(f"outcome:     deny {refusal.status} ({refusal.reason})")
+        lines.append(
+            f"outcome:     allow; {_describe_via(route.via)}, asking it for {route.host.name}"
+        )
+    if route.via is not None:
+        lines.append(f"route:       {_describe_via(route.via)}")
     return lines
+
+
+def _describe_via(via: str) -> str:
+    return "direct" if via == DIRECT else f"via upstream {via}"
 
 
 def _route_dict(route: Route) -> dict[str, Any]:
@@ -124,6 +153,9 @@ def _route_dict(route: Route) -> dict[str, Any]:
             for check in route.checks
         ],
         "permitted": [str(ip) for ip in route.permitted],
+        "upstream": None
+        if route.via is None
+        else {"name": route.via, "resolve": "parent" if route.parent_resolves else "local"},
         "outcome": "allow" if refusal is None else "deny",
         "reason": None if refusal is None else str(refusal.reason),
     }

@@ -204,6 +204,36 @@ UPSTREAM_CONNECT_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+# Parent proxies (issue 12). `upstream` is a configured name and `proxy` a configured host:port,
+# so both are bounded by the config.
+UPSTREAM_REQUESTS = Counter(
+    "outgate_upstream_requests_total",
+    "Requests (kind forward) and tunnels (kind tunnel) routed via an upstream, by result: ok, "
+    "refused (the parent answered CONNECT with non-2xx), unavailable (no proxy could be "
+    "connected), timeout.",
+    ["upstream", "kind", "result"],
+    registry=REGISTRY,
+)
+UPSTREAM_CONNECT_SECONDS = Histogram(
+    "outgate_upstream_connect_seconds",
+    "Time to connect to a parent proxy (TCP, and TLS for https:// parents).",
+    ["upstream"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+UPSTREAM_PROXY_FAILURES = Counter(
+    "outgate_upstream_proxy_connect_failures_total",
+    "Connect failures per parent proxy (refused, unreachable, timed out, TLS failed).",
+    ["upstream", "proxy"],
+    registry=REGISTRY,
+)
+UPSTREAM_PROXY_UP = Gauge(
+    "outgate_upstream_proxy_up",
+    "1 while a parent proxy is in use, 0 while it is marked down after failLimit connect "
+    "failures (it turns 1 again on its next successful connect, tried after retryAfter).",
+    ["upstream", "proxy"],
+    registry=REGISTRY,
+)
 GUARD_REFUSALS = Counter(
     "outgate_guard_refusals_total",
     "Addresses the address guard refused, by address class.",

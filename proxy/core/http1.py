@@ -739,12 +739,23 @@ def _ambiguous(message: str) -> BadRequest:
     return BadRequest(message, reason=Reason.AMBIGUOUS_FRAMING)
 
 
-def render_request_head(req: RequestHead, *, framing_header: bool = True) -> bytes:
+def render_request_head(
+    req: RequestHead,
+    *,
+    framing_header: bool = True,
+    absolute: bool = False,
+    extra_fields: bytes = b"",
+) -> bytes:
     """The origin-form request to send upstream (RFC 9112 section 3.2.1, RFC 9110 section 7.6.1).
 
     Host comes from the target, then the client's end-to-end fields in order, then the framing
     field rendered from `req.framing` (omitted with `framing_header=False`). Keep-alive toward
     the upstream is HTTP/1.1's default, so no Connection field is written.
+
+    With `absolute` the target is in absolute form, for a parent proxy (RFC 9112 section 3.2.2;
+    asterisk-form becomes the bare authority, section 3.2.4), and `extra_fields` (the parent's
+    own `Proxy-Authorization`, complete lines) follow Host. The client's own proxy credentials
+    are never among the fields sent on.
     """
     if req.is_connect:
         raise ValueError("a CONNECT request is tunnelled, not rendered upstream")
@@ -754,7 +765,12 @@ def render_request_head(req: RequestHead, *, framing_header: bool = True) -> byt
         else req.host.name
     )
     authority = host if req.port == 80 else f"{host}:{req.port}"
-    out = [f"{req.method} {req.path} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
+    target = req.path
+    if absolute:
+        target = f"http://{authority}" + ("" if req.path == "*" else req.path)
+    out = [f"{req.method} {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")]
+    if extra_fields:
+        out.append(extra_fields)
     tokens = req.connection_tokens
     drop = _DROPPED_REQUEST_FIELDS | tokens if tokens else _DROPPED_REQUEST_FIELDS
     _render_fields(out, req.headers, drop)

@@ -23,10 +23,12 @@ from proxy import metrics
 from proxy.audit import AuditSink, Exchange
 from proxy.core.hosts import IPAddress
 from proxy.core.identity import IdentityLookup, Workload, WorkloadKind
+from proxy.core.upstreams import DIRECT
+from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.responses import render_error
 from proxy.dataplane.router import Route
-from proxy.errors import OutgateError, Reason
+from proxy.errors import OutgateError, Reason, UpstreamProxyRefused
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,9 @@ class ExchangeLog:
             server_name=tunnel.server_name,
             decision=tunnel.decision,
             tunnel_id=tunnel.id,
+            upstream=tunnel.upstream,
+            upstream_proxy=tunnel.upstream_proxy,
+            upstream_resolve=tunnel.upstream_resolve,
         )
 
     # -- decision -----------------------------------------------------------------------------
@@ -92,9 +97,22 @@ class ExchangeLog:
                 address_class=str(check.guarded),
                 event_id=ex.id,
             )
-        if route.permitted:
-            ex.destination_ip = ip_text(route.permitted[0])  # the close record has the one used
+        if route.via is not None:
+            ex.upstream = route.via
+            if route.via != DIRECT:
+                ex.upstream_resolve = "parent" if route.parent_resolves else "local"
+        if route.allowed:
+            if route.permitted and ex.upstream_resolve is None:
+                # The close record has the one used. Via a parent, the parent chooses.
+                ex.destination_ip = ip_text(route.permitted[0])
             self.allowed(ex)
+
+    def dialled(self, ex: Exchange, upstream: Upstream) -> None:
+        """Where the exchange went: the address connected to, or the parent proxy used."""
+        if upstream.ip is not None:
+            ex.destination_ip = ip_text(upstream.ip)
+        if upstream.proxy is not None:
+            ex.upstream_proxy = upstream.proxy
 
     def allowed(self, ex: Exchange) -> None:
         """The decision record for an exchange that goes ahead (`ex.decision` allows it)."""
@@ -121,6 +139,8 @@ class ExchangeLog:
         """Answer `error` with its decision record (unless the exchange was already decided)
         and its close record; close the client connection unless `keep_alive`."""
         ex.status = error.status
+        if isinstance(error, UpstreamProxyRefused):
+            ex.upstream_proxy, ex.upstream_status = error.proxy, error.parent_status
         if not ex.decided:
             ex.reason = error.reason
             self._record_decision(ex)

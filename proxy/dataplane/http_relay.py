@@ -21,7 +21,10 @@ Keep-alive rules, in one place:
   - after a response, only when both sides keep alive, the response is not close-delimited, and
     the upstream took the whole request body;
   - an upstream is reused only by a later request for the same host and port, and only when it
-    is connected to an address that request's route permits.
+    is connected to an address that request's route permits (or, through a parent proxy's
+    tunnel, when the route still goes via that upstream);
+  - a plain-HTTP connection to a parent proxy goes back to that parent's dialer instead, for any
+    client's next request (proxy.dataplane.upstream).
 """
 
 from __future__ import annotations
@@ -38,13 +41,12 @@ from proxy.core.http1 import (
     BodyFraming,
     RequestHead,
     encode_chunk,
-    find_head_end,
     parse_response_head,
     render_request_head,
     render_response_head,
 )
 from proxy.dataplane.dialer import Upstream
-from proxy.dataplane.exchange_log import ExchangeLog, ip_text
+from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Route
 from proxy.errors import BadGateway, GatewayTimeout, HeaderTimeout, OutgateError, Reason
@@ -103,7 +105,11 @@ class UpstreamPool:
                 found is None
                 and host == route.host.name
                 and port == route.port
-                and upstream.ip in route.permitted
+                and (
+                    upstream.ip in route.permitted
+                    if upstream.ip is not None
+                    else upstream.via is not None and upstream.via == route.via
+                )
                 and not upstream.peer.eof
                 and not upstream.peer.buffer
             )
@@ -144,9 +150,16 @@ class HttpRelay:
         """Send one request (`head`, or `req` rendered) and relay its response; True if the
         client connection may carry another. Writes the exchange's close record."""
         up = upstream.peer
-        ex.destination_ip = ip_text(upstream.ip)
+        self._log.dialled(ex, upstream)
         self._log.relay_started("forward")
-        up.write(head if head is not None else render_request_head(req))
+        parent = upstream.forwarding
+        if head is None:
+            head = (
+                render_request_head(req)
+                if parent is None
+                else render_request_head(req, absolute=True, extra_fields=parent.authorization())
+            )
+        up.write(head)
         body_task: asyncio.Task[None] | None = None
         reader = body_reader(req.framing, req.content_length, upstream=False)
         if reader is not None:
@@ -165,7 +178,13 @@ class HttpRelay:
         reason = Reason.COMPLETED
         keep = False
         try:
-            keep = await self._relay_response(client, up, ex, req)
+            keep = await self._relay_response(
+                client,
+                up,
+                ex,
+                req,
+                self._timeouts.idle if parent is None else parent.response_timeout,
+            )
             if body_task is not None and not body_task.done():
                 # The upstream answered before taking the whole body: the rest of the client's
                 # body cannot be told apart from a next request, so this connection ends here.
@@ -197,10 +216,12 @@ class HttpRelay:
             if self._log.close(ex, reason, client, up) is not Reason.COMPLETED:
                 keep = False
             self._log.relay_ended("forward")
-            if keep and not up.eof and not up.buffer:
-                pool.keep(req, upstream)
-            else:
+            if not keep or up.eof or up.buffer:
                 up.close()
+            elif parent is not None:
+                parent.give_back(upstream)  # any client's next request to this parent may use it
+            else:
+                pool.keep(req, upstream)
         if not keep:
             client.close()
         return keep
@@ -264,32 +285,18 @@ class HttpRelay:
             raise ConnectionResetError("peer stopped reading") from None
 
     # -- response -------------------------------------------------------------------------------
-    async def _read_response_head(self, upstream: Peer) -> bytes:
-        deadline = asyncio.get_running_loop().time() + self._timeouts.idle
-        scanned = 0
-        while True:
-            end = find_head_end(
-                upstream.buffer, max_head_bytes=self._max_head, is_request=False, start=scanned
-            )
-            if end >= 0:
-                return upstream.take(end)
-            scanned = len(upstream.buffer)
-            if upstream.eof:
-                raise BadGateway(
-                    "upstream closed before a complete response head",
-                    reason=Reason.UPSTREAM_RESET,
-                )
-            await upstream.wait_data(deadline=deadline)  # TimeoutError: the caller's 504
-
     async def _relay_response(
-        self, client: Peer, upstream: Peer, ex: Exchange, req: RequestHead
+        self, client: Peer, upstream: Peer, ex: Exchange, req: RequestHead, response_timeout: float
     ) -> bool:
         """Relay interim responses, then the final head and body; True if keep-alive."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                resp = parse_response_head(
-                    await self._read_response_head(upstream), request_method=req.method
+                deadline = loop.time() + response_timeout
+                head = await upstream.next_response_head(
+                    max_head_bytes=self._max_head, deadline=deadline
                 )
+                resp = parse_response_head(head, request_method=req.method)
                 if resp.status == 101:
                     raise BadGateway(
                         "upstream switched protocols, which was not asked for",

@@ -23,6 +23,7 @@ CONNECT host, and, with `inspect`, the rule's checks apply as well.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 
 import structlog
@@ -153,7 +154,7 @@ class Interceptor:
 
     async def _dial_again(self, route: Route, *, tls: bool) -> Upstream:
         """A new upstream for a later request, to the tunnel's (pinned) address."""
-        upstream = await self._dialer.dial(route)
+        upstream = await self._dialer.dial(route, tunnel=True)
         if not tls:
             return upstream
         try:
@@ -161,7 +162,7 @@ class Interceptor:
         except OutgateError:
             upstream.peer.close()
             raise
-        return Upstream(peer=peer, ip=upstream.ip)
+        return dataclasses.replace(upstream, peer=peer)
 
     # -- client ---------------------------------------------------------------------------------
     async def terminate_client(self, client: Peer, connect: Host, tunnel: Exchange) -> TLSPeer:

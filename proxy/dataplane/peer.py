@@ -14,7 +14,7 @@ import time
 from typing import cast
 
 from proxy.core.http1 import find_head_end
-from proxy.errors import BadRequest, Reason
+from proxy.errors import BadGateway, BadRequest, Reason
 
 # 256 KiB: large reads amortise the per-call cost; bounded so a fast sender cannot fill memory.
 READ_BUFFER_LIMIT = 256 * 1024
@@ -159,6 +159,25 @@ class Peer(asyncio.Protocol):
                 if self.buffer.strip():
                     raise BadRequest("connection closed inside the request head")
                 return None
+            await self.wait_data(deadline=deadline)
+
+    async def next_response_head(self, *, max_head_bytes: int, deadline: float) -> bytes:
+        """The next complete response head from this upstream, reading until `deadline`
+        (TimeoutError past it). BadGateway (upstream_reset) for an EOF before it is complete,
+        and whatever `find_head_end` raises for a head over the limits."""
+        scanned = 0
+        while True:
+            end = find_head_end(
+                self.buffer, max_head_bytes=max_head_bytes, is_request=False, start=scanned
+            )
+            if end >= 0:
+                return self.take(end)
+            scanned = len(self.buffer)
+            if self.eof:
+                raise BadGateway(
+                    "upstream closed before a complete response head",
+                    reason=Reason.UPSTREAM_RESET,
+                )
             await self.wait_data(deadline=deadline)
 
     def take(self, limit: int | None = None) -> bytes:

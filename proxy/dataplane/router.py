@@ -11,6 +11,10 @@
      one.
   5. The addresses left, in the resolver's order (IPv4 first), are the ones a dialer may use,
      and the only ones.
+  6. With upstreams configured (issue 12), the way out: `direct` or an upstream's name, from
+     the operator's route table (proxy.core.upstreams). Routing never replaces steps 1-5: only
+     an allowed route is routed. A name routed to an upstream with `resolve: parent` skips
+     steps 2-4 (only the parent can resolve it); an IP literal never does.
 
 The answer is a frozen `Route` that says all of it, including what was dropped and why, so the
 exchange log records it, a dialer dials it, and `explain` shows it. Every caller asks here: the
@@ -32,6 +36,7 @@ from proxy.core.addresses import AddressClass, AddressGuard
 from proxy.core.hosts import Host, IPAddress
 from proxy.core.identity import Workload
 from proxy.core.policy.engine import Decision, Destination, Engine
+from proxy.core.upstreams import RouteTable
 from proxy.errors import OutgateError, PolicyDenied, Reason
 
 # Routes remembered: a kept-alive client asks the same question on every request. An entry is a
@@ -87,10 +92,14 @@ class Route:
     # Step 2 failed: the resolver's error (502 dns_nxdomain / dns_servfail / dns_no_answer,
     # 504 dns_timeout), what the client sees. The name decision is kept for the record.
     resolve_error: OutgateError | None = None
+    # Step 6: "direct" or an upstream's name; None when no upstreams are configured.
+    via: str | None = None
+    # The name was not resolved here: its upstream resolves names (`resolve: parent`).
+    parent_resolves: bool = False
 
     @property
     def allowed(self) -> bool:
-        return bool(self.permitted)
+        return bool(self.permitted) or (self.parent_resolves and self.decision.allowed)
 
     @property
     def deciding(self) -> Decision:
@@ -104,7 +113,7 @@ class Route:
 
     def refusal(self) -> OutgateError | None:
         """The error a client sees when nothing may be dialled; None when allowed."""
-        if self.permitted:
+        if self.allowed:
             return None
         if self.resolve_error is not None:
             return self.resolve_error
@@ -118,9 +127,12 @@ class Route:
             reason=Reason.GUARDED_ADDRESS,
         )
 
-    def pinned(self, ip: IPAddress) -> Route:
+    def pinned(self, ip: IPAddress | None) -> Route:
         """This route narrowed to one address it permits (a tunnel's later connections go where
-        its first one went)."""
+        its first one went). `None`: the first connection went via a parent proxy, which chose
+        the address: the route is kept as it is."""
+        if ip is None:
+            return self
         if ip not in self.permitted:
             raise ValueError(f"{ip} is not an address this route permits")
         return dataclasses.replace(self, permitted=(ip,))
@@ -137,11 +149,17 @@ class Router:
     """Owns steps 1-5 and their memo. One per process; used from its event loop only."""
 
     def __init__(
-        self, *, policy: PolicySource, resolver: NameResolver, guard: AddressGuard
+        self,
+        *,
+        policy: PolicySource,
+        resolver: NameResolver,
+        guard: AddressGuard,
+        routes: RouteTable | None = None,
     ) -> None:
         self._policy = policy
         self._resolver = resolver
         self._guard = guard
+        self._routes = routes
         self._memo: dict[tuple[int, str, bool, int], _Memo] = {}
 
     def decide(
@@ -149,6 +167,19 @@ class Router:
     ) -> Decision:
         """Step 1 alone, with the policy in force (the SNI re-check asks this)."""
         return self._policy.engine.decide(workload, destination, explain=explain)
+
+    def way_out_by_name(self, host: Host, port: int) -> tuple[str, bool] | None:
+        """Step 6 before any DNS query (for `explain` without resolving): the way out by name or
+        literal alone, and whether a `cidr` route could still change it once the name resolves.
+        None when no upstreams are configured."""
+        routes = self._routes
+        if routes is None:
+            return None
+        parent = routes.resolves_at_parent(host, port)
+        if parent is not None:
+            return parent, False
+        undecided = host.ip is None and any(rule.to.cidrs for rule in routes.rules)
+        return routes.select(host, port, None), undecided
 
     async def route(
         self, workload: Workload, host: Host, port: int, *, explain: bool = False
@@ -167,8 +198,21 @@ class Router:
             decision = engine.decide(
                 workload, Destination(host=host, port=port, ip=host.ip), explain=explain
             )
+        parent = self._routes.resolves_at_parent(host, port) if self._routes else None
         if not decision.allowed:
             route = Route(workload=workload, host=host, port=port, decision=decision)
+        elif parent is not None:
+            # 6 before 2: only the parent can resolve this name, so it is not looked up here.
+            if memo is not None:
+                return memo.route
+            route = Route(
+                workload=workload,
+                host=host,
+                port=port,
+                decision=decision,
+                via=parent,
+                parent_resolves=True,
+            )
         else:
             if host.ip is not None:
                 answer: tuple[IPAddress, ...] = (host.ip,)
@@ -205,6 +249,8 @@ class Router:
         decision = engine.decide(workload, Destination(host=host, port=port, ip=host.ip))
         if not decision.allowed:
             return Route(workload=workload, host=host, port=port, decision=decision)
+        if route.parent_resolves:
+            return dataclasses.replace(route, decision=decision)
         return self._check_addresses(
             engine, workload, host, port, decision, route.permitted, explain=False
         )
@@ -236,6 +282,7 @@ class Router:
             checks.append(check)
             if check.permitted:
                 permitted.append(ip)
+        via = None if self._routes is None else self._routes.select(host, port, permitted)
         return Route(
             workload=workload,
             host=host,
@@ -245,4 +292,5 @@ class Router:
             checks=tuple(checks),
             permitted=tuple(permitted),
             dropped=tuple(check for check in checks if check.guarded is not None),
+            via=via,
         )

@@ -256,7 +256,7 @@ class ProxyServer:
                 raise refusal
             upstream = None if req.is_connect else pool.take(route)
             if upstream is None:
-                upstream = await self._dialer.dial(route)
+                upstream = await self._dialer.dial(route, tunnel=req.is_connect)
         except OutgateError as exc:
             if held_tunnel is not None:
                 self._admission.close_tunnel(held_tunnel)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Final
@@ -180,6 +181,7 @@ class TunnelRelay:
 
     async def run(self, client: Peer, upstream: Upstream, ex: Exchange, route: Route) -> None:
         """Serve the tunnel until it ends; writes its close record (or its refusal)."""
+        self._log.dialled(ex, upstream)
         decision = ex.decision
         protocol = (decision.protocol if decision else None) or TunnelProtocol.TLS
         inspect = decision.inspect if decision is not None else None
@@ -215,7 +217,7 @@ class TunnelRelay:
             if inspect is not None or protocol is TunnelProtocol.HTTP:
                 reason = await self._interceptor.serve_requests(
                     inner,
-                    Upstream(peer=inner_upstream, ip=upstream.ip),
+                    dataclasses.replace(upstream, peer=inner_upstream),
                     ex,
                     route=route,
                     tls=intercept_tls,

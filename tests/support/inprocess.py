@@ -67,14 +67,14 @@ class FlakyDialer:
     def fail_next(self, kind: str, times: int = 1) -> None:
         self._failures.extend([kind] * times)
 
-    async def dial(self, route: Route) -> Upstream:
+    async def dial(self, route: Route, *, tunnel: bool) -> Upstream:
         self.dialled.append(route)
         if self._failures:
             kind = self._failures.pop(0)
             if kind == "timeout":
                 raise GatewayTimeout("connect timed out (on demand)")
             raise BadGateway("refused (on demand)", reason=Reason.UPSTREAM_REFUSED)
-        return await self._direct.dial(route)
+        return await self._direct.dial(route, tunnel=tunnel)
 
 
 class RecordingSink(AuditSink):
@@ -165,7 +165,10 @@ async def inprocess_proxy(
     dialer = FlakyDialer(connect_timeout=settings.timeouts.connect)
     identity = StaticIdentityIndex(settings.static_identities)
     router = Router(
-        policy=store, resolver=resolver, guard=build_guard(settings, proxy_port=0, admin_port=0)
+        policy=store,
+        resolver=resolver,
+        guard=build_guard(settings, proxy_port=0, admin_port=0),
+        routes=settings.routes,
     )
     server = build_proxy(
         settings,

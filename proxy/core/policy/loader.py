@@ -690,6 +690,14 @@ def _parse_tls(
     return TlsOptions(sni=sni or SniMode.REQUIRED, ech=ech or EchMode.ALLOW)
 
 
+def parse_destinations(
+    raw: object, issues: IssueCollector, path: str
+) -> tuple[list[str], list[str], list[IPNetwork]]:
+    """A `to` list outside a rule (the runtime config's routes): exact names, wildcard suffixes
+    and CIDRs, checked and normalised exactly as a rule's `to` is."""
+    return _parse_to(raw, None, issues, path)
+
+
 def _parse_to(
     raw: object, action: Action | None, issues: IssueCollector, path: str
 ) -> tuple[list[str], list[str], list[IPNetwork]]:
