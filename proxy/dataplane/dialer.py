@@ -72,6 +72,10 @@ class Dialer(Protocol):
         `tunnel`: a byte stream to the destination is needed (CONNECT), not an HTTP hop."""
         ...
 
+    def close(self) -> None:
+        """Close what the dialer keeps between requests (at shutdown, after the drain)."""
+        ...
+
 
 class RoutingDialer:
     """Step 6 of the router, carried out: each route goes out the way its `via` names."""
@@ -79,6 +83,11 @@ class RoutingDialer:
     def __init__(self, *, direct: Dialer, upstreams: Mapping[str, Dialer]) -> None:
         self._direct = direct
         self._upstreams = upstreams
+
+    def close(self) -> None:
+        self._direct.close()
+        for dialer in self._upstreams.values():
+            dialer.close()
 
     async def dial(self, route: Route, *, tunnel: bool) -> Upstream:
         via = route.via
@@ -92,6 +101,9 @@ class DirectDialer:
 
     def __init__(self, *, connect_timeout: float) -> None:
         self._timeout = connect_timeout
+
+    def close(self) -> None:
+        """Nothing is kept: each client connection keeps its own (proxy.dataplane.http_relay)."""
 
     async def dial(self, route: Route, *, tunnel: bool) -> Upstream:
         loop = asyncio.get_running_loop()

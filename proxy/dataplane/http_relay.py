@@ -49,7 +49,14 @@ from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Route
-from proxy.errors import BadGateway, GatewayTimeout, HeaderTimeout, OutgateError, Reason
+from proxy.errors import (
+    BadGateway,
+    GatewayTimeout,
+    HeaderTimeout,
+    OutgateError,
+    Reason,
+    UpstreamProxyRefused,
+)
 
 
 def keeps_connection_after_refusal(req: RequestHead | None) -> bool:
@@ -184,6 +191,7 @@ class HttpRelay:
                 ex,
                 req,
                 self._timeouts.idle if parent is None else parent.response_timeout,
+                parent_proxy=upstream.proxy if parent is not None else None,
             )
             if body_task is not None and not body_task.done():
                 # The upstream answered before taking the whole body: the rest of the client's
@@ -286,9 +294,20 @@ class HttpRelay:
 
     # -- response -------------------------------------------------------------------------------
     async def _relay_response(
-        self, client: Peer, upstream: Peer, ex: Exchange, req: RequestHead, response_timeout: float
+        self,
+        client: Peer,
+        upstream: Peer,
+        ex: Exchange,
+        req: RequestHead,
+        response_timeout: float,
+        *,
+        parent_proxy: str | None = None,
     ) -> bool:
-        """Relay interim responses, then the final head and body; True if keep-alive."""
+        """Relay interim responses, then the final head and body; True if keep-alive.
+
+        Through a parent proxy (`parent_proxy`), a 407 is about Outgate's credentials, never the
+        client's: it is a 502 upstream_proxy_refused, so no client is invited to send its own
+        credentials. Every other answer of the parent is relayed as the origin's would be."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -301,6 +320,13 @@ class HttpRelay:
                     raise BadGateway(
                         "upstream switched protocols, which was not asked for",
                         reason=Reason.UPSTREAM_BAD_RESPONSE,
+                    )
+                if resp.status == 407 and parent_proxy is not None:
+                    ex.upstream_status = resp.status
+                    raise UpstreamProxyRefused(
+                        f"parent proxy {parent_proxy} refused the request with status 407",
+                        proxy=parent_proxy,
+                        parent_status=resp.status,
                     )
                 if resp.status >= 200:
                     break

@@ -135,6 +135,7 @@ class ProxyServer:
             client.close()
         if not await self._tasks.wait(timeout):
             await self._tasks.cancel_all()
+        self._dialer.close()
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -168,6 +168,10 @@ class ParentDialer:
             return
         self._idle.append((now, upstream))
 
+    def close(self) -> None:
+        while self._idle:
+            self._idle.popleft()[1].peer.close()
+
     async def dial(self, route: Route, *, tunnel: bool) -> Upstream:
         kind = "tunnel" if tunnel else "forward"
         requests = metrics.UPSTREAM_REQUESTS

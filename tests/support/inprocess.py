@@ -64,6 +64,9 @@ class FlakyDialer:
         self._failures: list[str] = []
         self.dialled: list[Route] = []
 
+    def close(self) -> None:
+        self._direct.close()
+
     def fail_next(self, kind: str, times: int = 1) -> None:
         self._failures.extend([kind] * times)
 

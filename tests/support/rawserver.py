@@ -30,9 +30,9 @@ def reset(conn: socket.socket) -> None:
 
 
 class RawServer:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, *, port: int = 0) -> None:
         self.handler = handler
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.listener.settimeout(0.2)
         self.port = int(self.listener.getsockname()[1])
         self.received: list[bytes] = []
