@@ -28,6 +28,9 @@ $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	@command -v promtool >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
+	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
+	@test -x /usr/sbin/squid || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
 	touch $(RUN_STAMP) $@
