@@ -74,6 +74,7 @@ def test_the_alerts_cover_what_operators_need() -> None:
         "OutgateInformerStale",
         "OutgateAuditBackpressure",
         "OutgateNoReadyReplicas",
+        "OutgateUpstreamDown",
     } <= set(alerts)
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in ("warning", "critical"), name
@@ -115,6 +116,24 @@ UNIT_TESTS = {
                     "series": f'outgate_kube_seconds_since_last_event{{{PROXY}, resource="pods"}}',
                     "values": "30x1500 30+60x30",
                 },
+                # Upstream corp: both parents down for the last 10 minutes; upstream partial:
+                # one of its two parents down, the other up.
+                {
+                    "series": 'outgate_upstream_proxy_up{upstream="corp", proxy="a:3128"}',
+                    "values": "1x1520 0x10",
+                },
+                {
+                    "series": 'outgate_upstream_proxy_up{upstream="corp", proxy="b:3128"}',
+                    "values": "1x1520 0x10",
+                },
+                {
+                    "series": 'outgate_upstream_proxy_up{upstream="partial", proxy="c:3128"}',
+                    "values": "0x1530",
+                },
+                {
+                    "series": 'outgate_upstream_proxy_up{upstream="partial", proxy="d:3128"}',
+                    "values": "1x1530",
+                },
                 {
                     "series": "kube_deployment_status_replicas_available"
                     '{namespace="outgate-system", deployment="outgate"}',
@@ -153,6 +172,11 @@ UNIT_TESTS = {
                             }
                         }
                     ],
+                },
+                {
+                    "eval_time": "1530m",
+                    "alertname": "OutgateUpstreamDown",
+                    "exp_alerts": [{"exp_labels": {"severity": "critical", "upstream": "corp"}}],
                 },
                 {"eval_time": "1530m", "alertname": "OutgateNoReadyReplicas", "exp_alerts": []},
                 {"eval_time": "1530m", "alertname": "OutgateAuditBackpressure", "exp_alerts": []},

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from proxy.tls.ca import init_ca
 from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
@@ -40,12 +41,17 @@ spec:
     - name: allowed-api
       action: Allow
       to: [{fqdn: api.allowed.example}, {fqdn: refused.allowed.example}, {fqdn: "*.guard.test"}]
+    - name: inspected-api
+      action: Allow
+      to: [{fqdn: inspect.allowed.example}]
+      inspect: {methods: [GET]}
 """
+INSPECTED = "inspect.allowed.example"
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> OriginPKI:
-    return make_pki(tmp_path_factory.mktemp("pki"), [NAME, "refused.allowed.example"])
+    return make_pki(tmp_path_factory.mktemp("pki"), [NAME, "refused.allowed.example", INSPECTED])
 
 
 @pytest.fixture
@@ -64,23 +70,25 @@ def origins(pki: OriginPKI) -> Iterator[dict[str, OriginServer]]:
 def dns(dns_server: ScriptedDNSServer) -> ScriptedDNSServer:
     dns_server.addresses(NAME, ORIGIN_IP)
     dns_server.addresses("refused.allowed.example", ORIGIN_IP)
+    dns_server.addresses(INSPECTED, ORIGIN_IP)
     dns_server.addresses("private.guard.test", PRIVATE_IP)
     return dns_server
 
 
 def chained(
-    start_proxy: StartProxy, dns: ScriptedDNSServer, squid: SquidParent, **upstream: Any
+    start_proxy: StartProxy,
+    dns: ScriptedDNSServer,
+    squid: SquidParent,
+    tls: dict[str, str] | None = None,
+    **upstream: Any,
 ) -> ProxyProcess:
-    return start_proxy(
-        POLICIES,
-        nameserver=dns.nameserver,
-        config={
-            "upstreams": [
-                {"name": "corp", "proxies": [f"http://127.0.0.1:{squid.port}"], **upstream}
-            ],
-            "routes": {"default": "corp"},
-        },
-    )
+    config: dict[str, Any] = {
+        "upstreams": [{"name": "corp", "proxies": [f"http://127.0.0.1:{squid.port}"], **upstream}],
+        "routes": {"default": "corp"},
+    }
+    if tls is not None:
+        config["tls"] = tls
+    return start_proxy(POLICIES, nameserver=dns.nameserver, config=config)
 
 
 def fetch(
@@ -90,7 +98,12 @@ def fetch(
 
 
 def squid_hosts() -> dict[str, str]:
-    return {NAME: ORIGIN_IP, "refused.allowed.example": ORIGIN_IP, "private.guard.test": PRIVATE_IP}
+    return {
+        NAME: ORIGIN_IP,
+        "refused.allowed.example": ORIGIN_IP,
+        INSPECTED: ORIGIN_IP,
+        "private.guard.test": PRIVATE_IP,
+    }
 
 
 def test_https_and_plain_http_reach_the_origin_through_a_real_squid(
@@ -246,3 +259,37 @@ def test_parent_credentials_are_sent_reread_and_never_shown(
     for secret in (PASSWORD, WRONG):
         for form in (secret, base64.b64encode(f"{USER}:{secret}".encode()).decode()):
             assert form not in everything, "a parent credential was shown"
+
+
+def test_an_inspect_rule_checks_each_request_inside_a_tunnel_through_squid(
+    start_proxy: StartProxy,
+    dns: ScriptedDNSServer,
+    origins: dict[str, OriginServer],
+    pki: OriginPKI,
+    tmp_path: Path,
+) -> None:
+    ca_cert, ca_key = init_ca(tmp_path / "outgate-ca")
+    tls = {"caCert": str(ca_cert), "caKey": str(ca_key), "upstreamCABundle": str(pki.ca_pem)}
+    with SquidParent(hosts=squid_hosts()) as squid:
+        proxy = chained(start_proxy, dns, squid, tls=tls)
+        url = f"https://{INSPECTED}/hello"
+        got = curl("-x", proxy.url, "--cacert", str(ca_cert), f"{url}?inspected", max_time=15)
+        posted = curl(
+            "-x",
+            proxy.url,
+            "--cacert",
+            str(ca_cert),
+            "-i",
+            "--data",
+            "x",
+            f"{url}?posted",
+            max_time=15,
+        )
+        squid.wait_access(f"CONNECT {INSPECTED}:443")
+    assert got.returncode == 0 and got.stdout == "hello from origin\n", got.stderr
+    assert "\nHTTP/1.1 403 " in posted.stdout and "method_not_allowed" in posted.stdout
+    assert origins["https"].paths_seen() == ["/hello?inspected"]
+    inner = proxy.wait_records(
+        lambda r: r["event"]["action"] == "close" and r["outgate"]["connection"] == "intercept"
+    )
+    assert {r["outgate"]["upstream"]["name"] for r in inner} == {"corp"}
