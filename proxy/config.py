@@ -654,6 +654,8 @@ def _parse_routes(
                 name=f"routes.rules[{index}]",
             )
         )
+    if not names:
+        return None  # with no upstream every route is direct: no routing step, no record field
     return RouteTable(rules=tuple(rules), default=default, resolved_by_parent=resolved_by_parent)
 
 
