@@ -29,6 +29,7 @@ from tests.support.rawserver import RawServer, read_head
 from tests.tls.hello import hello_record
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
+NAME = "api.example.test"
 PASSWORD = "s3cret-parent-pw"
 FAILURES = "outgate_upstream_proxy_connect_failures_total"
 
@@ -46,6 +47,18 @@ def parent_config(*ports: int, **options: Any) -> dict[str, Any]:
         ],
         "routes": {"default": "corp"},
     }
+
+
+def via_parent(tmp_path: Path, config: dict[str, Any], *names: str) -> Any:
+    """An in-process proxy allowing `names` (api.example.test by default), each resolving to
+    127.0.0.1, with the upstreams and routes of `config`."""
+    names = names or (NAME,)
+    return inprocess_proxy(
+        tmp_path,
+        policy_allowing(*names),
+        answers=dict.fromkeys(names, LOOPBACK),
+        **config,
+    )
 
 
 def free_port() -> int:
@@ -121,12 +134,7 @@ async def test_a_parent_refusing_connect_gives_502_and_no_client_byte_reaches_it
 ) -> None:
     received: list[bytes] = []
     with RawServer(answer_connect(status, received)) as parent:
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test"),
-            answers={"api.example.test": LOOPBACK},
-            **parent_config(parent.port),
-        ) as proxy:
+        async with via_parent(tmp_path, parent_config(parent.port)) as proxy:
             # The ClientHello follows the CONNECT at once, before any answer: it must wait.
             request = b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n"
             reply = await raw_connect(proxy, request + hello_record(sni=b"api.example.test"))
@@ -149,12 +157,7 @@ async def test_an_sni_mismatch_through_a_parent_closes_before_the_hello_is_sent_
 ) -> None:
     received: list[bytes] = []
     with RawServer(answer_connect(b"200 Connection established", received)) as parent:
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test"),
-            answers={"api.example.test": LOOPBACK},
-            **parent_config(parent.port),
-        ) as proxy:
+        async with via_parent(tmp_path, parent_config(parent.port)) as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
             writer.write(b"CONNECT api.example.test:443 HTTP/1.1\r\nHost: x\r\n\r\n")
             async with asyncio.timeout(EVENT_TIMEOUT):
@@ -190,12 +193,7 @@ async def test_tunnel_and_plain_http_via_a_parent_send_its_credentials_never_the
             }
         )
         config["routes"]["rules"] = [{"to": [{"fqdn": "plain.example.test"}], "via": "plain"}]
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test", "plain.example.test"),
-            answers={"api.example.test": LOOPBACK, "plain.example.test": LOOPBACK},
-            **config,
-        ) as proxy:
+        async with via_parent(tmp_path, config, NAME, "plain.example.test") as proxy:
             client_auth = b"Proxy-Authorization: Basic Y2xpZW50OmNsaWVudC1wdw==\r\n"
             reader, writer = await asyncio.open_connection(*proxy.address)
             status, _, body = await http_exchange(
@@ -228,12 +226,7 @@ async def test_tunnel_and_plain_http_via_a_parent_send_its_credentials_never_the
 async def test_a_kept_connection_to_the_parent_serves_the_next_client_too(tmp_path: Path) -> None:
     seen: list[bytes] = []
     with RawServer(serve_forward(seen)) as parent:
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test"),
-            answers={"api.example.test": LOOPBACK},
-            **parent_config(parent.port),
-        ) as proxy:
+        async with via_parent(tmp_path, parent_config(parent.port)) as proxy:
             for path in (b"/first", b"/second"):
                 reader, writer = await asyncio.open_connection(*proxy.address)
                 status, _, _ = await http_exchange(
@@ -259,11 +252,8 @@ async def test_a_parent_that_does_not_answer_connect_in_time_gives_504(tmp_path:
             conn.recv(1)
 
     with RawServer(silent) as parent:
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test"),
-            answers={"api.example.test": LOOPBACK},
-            **parent_config(parent.port, responseTimeout="300ms"),
+        async with via_parent(
+            tmp_path, parent_config(parent.port, responseTimeout="300ms")
         ) as proxy:
             reply = await raw_connect(proxy, b"CONNECT api.example.test:443 HTTP/1.1\r\n\r\n")
             close = await one_close(proxy, domain="api.example.test")
@@ -287,11 +277,8 @@ async def test_a_refusing_parent_is_skipped_while_down_and_retried_after_retry_a
 
     before = failures()
     with RawServer(serve_forward(second_seen, body=b"second")) as second:
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("api.example.test"),
-            answers={"api.example.test": LOOPBACK},
-            **parent_config(first, second.port, failLimit=2, retryAfter="1s"),
+        async with via_parent(
+            tmp_path, parent_config(first, second.port, failLimit=2, retryAfter="1s")
         ) as proxy:
 
             async def get(path: str) -> bytes:
@@ -364,12 +351,7 @@ async def test_a_direct_route_bypasses_the_parent(tmp_path: Path, origin: Origin
     with RawServer(serve_forward(seen)) as parent:
         config = parent_config(parent.port)
         config["routes"]["rules"] = [{"to": [{"cidr": "127.0.0.0/8"}], "via": "direct"}]
-        async with inprocess_proxy(
-            tmp_path,
-            policy_allowing("origin.test"),
-            answers={"origin.test": LOOPBACK},
-            **config,
-        ) as proxy:
+        async with via_parent(tmp_path, config, "origin.test") as proxy:
             reader, writer = await asyncio.open_connection(*proxy.address)
             status, _, _ = await http_exchange(
                 reader,

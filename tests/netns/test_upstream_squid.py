@@ -80,10 +80,12 @@ def chained(
     dns: ScriptedDNSServer,
     squid: SquidParent,
     tls: dict[str, str] | None = None,
+    scheme: str = "http",
     **upstream: Any,
 ) -> ProxyProcess:
+    proxies = [f"{scheme}://127.0.0.1:{squid.port}"]
     config: dict[str, Any] = {
-        "upstreams": [{"name": "corp", "proxies": [f"http://127.0.0.1:{squid.port}"], **upstream}],
+        "upstreams": [{"name": "corp", "proxies": proxies, **upstream}],
         "routes": {"default": "corp"},
     }
     if tls is not None:
@@ -293,3 +295,28 @@ def test_an_inspect_rule_checks_each_request_inside_a_tunnel_through_squid(
         lambda r: r["event"]["action"] == "close" and r["outgate"]["connection"] == "intercept"
     )
     assert {r["outgate"]["upstream"]["name"] for r in inner} == {"corp"}
+
+
+def test_an_https_parent_is_reached_over_verified_tls_and_refused_when_unverified(
+    start_proxy: StartProxy,
+    dns: ScriptedDNSServer,
+    origins: dict[str, OriginServer],
+    pki: OriginPKI,
+    tmp_path: Path,
+) -> None:
+    parent_pki = make_pki(tmp_path / "parent-pki", ["127.0.0.1"])
+    stranger = make_pki(tmp_path / "stranger-pki", ["127.0.0.1"])
+    with SquidParent(hosts=squid_hosts(), tls=parent_pki) as squid:
+        trusted = chained(start_proxy, dns, squid, scheme="https", caBundle=str(parent_pki.ca_pem))
+        untrusted = chained(start_proxy, dns, squid, scheme="https", caBundle=str(stranger.ca_pem))
+        secure = fetch(trusted, pki, f"https://{NAME}/hello?over-tls")
+        plain = fetch(trusted, pki, f"http://{NAME}/hello?over-tls")
+        refused = fetch(untrusted, pki, f"http://{NAME}/hello?unverified")
+        squid.wait_access(f"CONNECT {NAME}:443")
+    assert secure.returncode == 0 and secure.stdout.endswith("hello from origin\n"), secure.stderr
+    assert plain.returncode == 0 and plain.stdout.endswith("hello from origin\n")
+    assert (
+        refused.stdout.startswith("HTTP/1.1 502") and "upstream_proxy_unavailable" in refused.stdout
+    )
+    assert origins["http"].paths_seen() == ["/hello?over-tls"]
+    assert "certificate verify failed" in refused.stdout.lower()

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support.pki import OriginPKI
 from tests.support.waiting import wait_for
 
 SQUID = "/usr/sbin/squid"
@@ -46,10 +47,19 @@ class SquidParent:
         user: str | None = None,
         password: str | None = None,
         deny_domains: tuple[str, ...] = (),
+        tls: OriginPKI | None = None,
     ) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="outgate-squid-"))
         self.dir.chmod(0o777)
+        listen = f"http_port 127.0.0.1:{self.port}"
+        if tls is not None:  # TLS from the client (Outgate) to Squid: an https:// parent
+            shutil.copy(tls.cert_pem, self.dir / "cert.pem")
+            shutil.copy(tls.key_pem, self.dir / "key.pem")
+            listen = (
+                f"https_port 127.0.0.1:{self.port} "
+                f"tls-cert={self.dir}/cert.pem tls-key={self.dir}/key.pem"
+            )
         (self.dir / "hosts").write_text("".join(f"{ip} {name}\n" for name, ip in hosts.items()))
         auth = ""
         access = "http_access allow localhost\n"
@@ -71,13 +81,13 @@ class SquidParent:
         deny = ""
         if deny_domains:
             deny = f"acl refused dstdomain {' '.join(deny_domains)}\nhttp_access deny refused\n"
-        for name in ("hosts", "passwd"):
+        for name in ("hosts", "passwd", "cert.pem", "key.pem"):
             if (self.dir / name).exists():
                 (self.dir / name).chmod(0o644)
         self.access_log = self.dir / "access.log"
         (self.dir / "squid.conf").write_text(
             f"""
-http_port 127.0.0.1:{self.port}
+{listen}
 pid_filename {self.dir}/squid.pid
 cache_log {self.dir}/cache.log
 access_log stdio:{self.access_log} squid
