@@ -3,8 +3,8 @@
 `import_squid(path)` reads the configuration (following `include` files and quoted ACL value
 files), translates its ACLs and `http_access` lines, and returns the policies as YAML that
 `outgate check-config` accepts, a runtime-config fragment (listener, DNS, static identities for
-`src` ACLs, audit format), and every finding with its file and line. Nothing is dropped silently:
-a line is translated, or it is a finding.
+`src` ACLs, audit format, upstreams and routes), and every finding with its file and line.
+Nothing is dropped silently: a line is translated, or it is a finding.
 
 How the list maps (Squid: first matching `http_access` line wins):
 
@@ -28,12 +28,30 @@ How the list maps (Squid: first matching `http_access` line wins):
   6. `deny CONNECT !SSL_ports` is recognised and recorded: Outgate rules do not tell CONNECT from
      plain HTTP, and every tunnel must carry TLS by default (`protocol: tls`), which is the
      protection that line gives Squid. Its absence is reported as a hole.
+  7. Parents and the choice between them and direct become `upstreams` and `routes`:
+     - each `cache_peer ... parent` is a proxy (`http://host:port`, `https://` with `ssl`/`tls`);
+       parents with the same `cache_peer_access` destinations, credentials and CA bundle form
+       one upstream, proxies in file order (named after the first: `name=`, else the host).
+       `tls-cafile` -> caBundle, `connect-timeout`/`peer_connect_timeout` -> connectTimeout,
+       `connect-fail-limit` -> failLimit, `dead_peer_timeout` -> retryAfter.
+     - `login=user:password` -> credentialsFile /etc/outgate/upstream-NAME/credentials and an
+       untranslated finding: the password is masked in every text the import writes and is
+       never copied. `login=PASS|PASSTHRU|*:...` (the client's credentials) is reported.
+     - routes.rules, in Squid's order of checks: `always_direct allow DEST` via direct, then each
+       parent's `cache_peer_access ... allow DEST` via its upstream, then `never_direct allow
+       DEST` via the parents; `never_direct allow all` makes routes.default the upstream that
+       takes every destination (its `default` parent's, else the first). With parents and no
+       never_direct, routes.default is that upstream too (`prefer_direct on`: direct), and a
+       warning says Squid would fall back to direct where Outgate does not.
+     - Reported: deny lines naming destinations, source/port/method ACLs in these lists,
+       sibling and multicast peers, balancing (round-robin, carp, ...: Outgate fails over in
+       order), client certificates to a parent, and an upstream no route uses.
 
 What cannot be translated is reported with its line: ACL types that need the URL, headers,
 users or time (url_regex, browser, proxy_auth, time, ...), methods other than CONNECT, regexes
 that are not a finite set of names, allow lines with no destination ("allow localnet": Outgate
 policies name destinations), negated destinations in allow lines, and every directive with no
-Outgate meaning (caching, peers, ssl_bump...).
+Outgate meaning (caching, sibling caches, ssl_bump...).
 """
 
 from __future__ import annotations
@@ -2170,6 +2188,11 @@ class _Translator:
                 directive,
                 Severity.NOTE,
                 f"translated: {_PEER_TIMERS[name]}: {value} for every upstream"
+                + (
+                    " whose first parent sets no connect-timeout="
+                    if name == "peer_connect_timeout"
+                    else ""
+                )
                 + (
                     " (Squid's timer counts silence from a peer; Outgate's is how long a proxy "
                     "marked down is skipped before it is tried again)"
