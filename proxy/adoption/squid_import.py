@@ -73,6 +73,7 @@ from proxy.core.hosts import normalize_name
 from proxy.core.identity import IPNetwork, is_label_key, unmap_network
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import API_VERSION, MAX_PORT, MIN_PORT, Mode
+from proxy.core.upstreams import DIRECT
 from proxy.errors import BadRequest, ConfigError
 
 # Squid refuses include nesting deeper than this (cache_cf.cc, MAX_INCLUDE_DEPTH).
@@ -118,8 +119,8 @@ class Finding:
 class Directive:
     location: Location
     name: str
-    args: tuple[str, ...]
-    text: str
+    args: tuple[str, ...] = field(repr=False)  # as written: a cache_peer login= password too
+    text: str  # as written, passwords masked (redact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,7 +891,6 @@ def _set_path(config: dict[str, Any], dotted: str, value: object) -> None:
 # Parent proxies and routes (cache_peer, cache_peer_access, never_direct, always_direct)
 # --------------------------------------------------------------------------------------------
 
-DIRECT: Final = "direct"  # the runtime config's route to no upstream
 # Where the fragment tells Outgate to read a parent's `user:password`: a file mounted from a
 # Secret. The password in squid.conf is never copied into the output.
 CREDENTIALS_FILE: Final = "/etc/outgate/upstream-{name}/credentials"
@@ -958,7 +958,8 @@ class _Peer:
     directive: Directive
     name: str  # Squid's peer name (name=, else the host): what cache_peer_access refers to
     url: str
-    login: str | None = None  # `user:password`: held to group parents only, never written out
+    # `user:password`: held to group parents only, never written out (nor shown by repr)
+    login: str | None = field(default=None, repr=False)
     ca_bundle: str | None = None
     connect_timeout: str | None = None
     fail_limit: int | None = None
@@ -2019,26 +2020,9 @@ class _Translator:
 
     def _routes(self, lines: list[Directive]) -> None:
         """Upstreams and routes from the parents and the routing lists (module docstring, 7)."""
-        by_name = {peer.name: peer for peer in self.peers}
-        always: list[Directive] = []
-        never: list[Directive] = []
-        for line in lines:
-            if line.name != "cache_peer_access":
-                (always if line.name == "always_direct" else never).append(line)
-                continue
-            peer_name = line.args[0] if line.args else ""
-            if peer_name in by_name:
-                by_name[peer_name].access.append(line)
-            elif peer_name in self.peer_names:
-                self._add(line, Severity.NOTE, "its cache_peer is not translated (see that line)")
-            else:
-                self._add(
-                    line,
-                    Severity.UNTRANSLATED,
-                    f"no cache_peer named {peer_name!r} (Squid refuses this configuration)",
-                )
-        settings = [d for d, _ in (*self.route_switches.values(), *self.peer_timers.values())]
+        always, never = self._attach_peer_access(lines)
         if not self.peers:
+            settings = [d for d, _ in (*self.route_switches.values(), *self.peer_timers.values())]
             for line in [*always, *never, *settings]:
                 if line.name == "never_direct":
                     self._add(
@@ -2071,39 +2055,10 @@ class _Translator:
                 routed="via a parent, never direct",
                 consequence="this line holds nothing to a parent",
             )
-        general = next((u for u in upstreams if u.access is None and u.default), None) or next(
-            (u for u in upstreams if u.access is None), None
-        )
-        fallback = general or next((u for u in upstreams if u.default), upstreams[0])
-        prefer_direct = self.route_switches.get("prefer_direct", (None, False))[1]
-        forced = never_every is not None
-        parents_first = forced or not prefer_direct
-        restricted = [(u, s) for u in upstreams if u.access is not None for s in u.access]
-        # Squid checks always_direct first, then never_direct, then its peer selection.
         rules: list[dict[str, Any]] = [{"to": s.as_yaml(), "via": DIRECT} for _, s in always_sets]
         default = DIRECT
         if always_every is None:
-            if parents_first:
-                rules.extend({"to": s.as_yaml(), "via": u.name} for u, s in restricted)
-            for _, wanted in never_sets:
-                if not parents_first:
-                    for upstream, allowed in restricted:
-                        part, _cross = wanted.intersect(allowed)
-                        if not part.empty:
-                            rules.append({"to": part.as_yaml(), "via": upstream.name})
-                rules.append({"to": wanted.as_yaml(), "via": fallback.name})
-            if forced:
-                default = fallback.name
-            elif parents_first and general is not None:
-                default = general.name
-            self._route_warnings(
-                upstreams=upstreams,
-                fallback=fallback,
-                general=general,
-                held=never_every or (never_sets[0][0] if never_sets else None),
-                forced=forced,
-                via_parents=parents_first and (general is not None or bool(restricted)),
-            )
+            default = self._parent_routes(upstreams, never_sets, never_every, rules)
         used = {rule["via"] for rule in rules} | {default}
         for upstream in upstreams:
             if upstream.name not in used:
@@ -2114,12 +2069,79 @@ class _Translator:
                     "takes the same destinations, or nothing reaches it); Outgate does not fail "
                     "over from one upstream to another",
                 )
-        self._route_setting_findings(forced=forced)
+        self._route_setting_findings(forced=never_every is not None)
         self.config["upstreams"] = [self._upstream_yaml(u) for u in upstreams]
         routes: dict[str, Any] = {"default": default}
         if rules:
             routes["rules"] = rules
         self.config["routes"] = routes
+
+    def _attach_peer_access(
+        self, lines: list[Directive]
+    ) -> tuple[list[Directive], list[Directive]]:
+        """Give each parent its cache_peer_access lines; the always_direct and never_direct
+        lines, in order."""
+        by_name = {peer.name: peer for peer in self.peers}
+        always: list[Directive] = []
+        never: list[Directive] = []
+        for line in lines:
+            if line.name != "cache_peer_access":
+                (always if line.name == "always_direct" else never).append(line)
+                continue
+            peer_name = line.args[0] if line.args else ""
+            if peer_name in by_name:
+                by_name[peer_name].access.append(line)
+            elif peer_name in self.peer_names:
+                self._add(line, Severity.NOTE, "its cache_peer is not translated (see that line)")
+            else:
+                self._add(
+                    line,
+                    Severity.UNTRANSLATED,
+                    f"no cache_peer named {peer_name!r} (Squid refuses this configuration)",
+                )
+        return always, never
+
+    def _parent_routes(
+        self,
+        upstreams: list[_Upstream],
+        never_sets: list[tuple[Directive, NameSet]],
+        never_every: Directive | None,
+        rules: list[dict[str, Any]],
+    ) -> str:
+        """Append the rules that send destinations via parents (after the always_direct ones)
+        and return routes.default. Squid's order: always_direct, then never_direct, then its
+        peer selection, where a parent serves what its cache_peer_access allows."""
+        # The upstream for every destination: one whose parents take all (`default` first).
+        general = next((u for u in upstreams if u.access is None and u.default), None) or next(
+            (u for u in upstreams if u.access is None), None
+        )
+        fallback = general or next((u for u in upstreams if u.default), upstreams[0])
+        forced = never_every is not None
+        # prefer_direct off (Squid's default): parents first for every request, not only held ones.
+        parents_first = forced or not self.route_switches.get("prefer_direct", (None, False))[1]
+        restricted = [(u, s) for u in upstreams if u.access is not None for s in u.access]
+        if parents_first:
+            rules.extend({"to": s.as_yaml(), "via": u.name} for u, s in restricted)
+        for _, wanted in never_sets:
+            if not parents_first:
+                for upstream, allowed in restricted:
+                    part, _cross = wanted.intersect(allowed)
+                    if not part.empty:
+                        rules.append({"to": part.as_yaml(), "via": upstream.name})
+            rules.append({"to": wanted.as_yaml(), "via": fallback.name})
+        self._route_warnings(
+            upstreams=upstreams,
+            fallback=fallback,
+            general=general,
+            held=never_every or (never_sets[0][0] if never_sets else None),
+            forced=forced,
+            via_parents=parents_first and (general is not None or bool(restricted)),
+        )
+        if forced:
+            return fallback.name
+        if parents_first and general is not None:
+            return general.name
+        return DIRECT
 
     def _route_warnings(
         self,
