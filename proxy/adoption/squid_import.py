@@ -42,7 +42,9 @@ How the list maps (Squid: first matching `http_access` line wins):
        DEST` via the parents; `never_direct allow all` makes routes.default the upstream that
        takes every destination (its `default` parent's, else the first). With parents and no
        never_direct, routes.default is that upstream too (`prefer_direct on`: direct), and a
-       warning says Squid would fall back to direct where Outgate does not.
+       warning says Squid would fall back to direct where Outgate does not. A parent that takes
+       every destination but some (`deny DEST` ... `allow all`, `allow !DEST`) leaves DEST to
+       the parent that takes it, else direct.
      - Reported: deny lines naming destinations, source/port/method ACLs in these lists,
        sibling and multicast peers, balancing (round-robin, carp, ...: Outgate fails over in
        order), client certificates to a parent, and an upstream no route uses.
@@ -967,11 +969,21 @@ class _Peer:
     access: list[Directive] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _DestinationList:
+    """What an access list over destinations says, for the routes."""
+
+    allowed: list[tuple[Directive, NameSet]] = field(default_factory=list)  # allow lines, in order
+    every: Directive | None = None  # the line after which every other destination is allowed
+    excepted: list[tuple[Directive, NameSet]] = field(default_factory=list)  # ... but these
+
+
 @dataclass(slots=True, kw_only=True)
 class _Upstream:
     name: str
     peers: list[_Peer]  # in file order: the order Outgate tries them
     access: tuple[NameSet, ...] | None  # what cache_peer_access lets it take; None: everything
+    excluded: tuple[NameSet, ...] = ()  # when it takes everything: but these
 
     @property
     def default(self) -> bool:
@@ -1888,14 +1900,22 @@ class _Translator:
         return target
 
     def _destination_list(
-        self, lines: list[Directive], *, skip: int, routed: str, consequence: str
-    ) -> tuple[list[tuple[Directive, NameSet]], Directive | None]:
+        self,
+        lines: list[Directive],
+        *,
+        skip: int,
+        routed: str,
+        consequence: str,
+        exceptions: bool = False,
+    ) -> _DestinationList:
         """An access list over destinations (cache_peer_access, always_direct, never_direct):
         the destinations its allow lines cover, in order, and the line after which every other
         destination is allowed too (`allow all`, or a last line that is a deny: Squid applies the
-        opposite of the last line to what no line matches). A deny that names destinations has
-        no route form: it is reported."""
-        allowed: list[tuple[Directive, NameSet]] = []
+        opposite of the last line to what no line matches). With `exceptions`, deny lines that
+        name destinations before that line (or `allow !DEST`) are the exceptions to it; any other
+        deny that names destinations has no route form and is reported."""
+        result = _DestinationList()
+        pending: list[tuple[Directive, NameSet]] = []  # denies that may be exceptions
         last_action = ""
         for index, line in enumerate(lines):
             parsed = self._terms(line, line.args[skip:])
@@ -1903,6 +1923,17 @@ class _Translator:
                 continue
             action, terms = parsed
             last_action = action
+            negated = self._negated_destination(terms) if exceptions else None
+            if action == "allow" and negated is not None:  # `allow !DEST`: all but DEST
+                pending.append((line, negated))
+                self._close_exceptions(result, line, pending, routed)
+                for later in lines[index + 1 :]:
+                    reached = f"reached only for the destinations {line.location} leaves out"
+                    if later.args[skip : skip + 1] == ("deny",):
+                        self._add(later, Severity.NOTE, reached)
+                    else:
+                        self._add(later, Severity.UNTRANSLATED, f"{reached}: {consequence}")
+                return result
             destinations = self._route_destinations(line, terms, consequence)
             if destinations is _Every.DESTINATION:
                 for later in lines[index + 1 :]:
@@ -1913,17 +1944,23 @@ class _Translator:
                         "(in Squid too)",
                     )
                 if action == "allow":
+                    self._close_exceptions(result, line, pending, routed)
+                    return result
+                for denied, _ in pending:
                     self._add(
-                        line, Severity.NOTE, f"translated: every other destination goes {routed}"
+                        denied, Severity.NOTE, f"translated: no such destination goes {routed}"
                     )
-                    return allowed, line
                 self._add(line, Severity.NOTE, f"translated: no other destination goes {routed}")
-                return allowed, None
+                return result
             if destinations is None:
                 continue
             if action == "allow":
-                allowed.append((line, destinations))
+                self._unexcepted(pending, line, consequence)
+                pending = []
+                result.allowed.append((line, destinations))
                 self._add(line, Severity.NOTE, f"translated: these destinations go {routed}")
+            elif exceptions:
+                pending.append((line, destinations))
             else:
                 self._add(
                     line,
@@ -1938,8 +1975,62 @@ class _Translator:
                 "request no line matches (the opposite of the last line); translated so: every "
                 f"other destination goes {routed}",
             )
-            return allowed, lines[-1]
-        return allowed, None
+            self._close_exceptions(result, lines[-1], pending, routed, note=False)
+            return result
+        self._unexcepted(pending, None, consequence)
+        return result
+
+    def _negated_destination(self, terms: list[_Term]) -> NameSet | None:
+        """DEST for a line whose only term is `!DEST` (a fully translated destination ACL)."""
+        terms = [t for t in terms if not (t.acl.is_all_sources and not t.negated)]
+        if len(terms) != 1:
+            return None
+        term = terms[0]
+        if not term.negated or term.acl.kind is not AclKind.DESTINATION:
+            return None
+        if term.acl.untranslated_values or term.acl.names.empty:
+            return None
+        return term.acl.names.tidy()
+
+    def _close_exceptions(
+        self,
+        result: _DestinationList,
+        line: Directive,
+        pending: list[tuple[Directive, NameSet]],
+        routed: str,
+        *,
+        note: bool = True,
+    ) -> None:
+        """`line` allows every destination not matched earlier: the pending denies are its
+        exceptions."""
+        result.every = line
+        result.excepted = list(pending)
+        for denied, _ in pending:
+            if denied is not line:
+                self._add(denied, Severity.NOTE, f"translated: an exception to {line.location}")
+        if note:
+            self._add(
+                line,
+                Severity.NOTE,
+                f"translated: every other destination goes {routed}"
+                + (
+                    " (except the destinations it leaves out)"
+                    if pending and pending[-1][0] is line
+                    else ""
+                ),
+            )
+
+    def _unexcepted(
+        self, pending: list[tuple[Directive, NameSet]], line: Directive | None, consequence: str
+    ) -> None:
+        for denied, _ in pending:
+            self._add(
+                denied,
+                Severity.UNTRANSLATED,
+                "a deny naming destinations"
+                + (f" before an allow naming others ({line.location})" if line else "")
+                + f" has no route form: {consequence}",
+            )
 
     def _upstream_name(self, peer_name: str, taken: set[str]) -> str:
         base = _slug(peer_name, MAX_UPSTREAM_NAME) or "parent"
@@ -1959,22 +2050,24 @@ class _Translator:
         groups: dict[tuple[object, ...], _Upstream] = {}
         taken: set[str] = set()
         for peer in self.peers:
-            lines = peer.access
-            if lines:
-                allowed, every = self._destination_list(
-                    lines,
-                    skip=1,
-                    routed=f"via {peer.name}",
-                    consequence=f"routes do not follow this line for {peer.name}",
-                )
-                access = None if every is not None else tuple(s for _, s in allowed)
-            else:
-                access = None
-            key = (access, peer.login, peer.ca_bundle)
+            said = self._destination_list(
+                peer.access,
+                skip=1,
+                routed=f"via {peer.name}",
+                consequence=f"routes do not follow this line for {peer.name}",
+                exceptions=True,
+            )
+            every = said.every is not None or not peer.access  # no lines: no restriction
+            access = None if every else tuple(s for _, s in said.allowed)
+            excluded = tuple(s for _, s in said.excepted)
+            key = (access, excluded, peer.login, peer.ca_bundle)
             upstream = groups.get(key)
             if upstream is None:
                 upstream = _Upstream(
-                    name=self._upstream_name(peer.name, taken), peers=[], access=access
+                    name=self._upstream_name(peer.name, taken),
+                    peers=[],
+                    access=access,
+                    excluded=excluded,
                 )
                 groups[key] = upstream
             upstream.peers.append(peer)
@@ -1995,7 +2088,12 @@ class _Translator:
                 first.directive,
                 Severity.UNTRANSLATED,
                 "login=: the password is not copied into the output. Put this line's "
-                f"user:password as the first line of {path}, a file mounted from a Secret",
+                f"user:password as the first line of {path}, a file mounted from a Secret"
+                + (
+                    " (Squid reads login= URL-escaped: write it decoded, %20 as a space)"
+                    if "%" in first.login
+                    else ""
+                ),
             )
         if first.ca_bundle is not None:
             out["caBundle"] = first.ca_bundle
@@ -2035,9 +2133,10 @@ class _Translator:
                     self._add(line, Severity.NOTE, "no parent proxy: Outgate connects directly")
             return
         upstreams = self._upstreams()
-        always_sets, always_every = self._destination_list(
+        said_always = self._destination_list(
             always, skip=0, routed="direct", consequence="this line sends nothing direct"
         )
+        always_sets, always_every = said_always.allowed, said_always.every
         never_sets: list[tuple[Directive, NameSet]] = []
         never_every: Directive | None = None
         if always_every is not None:
@@ -2049,12 +2148,13 @@ class _Translator:
                     "(in Squid too)",
                 )
         else:
-            never_sets, never_every = self._destination_list(
+            said_never = self._destination_list(
                 never,
                 skip=0,
                 routed="via a parent, never direct",
                 consequence="this line holds nothing to a parent",
             )
+            never_sets, never_every = said_never.allowed, said_never.every
         rules: list[dict[str, Any]] = [{"to": s.as_yaml(), "via": DIRECT} for _, s in always_sets]
         default = DIRECT
         if always_every is None:
@@ -2129,6 +2229,21 @@ class _Translator:
                     if not part.empty:
                         rules.append({"to": part.as_yaml(), "via": upstream.name})
             rules.append({"to": wanted.as_yaml(), "via": fallback.name})
+        if general is not None and general.excluded:
+            if forced:
+                self._add(
+                    general.peers[0].directive,
+                    Severity.WARNING,
+                    f"cache_peer_access keeps some destinations from {general.name}: Squid "
+                    "refuses them (never direct) unless another parent takes them; Outgate "
+                    f"sends them via {general.name}",
+                )
+            elif parents_first:  # no eligible parent: Squid goes direct
+                rules.extend(
+                    {"to": s.as_yaml(), "via": DIRECT}
+                    for s in general.excluded
+                    if not any(s.intersect(allowed)[0] == s for _, allowed in restricted)
+                )
         self._route_warnings(
             upstreams=upstreams,
             fallback=fallback,

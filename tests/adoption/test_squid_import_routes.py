@@ -272,6 +272,44 @@ def test_prefer_direct_keeps_direct_the_default_and_never_direct_lines_use_the_p
     assert lines_with(result, Severity.WARNING, "tries direct first") == {7}
 
 
+def test_cache_peer_access_exceptions_leave_destinations_to_other_parents_or_direct(
+    tmp_path: Path,
+) -> None:
+    result = import_text(
+        tmp_path,
+        "acl intranet dstdomain .corp.example\n"
+        "acl partner dstdomain .partner.example\n"
+        "cache_peer proxy.corp.example parent 3128 0 name=corp\n"
+        "cache_peer gw.partner.example parent 3128 0 name=partner\n"
+        "cache_peer_access corp deny intranet\n"
+        "cache_peer_access corp deny partner\n"
+        "cache_peer_access corp allow all\n"
+        "cache_peer_access partner allow partner\n"
+        "cache_peer_access partner deny all\n",
+    )
+    settings = settings_of(result, tmp_path)
+    assert route(settings, "www.partner.example") == "partner"  # the parent that takes it
+    assert route(settings, "git.corp.example") == "direct"  # no parent takes it: Squid goes direct
+    assert route(settings, "pypi.org") == "corp"
+    assert result.untranslated == ()
+    assert lines_with(result, Severity.NOTE, "an exception to squid.conf:7") == {5, 6}
+
+
+def test_an_allow_of_all_but_some_destinations_under_never_direct_warns(tmp_path: Path) -> None:
+    result = import_text(
+        tmp_path,
+        "acl intranet dstdomain .corp.example\n"
+        "cache_peer proxy.corp.example parent 3128 0 name=corp\n"
+        "cache_peer_access corp allow !intranet\n"
+        "cache_peer_access corp deny all\n"
+        "never_direct allow all\n",
+    )
+    assert result.config["routes"] == {"default": "corp"}
+    # Squid refuses intranet names (never direct, no parent takes them); Outgate sends them on.
+    assert lines_with(result, Severity.WARNING, "keeps some destinations from corp") == {2}
+    assert result.untranslated == ()
+
+
 def test_never_direct_for_some_destinations_with_parents_first(tmp_path: Path) -> None:
     result = import_text(
         tmp_path,
@@ -298,6 +336,9 @@ def test_never_direct_for_some_destinations_with_parents_first(tmp_path: Path) -
         (["always_direct deny intranet", "always_direct allow all"], 1, Severity.UNTRANSLATED,
          "a deny naming destinations has no route form"),
         # ACLs that are not destinations
+        (["cache_peer_access proxy.corp.example deny intranet",
+          "cache_peer_access proxy.corp.example allow partner"], 1, Severity.UNTRANSLATED,
+         "before an allow naming others"),
         (["never_direct allow pods"], 1, Severity.UNTRANSLATED, "pods is a src ACL"),
         (["always_direct allow SSL_ports"], 1, Severity.UNTRANSLATED, "SSL_ports is a port ACL"),
         (["always_direct allow !intranet"], 1, Severity.UNTRANSLATED, "negated destination"),
@@ -319,10 +360,11 @@ def test_routing_lines_that_cannot_be_translated_are_reported(
         "acl intranet dstdomain .corp.example\n"
         "acl pods src 10.244.0.0/16\n"
         "acl SSL_ports port 443\n"
+        "acl partner dstdomain .partner.example\n"
         "cache_peer proxy.corp.example parent 3128 0\n"
     )
     result = import_text(tmp_path, head + "\n".join(lines) + "\n")
-    assert line + 4 in lines_with(result, severity, message)
+    assert line + 5 in lines_with(result, severity, message)
     settings_of(result, tmp_path)  # still a fragment the loader accepts
 
 
@@ -369,7 +411,7 @@ def test_tls_parents_and_upstream_names(tmp_path: Path) -> None:
     result = import_text(
         tmp_path,
         "cache_peer 2001:db8::7 parent 3128 0 ssl sslcafile=/etc/ca.pem name=direct\n"
-        "cache_peer proxy.example parent 3128 0 name=Proxy_Example login=u:p\n"
+        "cache_peer proxy.example parent 3128 0 name=Proxy_Example login=u:p%40ss\n"
         "cache_peer proxy2.example parent 3128 0 name=proxy.example\n"
         "never_direct allow all\n",
     )
@@ -378,6 +420,8 @@ def test_tls_parents_and_upstream_names(tmp_path: Path) -> None:
     assert upstreams[0]["proxies"] == ["https://[2001:db8::7]:3128"]
     assert upstreams[0]["caBundle"] == "/etc/ca.pem"
     assert [u["name"] for u in upstreams[1:]] == ["proxy-example", "proxy-example-2"]
+    assert lines_with(result, Severity.UNTRANSLATED, "URL-escaped: write it decoded") == {2}
+    assert "p%40ss" not in result.report()
     settings_of(result, tmp_path)
 
 
