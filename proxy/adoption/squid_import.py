@@ -3,8 +3,8 @@
 `import_squid(path)` reads the configuration (following `include` files and quoted ACL value
 files), translates its ACLs and `http_access` lines, and returns the policies as YAML that
 `outgate check-config` accepts, a runtime-config fragment (listener, DNS, static identities for
-`src` ACLs, audit format), and every finding with its file and line. Nothing is dropped silently:
-a line is translated, or it is a finding.
+`src` ACLs, audit format, upstreams and routes), and every finding with its file and line.
+Nothing is dropped silently: a line is translated, or it is a finding.
 
 How the list maps (Squid: first matching `http_access` line wins):
 
@@ -28,12 +28,32 @@ How the list maps (Squid: first matching `http_access` line wins):
   6. `deny CONNECT !SSL_ports` is recognised and recorded: Outgate rules do not tell CONNECT from
      plain HTTP, and every tunnel must carry TLS by default (`protocol: tls`), which is the
      protection that line gives Squid. Its absence is reported as a hole.
+  7. Parents and the choice between them and direct become `upstreams` and `routes`:
+     - each `cache_peer ... parent` is a proxy (`http://host:port`, `https://` with `ssl`/`tls`);
+       parents with the same `cache_peer_access` destinations, credentials and CA bundle form
+       one upstream, proxies in file order (named after the first: `name=`, else the host).
+       `tls-cafile` -> caBundle, `connect-timeout`/`peer_connect_timeout` -> connectTimeout,
+       `connect-fail-limit` -> failLimit, `dead_peer_timeout` -> retryAfter.
+     - `login=user:password` -> credentialsFile /etc/outgate/upstream-NAME/credentials and an
+       untranslated finding: the password is masked in every text the import writes and is
+       never copied. `login=PASS|PASSTHRU|*:...` (the client's credentials) is reported.
+     - routes.rules, in Squid's order of checks: `always_direct allow DEST` via direct, then each
+       parent's `cache_peer_access ... allow DEST` via its upstream, then `never_direct allow
+       DEST` via the parents; `never_direct allow all` makes routes.default the upstream that
+       takes every destination (its `default` parent's, else the first). With parents and no
+       never_direct, routes.default is that upstream too (`prefer_direct on`: direct), and a
+       warning says Squid would fall back to direct where Outgate does not. A parent that takes
+       every destination but some (`deny DEST` ... `allow all`, `allow !DEST`) leaves DEST to
+       the parent that takes it, else direct.
+     - Reported: deny lines naming destinations, source/port/method ACLs in these lists,
+       sibling and multicast peers, balancing (round-robin, carp, ...: Outgate fails over in
+       order), client certificates to a parent, and an upstream no route uses.
 
 What cannot be translated is reported with its line: ACL types that need the URL, headers,
 users or time (url_regex, browser, proxy_auth, time, ...), methods other than CONNECT, regexes
 that are not a finite set of names, allow lines with no destination ("allow localnet": Outgate
 policies name destinations), negated destinations in allow lines, and every directive with no
-Outgate meaning (caching, peers, ssl_bump...).
+Outgate meaning (caching, sibling caches, ssl_bump...).
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +75,7 @@ from proxy.core.hosts import normalize_name
 from proxy.core.identity import IPNetwork, is_label_key, unmap_network
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import API_VERSION, MAX_PORT, MIN_PORT, Mode
+from proxy.core.upstreams import DIRECT
 from proxy.errors import BadRequest, ConfigError
 
 # Squid refuses include nesting deeper than this (cache_cf.cc, MAX_INCLUDE_DEPTH).
@@ -100,8 +121,8 @@ class Finding:
 class Directive:
     location: Location
     name: str
-    args: tuple[str, ...]
-    text: str
+    args: tuple[str, ...] = field(repr=False)  # as written: a cache_peer login= password too
+    text: str  # as written, passwords masked (redact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +131,14 @@ class Directive:
 
 _INLINE_COMMENT = re.compile(r"\s#.*\Z")
 _TOKEN = re.compile(r'"[^"]*"|\S+')
+# cache_peer's `login=user:password`: the password is masked in every text the import writes
+# (findings, the output header, stderr); only the parsed arguments hold it, to group parents.
+_LOGIN_SECRET = re.compile(r"(?<![^\s])(login=[^:\s]*):\S+")
+
+
+def redact(line: str) -> str:
+    """The line with every `login=` password replaced by `***`."""
+    return _LOGIN_SECRET.sub(r"\1:***", line)
 
 
 def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -158,6 +187,7 @@ class _Reader:
             location = Location(label, number)
             tokens = _TOKEN.findall(line)
             name, args = tokens[0], tuple(tokens[1:])
+            line = redact(line)
             if "${" in line:
                 self.findings.append(
                     Finding(
@@ -552,7 +582,7 @@ _UNSUPPORTED_TYPES: Final[Mapping[str, str]] = {
     "myportname": "matches the proxy's listening port",
     "proto": "matches the URL scheme (Outgate forwards http:// and tunnels CONNECT)",
     "http_status": "matches the response status",
-    "peername": "matches a cache peer; Outgate connects directly",
+    "peername": "matches the cache peer Squid chose; Outgate's routes choose by destination",
     "note": "matches Squid annotations",
     "has": "matches Squid transaction state",
     "at_step": "SslBump steps; Outgate's interception is the rule's inspect",
@@ -802,10 +832,6 @@ _UNTRANSLATED: Final[Mapping[str, str]] = {
     "icap_service": "Outgate has no ICAP",
     "ecap_service": "Outgate has no eCAP",
     "adaptation_access": "Outgate has no adaptation",
-    "cache_peer": "Outgate connects directly; it does not chain to a parent proxy",
-    "cache_peer_access": "Outgate connects directly",
-    "never_direct": "Outgate connects directly",
-    "always_direct": "Outgate always connects directly",
     "tcp_outgoing_address": "Outgate dials from its pod address",
     "request_header_access": "Outgate strips only hop-by-hop headers",
     "reply_header_access": "Outgate strips only hop-by-hop headers",
@@ -847,12 +873,121 @@ _SETTINGS: Final = {
 }
 
 
+def _duration(args: Sequence[str]) -> str:
+    """Squid's `N [unit]` (seconds by default) as an Outgate duration, `30s`; IndexError,
+    ValueError or KeyError when it is not one."""
+    amount = float(args[0])
+    unit = args[1].lower() if len(args) > 1 else "seconds"
+    return f"{amount * _TIME_UNITS[unit]:g}s"
+
+
 def _set_path(config: dict[str, Any], dotted: str, value: object) -> None:
     node = config
     *parents, leaf = dotted.split(".")
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Parent proxies and routes (cache_peer, cache_peer_access, never_direct, always_direct)
+# --------------------------------------------------------------------------------------------
+
+# Where the fragment tells Outgate to read a parent's `user:password`: a file mounted from a
+# Secret. The password in squid.conf is never copied into the output.
+CREDENTIALS_FILE: Final = "/etc/outgate/upstream-{name}/credentials"
+# Upstream names are DNS-label-like in the runtime config: [a-z0-9-], at most 63 characters.
+MAX_UPSTREAM_NAME: Final = 63
+_ROUTE_LISTS: Final = ("cache_peer_access", "never_direct", "always_direct")
+_ROUTE_SWITCHES: Final = ("prefer_direct", "nonhierarchical_direct")
+# Squid-wide peer timers -> the upstream setting each becomes (for every upstream).
+_PEER_TIMERS: Final[Mapping[str, str]] = {
+    "peer_connect_timeout": "connectTimeout",
+    "dead_peer_timeout": "retryAfter",
+}
+# login= values with which Squid hands the client's own credentials to the parent.
+_FORWARDED_LOGINS: Final = frozenset({"PASS", "PASSTHRU", "PROXYPASS"})
+# How Squid spreads requests over parents; Outgate tries an upstream's proxies in order.
+_SELECTION_OPTIONS: Final = frozenset(
+    {"round-robin", "weighted-round-robin", "carp", "sourcehash", "userhash"}
+)
+_SELECTION_PREFIXES: Final = ("weight=", "carp-key=")
+# Options about caching, ICP/HTCP, digests, probing, connection pools and TLS tuning: nothing
+# for Outgate to do (it does not cache, opens connections as needed, uses its TLS defaults).
+_PEER_NOTE_OPTIONS: Final = frozenset(
+    {
+        "no-query", "proxy-only", "no-digest", "no-netdb-exchange", "no-delay",
+        "background-ping", "closest-only", "allow-miss", "multicast-responder",
+        "multicast-siblings", "htcp", "htcp-oldsquid", "htcp-no-clr", "htcp-no-purge-clr",
+        "htcp-only-clr", "htcp-forward-clr", "no-tproxy", "front-end-https", "tls-default-ca",
+        "auth-no-keytab",
+    }
+)  # fmt: skip
+_PEER_NOTE_PREFIXES: Final = (
+    "ttl=", "basetime=", "htcp=", "max-conn=", "standby=", "connection-auth=", "monitorurl=",
+    "monitorinterval=", "monitorsize=", "monitortimeout=", "digest-url=", "front-end-https=",
+    "tls-min-version=", "tls-options=", "tls-cipher=", "sslversion=", "ssloptions=", "sslcipher=",
+)  # fmt: skip
+_PEER_UNTRANSLATED_OPTIONS: Final[Mapping[str, str]] = {
+    **dict.fromkeys(
+        ("tls-cert", "tls-key", "sslcert", "sslkey"),
+        "Outgate presents no client certificate to a parent",
+    ),
+    **dict.fromkeys(
+        ("tls-capath", "sslcapath"), "give the CA certificates as one PEM file (caBundle)"
+    ),
+    **dict.fromkeys(("tls-crlfile", "sslcrlfile"), "Outgate reads no CRL for a parent"),
+    **dict.fromkeys(
+        ("tls-domain", "ssldomain"),
+        "Outgate verifies a parent's certificate for the host name in its URL",
+    ),
+    **dict.fromkeys(
+        ("tls-flags", "sslflags"), "Outgate always verifies a parent's certificate and name"
+    ),
+}
+# Peers that are not forward proxies at all: Squid as a reverse proxy in front of an origin.
+_ORIGIN_PEER_OPTIONS: Final = ("originserver", "forceddomain")
+
+
+class _Every(Enum):
+    """A route line with no destination term: it covers every destination."""
+
+    DESTINATION = "every destination"
+
+
+@dataclass(slots=True, kw_only=True)
+class _Peer:
+    directive: Directive
+    name: str  # Squid's peer name (name=, else the host): what cache_peer_access refers to
+    url: str
+    # `user:password`: held to group parents only, never written out (nor shown by repr)
+    login: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+    connect_timeout: str | None = None
+    fail_limit: int | None = None
+    default: bool = False
+    access: list[Directive] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _DestinationList:
+    """What an access list over destinations says, for the routes."""
+
+    allowed: list[tuple[Directive, NameSet]] = field(default_factory=list)  # allow lines, in order
+    every: Directive | None = None  # the line after which every other destination is allowed
+    excepted: list[tuple[Directive, NameSet]] = field(default_factory=list)  # ... but these
+
+
+@dataclass(slots=True, kw_only=True)
+class _Upstream:
+    name: str
+    peers: list[_Peer]  # in file order: the order Outgate tries them
+    access: tuple[NameSet, ...] | None  # what cache_peer_access lets it take; None: everything
+    excluded: tuple[NameSet, ...] = ()  # when it takes everything: but these
+
+    @property
+    def default(self) -> bool:
+        return any(peer.default for peer in self.peers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,6 +1077,10 @@ class _Translator:
         self.logformats: dict[str, str] = {}
         self.subject_sources: dict[str, Acl] = {}  # src ACLs some emitted subject names
         self._warned: set[tuple[str, str]] = set()  # (ACL, warning kind) already reported
+        self.peers: list[_Peer] = []  # translated parents, in file order
+        self.peer_names: set[str] = set()  # every cache_peer's name, translated or not
+        self.route_switches: dict[str, tuple[Directive, bool]] = {}  # prefer_direct, ...
+        self.peer_timers: dict[str, tuple[Directive, str]] = {}  # dead_peer_timeout, ...
         self._psl = PublicSuffixList()
         for number, line in _logical_lines(_PREDEFINED_SOURCE):
             tokens = line.split()
@@ -988,6 +1127,7 @@ class _Translator:
 
     def translate(self, directives: list[Directive]) -> None:
         access: list[Directive] = []
+        routing: list[Directive] = []
         for directive in directives:
             name = directive.name
             if name == "acl":
@@ -1003,6 +1143,14 @@ class _Translator:
                 self.logformats[directive.args[0]] = directive.text.split(None, 2)[2]
             elif name == "access_log":
                 self._access_log(directive)
+            elif name == "cache_peer":
+                self._cache_peer(directive)
+            elif name in _ROUTE_LISTS:
+                routing.append(directive)
+            elif name in _ROUTE_SWITCHES:
+                self._route_switch(directive)
+            elif name in _PEER_TIMERS:
+                self._peer_timer(directive)
             elif name in _SETTINGS:
                 self._setting(directive)
             elif name in _NOT_APPLICABLE:
@@ -1012,6 +1160,7 @@ class _Translator:
             else:
                 self._add(directive, Severity.UNTRANSLATED, f"{name}: no Outgate equivalent")
         self._access(access)
+        self._routes(routing)
         self._acl_findings()
 
     def _http_port(self, directive: Directive) -> None:
@@ -1086,12 +1235,11 @@ class _Translator:
         path, kind = _SETTINGS[directive.name]
         args = directive.args
         try:
-            amount = float(args[0])
-            unit = args[1].lower() if len(args) > 1 else ("seconds" if kind == "time" else "bytes")
             if kind == "time":
-                value: object = f"{amount * _TIME_UNITS[unit]:g}s"
+                value: object = _duration(args)
             else:
-                value = int(amount * _SIZE_UNITS[unit])
+                unit = args[1].lower() if len(args) > 1 else "bytes"
+                value = int(float(args[0]) * _SIZE_UNITS[unit])
         except (IndexError, ValueError, KeyError):
             self._add(directive, Severity.UNTRANSLATED, f"cannot read the value for {path}")
             return
@@ -1104,7 +1252,7 @@ class _Translator:
             if acl.predefined:
                 continue
             severity = Severity.UNTRANSLATED if acl.used else Severity.NOTE
-            unused = "" if acl.used else " (the ACL is not used by any http_access line)"
+            unused = "" if acl.used else " (no http_access or routing line uses the ACL)"
             if acl.kind is AclKind.UNSUPPORTED:
                 self._add(
                     None,
@@ -1117,10 +1265,13 @@ class _Translator:
 
     # -- http_access ----------------------------------------------------------------------------
 
-    def _terms(self, directive: Directive) -> tuple[str, list[_Term]] | None:
-        args = directive.args
+    def _terms(
+        self, directive: Directive, args: Sequence[str] | None = None
+    ) -> tuple[str, list[_Term]] | None:
+        """`allow|deny [!]acl...` (the directive's arguments, or `args`) with the ACLs looked up."""
+        args = directive.args if args is None else args
         if not args or args[0] not in ("allow", "deny"):
-            self._add(directive, Severity.UNTRANSLATED, "http_access needs allow or deny")
+            self._add(directive, Severity.UNTRANSLATED, f"{directive.name} needs allow or deny")
             return None
         terms: list[_Term] = []
         missing: list[str] = []
@@ -1567,6 +1718,625 @@ class _Translator:
         if not directive.args:
             return None
         return directive.args[0], list(directive.args[1:])
+
+    # -- parent proxies -------------------------------------------------------------------------
+
+    def _cache_peer(self, directive: Directive) -> None:
+        if len(directive.args) < 4:
+            self._add(
+                directive,
+                Severity.UNTRANSLATED,
+                "cache_peer needs a host, a type, an HTTP port and an ICP port",
+            )
+            return
+        host, kind, port_text, _icp_port, *options = directive.args
+        name = next((o.removeprefix("name=") for o in options if o.startswith("name=")), host)
+        if name in self.peer_names:
+            self._add(
+                directive,
+                Severity.UNTRANSLATED,
+                f"a second cache_peer named {name!r} (Squid refuses this configuration)",
+            )
+            return
+        self.peer_names.add(name)
+        if kind != "parent":
+            self._add(
+                directive,
+                Severity.UNTRANSLATED,
+                f"a {kind} peer: Outgate chains only to parent proxies (Squid asks siblings for "
+                "cached objects over ICP/HTCP); no request goes to it",
+            )
+            return
+        origin = [o for o in options if o.partition("=")[0] in _ORIGIN_PEER_OPTIONS]
+        if origin:
+            self._add(
+                directive,
+                Severity.UNTRANSLATED,
+                f"{origin[0].partition('=')[0]}: this peer is an origin server behind Squid as a "
+                "reverse proxy, not a parent proxy; not translated",
+            )
+            return
+        try:
+            port = int(port_text)
+            if not MIN_PORT <= port <= MAX_PORT:
+                raise ValueError(port_text)
+        except ValueError:
+            self._add(directive, Severity.UNTRANSLATED, f"HTTP port {port_text!r} is not a port")
+            return
+        scheme = "https" if any(o in ("ssl", "tls") for o in options) else "http"
+        address = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        peer = _Peer(directive=directive, name=name, url=f"{scheme}://{address}:{port}")
+        self._peer_options(peer, options)
+        self.peers.append(peer)
+
+    def _peer_options(self, peer: _Peer, options: Sequence[str]) -> None:
+        """Read a parent's options into `peer`; report the others. Messages name an option, never
+        its value (a login= value holds a password)."""
+        directive = peer.directive
+        selection: list[str] = []
+        noted: list[str] = []
+        untranslated: list[str] = []
+        for option in options:
+            key, has_value, value = option.partition("=")
+            if option in ("ssl", "tls") or key == "name":
+                continue
+            if option == "default":
+                peer.default = True
+            elif key == "login" and has_value:
+                self._peer_login(peer, value)
+            elif key in ("tls-cafile", "sslcafile") and value:
+                peer.ca_bundle = value
+            elif key == "connect-timeout" and has_value:
+                try:
+                    peer.connect_timeout = _duration([value])
+                except ValueError:
+                    untranslated.append(f"{key}: not a number of seconds")
+            elif key == "connect-fail-limit" and has_value:
+                if value.isdigit() and int(value) > 0:
+                    peer.fail_limit = int(value)
+                else:
+                    untranslated.append(f"{key}: not a positive count")
+            elif option in _SELECTION_OPTIONS or option.startswith(_SELECTION_PREFIXES):
+                selection.append(key)
+            elif option in _PEER_NOTE_OPTIONS or option.startswith(_PEER_NOTE_PREFIXES):
+                noted.append(key)
+            elif key in _PEER_UNTRANSLATED_OPTIONS:
+                untranslated.append(f"{key}: {_PEER_UNTRANSLATED_OPTIONS[key]}")
+            else:
+                untranslated.append(f"{key}: no Outgate equivalent")
+        if selection:
+            self._add(
+                directive,
+                Severity.WARNING,
+                f"{', '.join(selection)}: Squid spreads requests over its parents; Outgate tries "
+                "an upstream's proxies in order, and the next one only while one is down",
+            )
+        if noted:
+            self._add(
+                directive,
+                Severity.NOTE,
+                f"not applicable: {', '.join(noted)} (caching, ICP/HTCP, digests, connection "
+                "pools, TLS tuning: Outgate does not cache and uses its own TLS defaults)",
+            )
+        for problem in untranslated:
+            self._add(directive, Severity.UNTRANSLATED, f"cache_peer option {problem}")
+
+    def _peer_login(self, peer: _Peer, value: str) -> None:
+        if value in _FORWARDED_LOGINS or value.startswith("*:"):
+            shown = value if value in _FORWARDED_LOGINS else "*:..."
+            self._add(
+                peer.directive,
+                Severity.UNTRANSLATED,
+                f"login={shown} hands the client's own credentials to the parent: Outgate never "
+                "forwards a client's credentials. The parent gets none from Outgate unless you "
+                "give Outgate its own in credentialsFile",
+            )
+        elif value.upper().startswith("NEGOTIATE"):
+            self._add(
+                peer.directive,
+                Severity.UNTRANSLATED,
+                "login=NEGOTIATE (Kerberos) is not supported: Outgate sends Basic credentials "
+                "read from credentialsFile",
+            )
+        else:
+            peer.login = value
+
+    def _route_switch(self, directive: Directive) -> None:
+        value = directive.args[0].lower() if directive.args else ""
+        if value not in ("on", "off"):
+            self._add(directive, Severity.UNTRANSLATED, f"{directive.name} needs on or off")
+            return
+        self.route_switches[directive.name] = (directive, value == "on")
+
+    def _peer_timer(self, directive: Directive) -> None:
+        try:
+            self.peer_timers[directive.name] = (directive, _duration(directive.args))
+        except (IndexError, ValueError, KeyError):
+            self._add(
+                directive, Severity.UNTRANSLATED, f"cannot read the value of {directive.name}"
+            )
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    def _route_destinations(
+        self, directive: Directive, terms: list[_Term], consequence: str
+    ) -> NameSet | _Every | None:
+        """The destinations a routing line's ACL terms cover; None (reported) when the terms say
+        more than destinations, or match none."""
+        terms = [t for t in terms if not (t.acl.is_all_sources and not t.negated)]
+        for term in terms:
+            problem = ""
+            if term.acl.kind is not AclKind.DESTINATION:
+                problem = f"routes choose by destination only, and {term} is a {term.acl.type} ACL"
+            elif term.negated:
+                problem = f"a negated destination ({term}) has no route form"
+            if problem:
+                self._add(directive, Severity.UNTRANSLATED, f"{problem}: {consequence}")
+                return None
+        if not terms:
+            return _Every.DESTINATION
+        partial = [t.acl.name for t in terms if t.acl.untranslated_values]
+        if partial:
+            self._add(
+                directive,
+                Severity.WARNING,
+                f"ACL {', '.join(partial)} has values that could not be translated: for those, "
+                f"{consequence}",
+            )
+        target = terms[0].acl.names
+        for term in terms[1:]:
+            target, cross = target.intersect(term.acl.names)
+            if cross:
+                self._add(
+                    directive,
+                    Severity.NOTE,
+                    "names and addresses in different ACLs of one line: requests that match one "
+                    "ACL by name and the other by address are not routed by this line",
+                )
+        target = target.tidy()
+        if target.empty:
+            self._add(directive, Severity.NOTE, "matches no destination")
+            return None
+        return target
+
+    def _destination_list(
+        self,
+        lines: list[Directive],
+        *,
+        skip: int,
+        routed: str,
+        consequence: str,
+        exceptions: bool = False,
+    ) -> _DestinationList:
+        """An access list over destinations (cache_peer_access, always_direct, never_direct):
+        the destinations its allow lines cover, in order, and the line after which every other
+        destination is allowed too (`allow all`, or a last line that is a deny: Squid applies the
+        opposite of the last line to what no line matches). With `exceptions`, deny lines that
+        name destinations before that line (or `allow !DEST`) are the exceptions to it; any other
+        deny that names destinations has no route form and is reported."""
+        result = _DestinationList()
+        pending: list[tuple[Directive, NameSet]] = []  # denies that may be exceptions
+        last_action = ""
+        for index, line in enumerate(lines):
+            parsed = self._terms(line, line.args[skip:])
+            if parsed is None:
+                continue
+            action, terms = parsed
+            last_action = action
+            negated = self._negated_destination(terms) if exceptions else None
+            if action == "allow" and negated is not None:  # `allow !DEST`: all but DEST
+                pending.append((line, negated))
+                self._close_exceptions(result, line, pending, routed)
+                for later in lines[index + 1 :]:
+                    reached = f"reached only for the destinations {line.location} leaves out"
+                    if later.args[skip : skip + 1] == ("deny",):
+                        self._add(later, Severity.NOTE, reached)
+                    else:
+                        self._add(later, Severity.UNTRANSLATED, f"{reached}: {consequence}")
+                return result
+            destinations = self._route_destinations(line, terms, consequence)
+            if destinations is _Every.DESTINATION:
+                for later in lines[index + 1 :]:
+                    self._add(
+                        later,
+                        Severity.NOTE,
+                        f"never reached: {line.location} decides every request first "
+                        "(in Squid too)",
+                    )
+                if action == "allow":
+                    self._close_exceptions(result, line, pending, routed)
+                    return result
+                for denied, _ in pending:
+                    self._add(
+                        denied, Severity.NOTE, f"translated: no such destination goes {routed}"
+                    )
+                self._add(line, Severity.NOTE, f"translated: no other destination goes {routed}")
+                return result
+            if destinations is None:
+                continue
+            if action == "allow":
+                self._unexcepted(pending, line, consequence)
+                pending = []
+                result.allowed.append((line, destinations))
+                self._add(line, Severity.NOTE, f"translated: these destinations go {routed}")
+            elif exceptions:
+                pending.append((line, destinations))
+            else:
+                self._add(
+                    line,
+                    Severity.UNTRANSLATED,
+                    f"a deny naming destinations has no route form: {consequence}",
+                )
+        if last_action == "deny":
+            self._add(
+                lines[-1],
+                Severity.WARNING,
+                f"the last {lines[-1].name} line is a deny, so Squid applies allow to every "
+                "request no line matches (the opposite of the last line); translated so: every "
+                f"other destination goes {routed}",
+            )
+            self._close_exceptions(result, lines[-1], pending, routed, note=False)
+            return result
+        self._unexcepted(pending, None, consequence)
+        return result
+
+    def _negated_destination(self, terms: list[_Term]) -> NameSet | None:
+        """DEST for a line whose only term is `!DEST` (a fully translated destination ACL)."""
+        terms = [t for t in terms if not (t.acl.is_all_sources and not t.negated)]
+        if len(terms) != 1:
+            return None
+        term = terms[0]
+        if not term.negated or term.acl.kind is not AclKind.DESTINATION:
+            return None
+        if term.acl.untranslated_values or term.acl.names.empty:
+            return None
+        return term.acl.names.tidy()
+
+    def _close_exceptions(
+        self,
+        result: _DestinationList,
+        line: Directive,
+        pending: list[tuple[Directive, NameSet]],
+        routed: str,
+        *,
+        note: bool = True,
+    ) -> None:
+        """`line` allows every destination not matched earlier: the pending denies are its
+        exceptions."""
+        result.every = line
+        result.excepted = list(pending)
+        for denied, _ in pending:
+            if denied is not line:
+                self._add(denied, Severity.NOTE, f"translated: an exception to {line.location}")
+        if note:
+            self._add(
+                line,
+                Severity.NOTE,
+                f"translated: every other destination goes {routed}"
+                + (
+                    " (except the destinations it leaves out)"
+                    if pending and pending[-1][0] is line
+                    else ""
+                ),
+            )
+
+    def _unexcepted(
+        self, pending: list[tuple[Directive, NameSet]], line: Directive | None, consequence: str
+    ) -> None:
+        for denied, _ in pending:
+            self._add(
+                denied,
+                Severity.UNTRANSLATED,
+                "a deny naming destinations"
+                + (f" before an allow naming others ({line.location})" if line else "")
+                + f" has no route form: {consequence}",
+            )
+
+    def _upstream_name(self, peer_name: str, taken: set[str]) -> str:
+        base = _slug(peer_name, MAX_UPSTREAM_NAME) or "parent"
+        if base == DIRECT:
+            base = "parent-direct"
+        name, number = base, 1
+        while name in taken:
+            number += 1
+            suffix = f"-{number}"
+            name = base[: MAX_UPSTREAM_NAME - len(suffix)].rstrip("-") + suffix
+        taken.add(name)
+        return name
+
+    def _upstreams(self) -> list[_Upstream]:
+        """Parents with the same cache_peer_access, credentials and CA bundle become one
+        upstream, tried in file order (Squid's first-up parent order)."""
+        groups: dict[tuple[object, ...], _Upstream] = {}
+        taken: set[str] = set()
+        for peer in self.peers:
+            said = self._destination_list(
+                peer.access,
+                skip=1,
+                routed=f"via {peer.name}",
+                consequence=f"routes do not follow this line for {peer.name}",
+                exceptions=True,
+            )
+            every = said.every is not None or not peer.access  # no lines: no restriction
+            access = None if every else tuple(s for _, s in said.allowed)
+            excluded = tuple(s for _, s in said.excepted)
+            key = (access, excluded, peer.login, peer.ca_bundle)
+            upstream = groups.get(key)
+            if upstream is None:
+                upstream = _Upstream(
+                    name=self._upstream_name(peer.name, taken),
+                    peers=[],
+                    access=access,
+                    excluded=excluded,
+                )
+                groups[key] = upstream
+            upstream.peers.append(peer)
+            self._add(
+                peer.directive,
+                Severity.NOTE,
+                f"translated: upstream {upstream.name}, proxy {len(upstream.peers)} ({peer.url})",
+            )
+        return list(groups.values())
+
+    def _upstream_yaml(self, upstream: _Upstream) -> dict[str, Any]:
+        first = upstream.peers[0]
+        out: dict[str, Any] = {"name": upstream.name, "proxies": [p.url for p in upstream.peers]}
+        if first.login is not None:
+            path = CREDENTIALS_FILE.format(name=upstream.name)
+            out["credentialsFile"] = path
+            self._add(
+                first.directive,
+                Severity.UNTRANSLATED,
+                "login=: the password is not copied into the output. Put this line's "
+                f"user:password as the first line of {path}, a file mounted from a Secret"
+                + (
+                    " (Squid reads login= URL-escaped: write it decoded, %20 as a space)"
+                    if "%" in first.login
+                    else ""
+                ),
+            )
+        if first.ca_bundle is not None:
+            out["caBundle"] = first.ca_bundle
+        timer = self.peer_timers.get("peer_connect_timeout")
+        connect = first.connect_timeout or (timer[1] if timer else None)
+        if connect is not None:
+            out["connectTimeout"] = connect
+        if first.fail_limit is not None:
+            out["failLimit"] = first.fail_limit
+        dead = self.peer_timers.get("dead_peer_timeout")
+        if dead is not None:
+            out["retryAfter"] = dead[1]
+        for peer in upstream.peers[1:]:
+            if (peer.connect_timeout, peer.fail_limit) != (first.connect_timeout, first.fail_limit):
+                self._add(
+                    peer.directive,
+                    Severity.NOTE,
+                    f"connect-timeout or connect-fail-limit differ from {first.directive.location}"
+                    f": upstream {upstream.name} has one value for all its proxies, the first's",
+                )
+        return out
+
+    def _routes(self, lines: list[Directive]) -> None:
+        """Upstreams and routes from the parents and the routing lists (module docstring, 7)."""
+        always, never = self._attach_peer_access(lines)
+        if not self.peers:
+            settings = [d for d, _ in (*self.route_switches.values(), *self.peer_timers.values())]
+            for line in [*always, *never, *settings]:
+                if line.name == "never_direct":
+                    self._add(
+                        line,
+                        Severity.UNTRANSLATED,
+                        "no parent proxy is translated: Squid cannot forward the requests this "
+                        "line keeps from going direct; Outgate connects directly",
+                    )
+                else:
+                    self._add(line, Severity.NOTE, "no parent proxy: Outgate connects directly")
+            return
+        upstreams = self._upstreams()
+        said_always = self._destination_list(
+            always, skip=0, routed="direct", consequence="this line sends nothing direct"
+        )
+        always_sets, always_every = said_always.allowed, said_always.every
+        never_sets: list[tuple[Directive, NameSet]] = []
+        never_every: Directive | None = None
+        if always_every is not None:
+            for line in never:
+                self._add(
+                    line,
+                    Severity.NOTE,
+                    f"never applies: {always_every.location} sends every request direct first "
+                    "(in Squid too)",
+                )
+        else:
+            said_never = self._destination_list(
+                never,
+                skip=0,
+                routed="via a parent, never direct",
+                consequence="this line holds nothing to a parent",
+            )
+            never_sets, never_every = said_never.allowed, said_never.every
+        rules: list[dict[str, Any]] = [{"to": s.as_yaml(), "via": DIRECT} for _, s in always_sets]
+        default = DIRECT
+        if always_every is None:
+            default = self._parent_routes(upstreams, never_sets, never_every, rules)
+        used = {rule["via"] for rule in rules} | {default}
+        for upstream in upstreams:
+            if upstream.name not in used:
+                self._add(
+                    upstream.peers[0].directive,
+                    Severity.WARNING,
+                    f"upstream {upstream.name} is never used by the routes (an earlier parent "
+                    "takes the same destinations, or nothing reaches it); Outgate does not fail "
+                    "over from one upstream to another",
+                )
+        self._route_setting_findings(forced=never_every is not None)
+        self.config["upstreams"] = [self._upstream_yaml(u) for u in upstreams]
+        routes: dict[str, Any] = {"default": default}
+        if rules:
+            routes["rules"] = rules
+        self.config["routes"] = routes
+
+    def _attach_peer_access(
+        self, lines: list[Directive]
+    ) -> tuple[list[Directive], list[Directive]]:
+        """Give each parent its cache_peer_access lines; the always_direct and never_direct
+        lines, in order."""
+        by_name = {peer.name: peer for peer in self.peers}
+        always: list[Directive] = []
+        never: list[Directive] = []
+        for line in lines:
+            if line.name != "cache_peer_access":
+                (always if line.name == "always_direct" else never).append(line)
+                continue
+            peer_name = line.args[0] if line.args else ""
+            if peer_name in by_name:
+                by_name[peer_name].access.append(line)
+            elif peer_name in self.peer_names:
+                self._add(line, Severity.NOTE, "its cache_peer is not translated (see that line)")
+            else:
+                self._add(
+                    line,
+                    Severity.UNTRANSLATED,
+                    f"no cache_peer named {peer_name!r} (Squid refuses this configuration)",
+                )
+        return always, never
+
+    def _parent_routes(
+        self,
+        upstreams: list[_Upstream],
+        never_sets: list[tuple[Directive, NameSet]],
+        never_every: Directive | None,
+        rules: list[dict[str, Any]],
+    ) -> str:
+        """Append the rules that send destinations via parents (after the always_direct ones)
+        and return routes.default. Squid's order: always_direct, then never_direct, then its
+        peer selection, where a parent serves what its cache_peer_access allows."""
+        # The upstream for every destination: one whose parents take all (`default` first).
+        general = next((u for u in upstreams if u.access is None and u.default), None) or next(
+            (u for u in upstreams if u.access is None), None
+        )
+        fallback = general or next((u for u in upstreams if u.default), upstreams[0])
+        forced = never_every is not None
+        # prefer_direct off (Squid's default): parents first for every request, not only held ones.
+        parents_first = forced or not self.route_switches.get("prefer_direct", (None, False))[1]
+        restricted = [(u, s) for u in upstreams if u.access is not None for s in u.access]
+        if parents_first:
+            rules.extend({"to": s.as_yaml(), "via": u.name} for u, s in restricted)
+        for _, wanted in never_sets:
+            if not parents_first:
+                for upstream, allowed in restricted:
+                    part, _cross = wanted.intersect(allowed)
+                    if not part.empty:
+                        rules.append({"to": part.as_yaml(), "via": upstream.name})
+            rules.append({"to": wanted.as_yaml(), "via": fallback.name})
+        if general is not None and general.excluded:
+            if forced:
+                self._add(
+                    general.peers[0].directive,
+                    Severity.WARNING,
+                    f"cache_peer_access keeps some destinations from {general.name}: Squid "
+                    "refuses them (never direct) unless another parent takes them; Outgate "
+                    f"sends them via {general.name}",
+                )
+            elif parents_first:  # no eligible parent: Squid goes direct
+                rules.extend(
+                    {"to": s.as_yaml(), "via": DIRECT}
+                    for s in general.excluded
+                    if not any(s.intersect(allowed)[0] == s for _, allowed in restricted)
+                )
+        self._route_warnings(
+            upstreams=upstreams,
+            fallback=fallback,
+            general=general,
+            held=never_every or (never_sets[0][0] if never_sets else None),
+            forced=forced,
+            via_parents=parents_first and (general is not None or bool(restricted)),
+        )
+        if forced:
+            return fallback.name
+        if parents_first and general is not None:
+            return general.name
+        return DIRECT
+
+    def _route_warnings(
+        self,
+        *,
+        upstreams: list[_Upstream],
+        fallback: _Upstream,
+        general: _Upstream | None,
+        held: Directive | None,
+        forced: bool,
+        via_parents: bool,
+    ) -> None:
+        """Where Squid's choice between parents and direct differs from the routes."""
+        if held is not None and general is None:
+            self._add(
+                held,
+                Severity.WARNING,
+                "no parent takes every destination (cache_peer_access limits each): Squid "
+                "refuses a request that must not go direct when no parent's cache_peer_access "
+                f"allows it; Outgate sends it via {fallback.name}, which may refuse it too",
+            )
+        hierarchy = self.route_switches.get("nonhierarchical_direct")
+        connect_direct = hierarchy is None or hierarchy[1]
+        if not forced and via_parents:
+            self._add(
+                upstreams[0].peers[0].directive,
+                Severity.WARNING,
+                "no `never_direct allow all`: Squid tries the parents first but goes direct when "
+                "they fail"
+                + (
+                    ", and sends CONNECT and other non-hierarchical requests direct "
+                    "(nonhierarchical_direct on, its default)"
+                    if connect_direct
+                    else ""
+                )
+                + ". Outgate has no fallback: the routes send these requests via the parent, "
+                "never direct. Add routes.rules with via: direct for what should go direct",
+            )
+
+    def _route_setting_findings(self, *, forced: bool) -> None:
+        """prefer_direct, nonhierarchical_direct and the peer timers: what became of each."""
+        for name, (directive, on) in self.route_switches.items():
+            if name == "prefer_direct" and on and not forced:
+                self._add(
+                    directive,
+                    Severity.WARNING,
+                    "Squid tries direct first and a parent when that fails; Outgate has no "
+                    "fallback: only what never_direct holds goes via a parent",
+                )
+            elif name == "prefer_direct":
+                self._add(
+                    directive,
+                    Severity.NOTE,
+                    "no effect: never_direct allow all sends nothing direct"
+                    if forced
+                    else "translated: parents first (Squid's default)",
+                )
+            else:
+                self._add(
+                    directive,
+                    Severity.NOTE,
+                    "translated: CONNECT is routed like every other request, by destination"
+                    + ("" if on else " (nonhierarchical_direct off: as in Squid)"),
+                )
+        for name, (directive, value) in self.peer_timers.items():
+            self._add(
+                directive,
+                Severity.NOTE,
+                f"translated: {_PEER_TIMERS[name]}: {value} for every upstream"
+                + (
+                    " whose first parent sets no connect-timeout="
+                    if name == "peer_connect_timeout"
+                    else ""
+                )
+                + (
+                    " (Squid's timer counts silence from a peer; Outgate's is how long a proxy "
+                    "marked down is skipped before it is tried again)"
+                    if name == "dead_peer_timeout"
+                    else ""
+                ),
+            )
 
     # -- output ---------------------------------------------------------------------------------
 
