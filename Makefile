@@ -31,6 +31,9 @@ $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
+	@# tests/integration/test_refusal_clients.py: what a Go program (net/http) prints on a refusal.
+	@command -v go >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
 	touch $(RUN_STAMP) $@
