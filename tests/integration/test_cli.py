@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from proxy import __version__
-from tests.support.fixtures import policy_allowing
+from tests.support.fixtures import ORIGIN_PORTS, policy_allowing
 from tests.support.proxyproc import outgate_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +57,26 @@ def test_check_config_on_a_config_with_an_unknown_key_suggests_the_right_one(
     assert result.returncode == 1
     assert "timeouts.conect" in result.stderr
     assert "did you mean 'connect'?" in result.stderr
+
+
+def test_check_config_reports_the_config_and_the_policies_it_names_every_problem_once(
+    tmp_path: Path,
+) -> None:
+    """Issue 14, defect 5: a config error does not stop the named policies from being checked,
+    and `ports: [{port: 70000}]` is one error at `.port`, not also one at an unwritten endPort."""
+    (tmp_path / "p.yaml").write_text(
+        policy_allowing("origin.test").replace(ORIGIN_PORTS, "[{port: 70000}]")
+    )
+    config = tmp_path / "outgate.yaml"
+    config.write_text("policies: {paths: [p.yaml]}\ntimeouts: {conect: 5s}\n")
+    result = outgate("check-config", str(config))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert f"{config}: timeouts.conect:" in lines[0]
+    assert "spec.rules[0].ports[0].port: 70000 is not a port" in lines[1]
+    assert "endPort" not in result.stderr
+    assert result.stdout == ""
 
 
 def test_explain_prints_the_deciding_steps(tmp_path: Path) -> None:
