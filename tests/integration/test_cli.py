@@ -126,3 +126,33 @@ spec:
     assert denied.returncode == 0, denied.stderr
     assert "guardrails" in denied.stdout and "no-paste" in denied.stdout
     assert "deny" in denied.stdout.lower()
+
+
+def test_explain_names_the_deciding_rule_once_and_a_tunnel_protocol_only_for_tunnels(
+    tmp_path: Path,
+) -> None:
+    """Issue 14, defect 6: `protocol tls` is what a CONNECT tunnel is held to; a plain http://
+    request is forwarded, never held to it, so its explanation does not claim it."""
+    config = tmp_path / "outgate.yaml"
+    (tmp_path / "p.yaml").write_text(policy_allowing("api.example.com"))
+    config.write_text(
+        "policies: {paths: [p.yaml]}\n"
+        "identity:\n  static:\n"
+        "    - {name: test-client, namespace: tests, cidrs: [10.1.2.3/32], labels: {app: client}}\n"
+    )
+
+    def explain_url(url: str) -> str:
+        result = outgate("explain", "--config", str(config), "--source", "10.1.2.3", "--url", url)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    plain = explain_url("http://api.example.com/")
+    assert "connection:  forward (plain HTTP)" in plain
+    assert "protocol" not in plain
+    tunnelled = explain_url("https://api.example.com/")
+    assert "connection:  tunnel (CONNECT)" in tunnelled
+    assert "protocol tls" in tunnelled
+    for text in (plain, tunnelled):
+        steps = [line for line in text.splitlines() if "rule allow-origins" in line]
+        assert len(steps) == 2, text  # one step, and the decision line
+        assert steps[0].endswith("rule allow-origins: Allow -> allow")
