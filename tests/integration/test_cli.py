@@ -111,7 +111,7 @@ spec:
         "https://api.example.com/",
     )
     assert allowed.returncode == 0, allowed.stderr
-    assert "tests/test-client" in allowed.stdout
+    assert "tests/Static/test-client" in allowed.stdout
     assert "allow-origins" in allowed.stdout
     assert "allow" in allowed.stdout.lower()
     denied = outgate(

@@ -723,7 +723,7 @@ def test_explain_lists_every_step_of_the_enforced_and_the_shadow_evaluation() ->
     assert ("admin", "trial", "no-stripe", "Deny matches -> deny") in shadow
 
     text = render_explanation(API, dest("api.stripe.com"), decision)
-    assert "workload:    pod payments/api-1" in text
+    assert "workload:    payments/Deployment/api (pod api-1) serviceAccount=default" in text
     assert "destination: api.stripe.com:443" in text
     assert "policy revision: 4" in text
     assert "decision:    allow (rule_allow) by payments/api rule stripe" in text

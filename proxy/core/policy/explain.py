@@ -104,11 +104,9 @@ def _verdict_dict(verdict: Verdict, *, tunnel: bool) -> dict[str, object]:
 def _describe_workload(workload: Workload) -> str:
     if workload.is_unknown:
         return "unknown source (only subject-less ClusterEgressPolicies apply)"
-    parts = [workload.describe()]
+    parts = [workload.describe(), f"({workload.kind} {workload.name})"]
     if workload.service_account:
         parts.append(f"serviceAccount={workload.service_account}")
-    if workload.owner_kind:
-        parts.append(f"owner={workload.owner_kind}/{workload.owner_name}")
     labels = ",".join(f"{key}={value}" for key, value in sorted(workload.labels.items()))
     parts.append(f"labels={{{labels}}}")
     return " ".join(parts)
