@@ -8,16 +8,20 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
+# `make run | jq` reads the audit records: stdout carries them only, so the recipes `run` needs
+# echo nothing and send what they print to stderr.
 
 .PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench bench-instructions
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "creating $(VENV)" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/python -m pip install --quiet --upgrade pip >&2
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
-	touch $@
+	@echo "installing outgate into $(VENV)" >&2
+	@$(BIN)/python -m pip install --quiet -e . >&2
+	@touch $@
 
 $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -42,7 +46,7 @@ install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/outgate run $(ARGS)
+	@$(BIN)/outgate run $(ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check proxy tests
