@@ -42,8 +42,12 @@ def proxy(start_proxy: StartProxy, dns_server: ScriptedDNSServer) -> ProxyProces
 
 
 @pytest.fixture(scope="session")
-def go_binary(request: pytest.FixtureRequest) -> Path:
-    return go_client(Path(request.config.cache.mkdir("goclient")))
+def go_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per machine into pytest's cache (per session when the cache is off)."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return go_client(tmp_path_factory.mktemp("goclient"))
+    return go_client(Path(cache.mkdir("goclient")))
 
 
 def test_curl_shows_the_reason_of_a_refused_request_and_a_refused_connect(
