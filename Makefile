@@ -8,16 +8,20 @@ BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
+# `make run | jq` reads the audit records: stdout carries them only, so the recipes `run` needs
+# echo nothing and send what they print to stderr.
 
 .PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench bench-instructions
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "creating $(VENV)" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/python -m pip install --quiet --upgrade pip >&2
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
-	touch $@
+	@echo "installing outgate into $(VENV)" >&2
+	@$(BIN)/python -m pip install --quiet -e . >&2
+	@touch $@
 
 $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -31,6 +35,9 @@ $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
+	@# tests/integration/test_refusal_clients.py: what a Go program (net/http) prints on a refusal.
+	@command -v go >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
 	touch $(RUN_STAMP) $@
@@ -39,7 +46,7 @@ install: $(RUN_STAMP)
 install-test: $(TEST_STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/outgate run $(ARGS)
+	@$(BIN)/outgate run $(ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check proxy tests

@@ -12,7 +12,7 @@ import structlog
 import yaml
 
 from proxy import __version__
-from proxy.config import Settings, load_settings
+from proxy.config import Settings, check_settings, load_settings
 from proxy.core.identity import StaticIdentityIndex
 from proxy.core.policy.engine import Engine
 from proxy.core.policy.loader import load_paths
@@ -92,6 +92,8 @@ def _engine_for(settings: Settings, extra_policy_paths: Sequence[Path] = ()) -> 
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Every problem in every file, the config's own and those of the policies it names: a
+    config error does not stop the policies from being checked."""
     failed = False
     for raw in args.paths:
         path = Path(raw)
@@ -100,9 +102,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
                 policies = load_paths([path])
                 rules = sum(len(p.rules) for p in policies)
                 print(f"ok: {path}: {len(policies)} policies, {rules} rules")
-            else:
-                settings = load_settings(path)
-                engine = _engine_for(settings)
+                continue
+            settings, issues = check_settings(path)
+            if issues:
+                failed = True
+                _print_config_error(ConfigError(issues))
+            if settings is None:
+                continue
+            engine = _engine_for(settings)
+            if not issues:
                 print(
                     f"ok: {path}: config valid; {len(engine.policies)} policies, "
                     f"{engine.rule_count} rules from {len(settings.policy_paths)} policy paths"

@@ -299,6 +299,15 @@ def _squid_logformat(value: Any) -> str:
 
 def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
     """Validate a parsed YAML mapping into Settings; raise ConfigError with every issue."""
+    settings, issues = _read_settings(raw, file=file, base_dir=base_dir)
+    if issues:
+        raise ConfigError(issues)
+    return settings
+
+
+def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, list[ConfigIssue]]:
+    """Settings as far as `raw` gives them (a default in place of each invalid value), and every
+    issue found."""
     if raw is None:
         raw = {}
     reader = _Reader(raw if isinstance(raw, Mapping) else {}, file)
@@ -446,9 +455,7 @@ def settings_from_mapping(raw: Any, *, file: str, base_dir: Path) -> Settings:
         )
     if settings.dns_min_ttl > settings.dns_max_ttl:
         reader.issue("dns.minTTL", "minTTL is larger than maxTTL", "make minTTL <= maxTTL")
-    if reader.issues:
-        raise ConfigError(reader.issues)
-    return settings
+    return settings, reader.issues
 
 
 # -- upstreams and routes (issue 12) ---------------------------------------------------------
@@ -668,7 +675,24 @@ def load_settings(path: str | Path | None) -> Settings:
     return _load_file(Path(path), label=str(path))
 
 
+def check_settings(path: Path) -> tuple[Settings | None, list[ConfigIssue]]:
+    """For `check-config`, which reports every problem: the settings as far as the file gives
+    them (a default in place of each invalid value, so the policies it names can still be
+    checked) and every issue. None when the file cannot be read or is not YAML."""
+    try:
+        raw = _read_yaml(path, label=str(path))
+    except ConfigError as exc:
+        return None, exc.issues
+    return _read_settings(raw, file=str(path), base_dir=path.resolve().parent)
+
+
 def _load_file(path: Path, *, label: str) -> Settings:
+    return settings_from_mapping(
+        _read_yaml(path, label=label), file=label, base_dir=path.resolve().parent
+    )
+
+
+def _read_yaml(path: Path, *, label: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -695,4 +719,4 @@ def _load_file(path: Path, *, label: str) -> Settings:
                 )
             ]
         ) from None
-    return settings_from_mapping(raw, file=label, base_dir=path.resolve().parent)
+    return raw

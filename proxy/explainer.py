@@ -23,17 +23,19 @@ from proxy.dataplane.router import Route, Router
 from proxy.errors import BadRequest, Reason
 
 
-def destination_from_url(url: str) -> Destination:
-    """`https://api.stripe.com/x`, `http://10.0.0.1:8080/`, or a bare `host:port`."""
+def destination_from_url(url: str) -> tuple[Destination, bool]:
+    """`https://api.stripe.com/x`, `http://10.0.0.1:8080/`, or a bare `host:port` -> the
+    destination, and whether a client sends it through a CONNECT tunnel (`https://`, `host:port`)
+    rather than as a forwarded plain-HTTP request (`http://`)."""
     if "://" not in url:
         host, port = split_authority(url, default_port=None)
-        return Destination(host=host, port=port, ip=host.ip)
+        return Destination(host=host, port=port, ip=host.ip), True
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise BadRequest(f"unsupported scheme {scheme!r}", reason=Reason.UNSUPPORTED_SCHEME)
     host, port = split_authority(parts.netloc, default_port=DEFAULT_PORTS[scheme])
-    return Destination(host=host, port=port, ip=host.ip)
+    return Destination(host=host, port=port, ip=host.ip), scheme != "http"
 
 
 def explain(
@@ -41,10 +43,10 @@ def explain(
 ) -> tuple[str, dict[str, Any]]:
     """Step 1, the name decision: text for a person and a JSON-safe dict for tools. `decider`
     is the Router (or an Engine: the Router asks the Engine in force)."""
-    workload, destination = _parse(identity, source, url)
+    workload, destination, tunnel = _parse(identity, source, url)
     decision = decider.decide(workload, destination, explain=True)
-    text = render_explanation(workload, destination, decision)
-    data = decision_as_dict(workload, destination, decision)
+    text = render_explanation(workload, destination, decision, tunnel=tunnel)
+    data = decision_as_dict(workload, destination, decision, tunnel=tunnel)
     way_out = (
         decider.way_out_by_name(destination.host, destination.port)
         if isinstance(decider, Router) and decision.allowed
@@ -64,19 +66,20 @@ async def explain_route(
     router: Router, identity: IdentityLookup, *, source: str, url: str
 ) -> tuple[str, dict[str, Any]]:
     """Every step, the DNS answer and the address guard included, as the data plane runs them."""
-    workload, destination = _parse(identity, source, url)
+    workload, destination, tunnel = _parse(identity, source, url)
     route = await router.route(workload, destination.host, destination.port, explain=True)
-    text = render_explanation(workload, destination, route.decision)
-    data = decision_as_dict(workload, destination, route.decision)
+    text = render_explanation(workload, destination, route.decision, tunnel=tunnel)
+    data = decision_as_dict(workload, destination, route.decision, tunnel=tunnel)
     return text + "\n" + "\n".join(_route_lines(route)), {**data, "route": _route_dict(route)}
 
 
-def _parse(identity: IdentityLookup, source: str, url: str) -> tuple[Workload, Destination]:
+def _parse(identity: IdentityLookup, source: str, url: str) -> tuple[Workload, Destination, bool]:
     try:
         source_ip = unmap_ipv4(parse_ip_address(source))
     except ValueError:
         raise BadRequest(f"source {source!r} is not an IP address") from None
-    return identity.lookup(source_ip), destination_from_url(url)
+    destination, tunnel = destination_from_url(url)
+    return identity.lookup(source_ip), destination, tunnel
 
 
 def _route_lines(route: Route) -> list[str]:

@@ -612,18 +612,6 @@ def _parse_absolute_form(target: str, method: str, form: RequestForm) -> tuple[s
     if match is None:
         raise _not_absolute_form(target, form)
     scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
-    if scheme != "http" and (scheme != "https" or form is _PROXY):
-        if scheme == "https":
-            raise BadRequest(
-                "https:// targets are not forwarded: use CONNECT host:443",
-                reason=Reason.UNSUPPORTED_SCHEME,
-            )
-        raise BadRequest(
-            f"scheme {scheme[:16]!r} is not supported", reason=Reason.UNSUPPORTED_SCHEME
-        )
-    if not authority:
-        raise BadRequest("absolute-form target without a host", reason=Reason.BAD_TARGET)
-    host, port = _split_authority(authority, default_port=80 if form is _PROXY else 0)
     if not rest:
         # RFC 9112 section 3.2.4: an OPTIONS for the whole server (empty path) goes on as "*".
         path = "*" if method == "OPTIONS" else "/"
@@ -631,7 +619,55 @@ def _parse_absolute_form(target: str, method: str, form: RequestForm) -> tuple[s
         path = "/" + rest
     else:
         path = rest
+    if scheme != "http" and (scheme != "https" or form is _PROXY):
+        raise _unsupported_scheme(scheme, authority, path, method)
+    if not authority:
+        raise BadRequest("absolute-form target without a host", reason=Reason.BAD_TARGET)
+    host, port = _split_authority(authority, default_port=80 if form is _PROXY else 0)
     return scheme, host, port, path
+
+
+class UnsupportedScheme(BadRequest):
+    """An absolute-form target whose scheme this listener does not forward (`https://` and
+    `ws://` sent as plain requests, `ftp://`). It carries what was asked, so the refusal and its
+    records name the destination, method and path: a user sees where the request was going, and
+    an operator which client sends `https://` where CONNECT was meant. `host` is None when the
+    authority is not a valid host."""
+
+    default_reason = Reason.UNSUPPORTED_SCHEME
+
+    def __init__(
+        self, message: str, *, method: str, host: Host | None, port: int | None, path: str
+    ) -> None:
+        super().__init__(message)
+        self.method = method
+        self.host = host
+        self.port = port
+        self.path = path
+
+
+# Ports the schemes a client may send by mistake mean when they name none (RFC 9110 section
+# 4.2.2, RFC 6455 section 3): what a refused target is recorded with.
+_REFUSED_SCHEME_PORTS: Mapping[str, int] = MappingProxyType(
+    {"https": 443, "ws": 80, "wss": 443, "ftp": 21}
+)
+
+
+def _unsupported_scheme(scheme: str, authority: str, path: str, method: str) -> UnsupportedScheme:
+    if scheme == "https":
+        message = "https:// targets are not forwarded: use CONNECT host:443"
+    elif scheme in ("ws", "wss"):
+        message = f"{scheme}:// targets are not forwarded: send http:// with Upgrade, or CONNECT"
+    else:
+        message = f"scheme {scheme[:16]!r} is not supported"
+    host: Host | None
+    port: int | None
+    try:
+        # 0 (never a valid port) stands for "the target named none and the scheme has no default".
+        host, port = _split_authority(authority, default_port=_REFUSED_SCHEME_PORTS.get(scheme, 0))
+    except OutgateError:
+        host, port = None, None  # a bad authority as well: the scheme is still the refusal
+    return UnsupportedScheme(message, method=method, host=host, port=port or None, path=path)
 
 
 def target_authority(req: RequestHead) -> tuple[Host, int] | None:

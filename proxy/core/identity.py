@@ -502,10 +502,19 @@ class Workload:
         return self.kind is WorkloadKind.UNKNOWN
 
     def describe(self) -> str:
-        """`pod payments/api-7d9f` / `static dev/laptop` / `unknown` — for logs and explain."""
-        if self.is_unknown:
-            return "unknown"
-        return f"{self.kind} {self.namespace}/{self.name}"
+        """The one name a person sees for a workload (refusal replies, explain, logs):
+        `namespace/Kind/name` of its owner, which the audit record carries as
+        `kubernetes.namespace` and `outgate.workload` (`payments/Deployment/api`,
+        `dev/Static/laptop`). A pod without a controller is `namespace/Pod/<pod name>`; two pods
+        claiming one address `ambiguous: <their names>`; an unknown source `unknown source`."""
+        if self.kind is WorkloadKind.UNKNOWN:
+            return "unknown source"
+        if self.kind is WorkloadKind.AMBIGUOUS:
+            where = f"{self.namespace}/" if self.namespace else ""
+            return f"ambiguous: {where}{self.name}"
+        if self.owner_kind:
+            return f"{self.namespace}/{self.owner_kind}/{self.owner_name}"
+        return f"{self.namespace}/Pod/{self.name}"
 
 
 UNKNOWN_WORKLOAD = Workload(kind=WorkloadKind.UNKNOWN)

@@ -22,7 +22,7 @@ import structlog
 from proxy import metrics
 from proxy.audit import AuditSink, Exchange
 from proxy.core.hosts import IPAddress
-from proxy.core.identity import IdentityLookup, Workload, WorkloadKind
+from proxy.core.identity import IdentityLookup
 from proxy.core.upstreams import DIRECT
 from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.peer import Peer
@@ -158,7 +158,7 @@ class ExchangeLog:
         return render_error(
             error,
             event_id=ex.id,
-            workload=_describe(ex.workload),
+            workload=ex.workload.describe(),
             destination=destination,
             keep_alive=keep_alive,
         )
@@ -180,9 +180,3 @@ class ExchangeLog:
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
         self._audit.close(ex, reason)
         return reason
-
-
-def _describe(workload: Workload) -> str:
-    if workload.kind is WorkloadKind.UNKNOWN:
-        return "unknown source"
-    return f"{workload.namespace}/{workload.name}"

@@ -29,9 +29,7 @@ def workload_key(workload: Workload, source: IPAddress) -> str:
     unknown source, its address (unknown sources must not share one bucket)."""
     if workload.kind is WorkloadKind.UNKNOWN:
         return f"unknown/{source}"
-    if workload.owner_kind:
-        return f"{workload.namespace}/{workload.owner_kind}/{workload.owner_name}"
-    return f"{workload.namespace}/{workload.name}"
+    return workload.describe()
 
 
 @dataclass(slots=True)

@@ -17,6 +17,23 @@ def _safe(text: str, limit: int = 256) -> str:
     return cleaned[:limit]
 
 
+def reason_phrase(error: OutgateError) -> str:
+    """The status line's reason phrase, carrying the reason code: many clients print only the
+    status line, never the body or `X-Outgate-Reason` (Go's net/http for every refusal, Python's
+    urllib3 for a refused CONNECT, curl's `-i` for a plain one). A policy refusal reads
+    `Forbidden by egress policy: rule_deny`; any other `<standard phrase> (egress proxy): <reason>`.
+    Both stay within RFC 9112 section 4's reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )."""
+    origin = "by egress policy" if error.status == HTTPStatus.FORBIDDEN else "(egress proxy)"
+    return _safe(f"{_standard_phrase(error.status)} {origin}: {error.reason}")
+
+
+def _standard_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def render_error(
     error: OutgateError,
     *,
@@ -26,10 +43,7 @@ def render_error(
     keep_alive: bool,
 ) -> bytes:
     """Status line, `X-Outgate-Reason`, and a short text body a person can act on."""
-    try:
-        phrase = HTTPStatus(error.status).phrase
-    except ValueError:
-        phrase = "Error"
+    phrase = _standard_phrase(error.status)
     body = (
         f"Outgate refused this request: {_safe(error.message)}\n"
         f"status: {error.status} {phrase}\n"
@@ -39,7 +53,7 @@ def render_error(
         f"event id: {event_id}\n"
     ).encode("ascii")
     headers = [
-        f"HTTP/1.1 {error.status} {phrase}",
+        f"HTTP/1.1 {error.status} {reason_phrase(error)}",
         "Content-Type: text/plain; charset=us-ascii",
         f"Content-Length: {len(body)}",
         f"X-Outgate-Reason: {error.reason}",

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy import metrics
-from proxy.audit import AuditSink
+from proxy.audit import AuditSink, Exchange
 from proxy.config import Settings
-from proxy.core.hosts import IPAddress, parse_ip_address, unmap_ipv4
-from proxy.core.http1 import parse_request_head
+from proxy.core.hosts import Host, IPAddress, parse_ip_address, unmap_ipv4
+from proxy.core.http1 import UnsupportedScheme, parse_request_head
 from proxy.core.identity import WorkloadKind
 from proxy.dataplane.dialer import Dialer
 from proxy.dataplane.exchange_log import ExchangeLog
@@ -228,16 +228,15 @@ class ProxyServer:
         try:
             req = parse_request_head(head)
         except OutgateError as exc:
+            if isinstance(exc, UnsupportedScheme):  # the target is refused, but says what it asked
+                ex.method, ex.path = exc.method, exc.path
+                _name_destination(ex, exc.host, exc.port)
             self._log.refuse(client, ex, exc, keep_alive=False)
             return False
         ex.kind = "tunnel" if req.is_connect else "forward"
         ex.method = req.method
         ex.path = None if req.is_connect else req.path
-        if req.host.ip is None:
-            ex.destination_domain = req.host.name
-        else:
-            ex.destination_ip = str(req.host.ip)
-        ex.destination_port = req.port
+        _name_destination(ex, req.host, req.port)
         held_tunnel: str | None = None
         try:
             if not self._is_ready():
@@ -271,6 +270,15 @@ class ProxyServer:
                 self._admission.close_tunnel(held_tunnel)
             return False
         return await self._relay.forward(client, upstream, ex, req, pool)
+
+
+def _name_destination(ex: Exchange, host: Host | None, port: int | None) -> None:
+    if host is not None:
+        if host.ip is None:
+            ex.destination_domain = host.name
+        else:
+            ex.destination_ip = str(host.ip)
+    ex.destination_port = port
 
 
 # Address parsing is memoised: clients come from the same few addresses, and the ipaddress

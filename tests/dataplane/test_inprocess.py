@@ -101,7 +101,7 @@ async def test_a_denied_name_is_never_resolved_or_dialled(
     reader, writer = await connect(proxy)
     status, headers, body = await http_exchange(reader, writer, get("pastebin.com", 80))
     assert status == 403 and headers["x-outgate-reason"] == "namespace_isolation"
-    assert b"tests/client" in body
+    assert b"workload: tests/Static/client\n" in body
     assert proxy.resolver.asked == [] and proxy.dialer.dialled == []
     writer.close()
 

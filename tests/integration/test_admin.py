@@ -59,7 +59,7 @@ def test_metrics_count_decisions_bytes_and_dns_after_real_traffic(
 def test_explain_endpoint_shows_the_decision_for_a_source_and_url(proxy: ProxyProcess) -> None:
     status, text = proxy.admin("/explain?source=127.0.0.1&url=http://origin.test:8080/")
     assert status == 200
-    assert "tests/test-client" in text and "allow-origins" in text
+    assert "tests/Static/test-client" in text and "allow-origins" in text
     status, body = proxy.admin("/explain?source=127.0.0.1&url=https://other.test/&format=json")
     assert status == 200
     data = json.loads(body)

@@ -110,13 +110,25 @@ def test_allowed_https_through_connect_with_a_python_client(
     conn.close()
 
 
+def test_a_refusal_names_the_workload_as_its_records_and_explain_do(proxy: ProxyProcess) -> None:
+    """Issue 14, defect 7: one spelling, `namespace/Kind/name`, which the records carry as
+    kubernetes.namespace and outgate.workload, and which explain prints."""
+    body = curl("-x", proxy.url, "http://forbidden.test/named").stdout
+    (named,) = [line for line in body.splitlines() if line.startswith("workload: ")]
+    for record in proxy.records_by_path("/named"):
+        spelled = f"{record['kubernetes']['namespace']}/{record['outgate']['workload']}"
+        assert named == f"workload: {spelled}" == "workload: tests/Static/test-client"
+    _, explained = proxy.admin("/explain?source=127.0.0.1&url=http://forbidden.test/")
+    assert explained.startswith("workload:    tests/Static/test-client (static test-client) ")
+
+
 def test_denied_request_gets_403_with_reason_header_and_two_records(
     proxy: ProxyProcess, dns_server: ScriptedDNSServer
 ) -> None:
     result = curl("-x", proxy.url, "-i", "http://forbidden.test/secret")
     assert result.stdout.startswith("HTTP/1.1 403")
     assert "X-Outgate-Reason: namespace_isolation" in result.stdout
-    assert "tests/test-client" in result.stdout
+    assert "tests/Static/test-client" in result.stdout
     decision, close = proxy.records_by_path("/secret")
     assert decision["outgate"]["decision"] == "deny"
     assert decision["outgate"]["reason"] == "namespace_isolation"

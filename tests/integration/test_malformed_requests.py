@@ -247,3 +247,31 @@ def test_client_that_connects_and_sends_nothing_gets_408(proxy: ProxyProcess) ->
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         data = read_until_close(sock)
     assert data.startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize(
+    ("target", "domain", "port", "path"),
+    [
+        ("https://origin.test/account?id=7", "origin.test", 443, "/account?id=7"),
+        ("ws://origin.test:8080/chat", "origin.test", 8080, "/chat"),
+        ("wss://[2001:db8::1]/live", None, 443, "/live"),
+    ],
+)
+def test_an_unsupported_scheme_is_refused_naming_what_was_asked(
+    proxy: ProxyProcess, target: str, domain: str | None, port: int, path: str
+) -> None:
+    """Issue 14, defect 4: the 400 body and both records carry destination, method and path."""
+    with proxy.connect() as sock:
+        sock.sendall(f"POST {target} HTTP/1.1\r\nHost: origin.test\r\n\r\n".encode())
+        data = read_until_close(sock)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    shown = domain if domain is not None else "2001:db8::1"
+    assert f"\ndestination: {shown}:{port}\n".encode() in data, data
+    records = proxy.records_for(proxy.wait_records(lambda r: True)[0]["event"]["id"])
+    for record in records:
+        assert record["outgate"]["reason"] == "unsupported_scheme"
+        assert record["destination"]["domain"] == domain
+        assert record["destination"]["port"] == port
+        assert record["http"]["request"]["method"] == "POST"
+        assert record["url"]["path"] == path
+    assert records[0]["destination"]["ip"] == (None if domain else "2001:db8::1")

@@ -80,7 +80,7 @@ def test_make_run_then_curl_allowed_and_denied_as_the_readme_says(
     assert tunnel.returncode != 0 and "403" in tunnel.stderr
     os.killpg(make_run.pid, signal.SIGTERM)
     out, _ = make_run.communicate(timeout=20)
-    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in out.splitlines()]  # stdout: records only
     decisions = [r for r in records if r["event"]["action"] == "decision"]
     assert [d["outgate"]["decision"] for d in decisions] == ["allow", "deny", "deny"]
     assert decisions[0]["rule"]["name"] == "local-dev-servers"

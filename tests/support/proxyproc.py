@@ -38,8 +38,12 @@ class ProxyProcess:
         nameserver: str | None = None,
         config: dict[str, Any] | None = None,
         rlimit_nofile: int | None = None,
+        embedded_config: bool = False,
     ) -> None:
+        """`embedded_config`: run with no --config, on the embedded laptop default (its fixed
+        ports: only in the network namespace); `policies` and `config` are then unused."""
         self.rlimit_nofile = rlimit_nofile
+        self.embedded_config = embedded_config
         self._stdout_gate = threading.Event()
         self._stdout_gate.set()
         self.workdir = workdir
@@ -90,8 +94,9 @@ class ProxyProcess:
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
+        config = [] if self.embedded_config else ["--config", str(self.config_path)]
         self.proc = subprocess.Popen(
-            [*outgate_command(), "run", "--config", str(self.config_path)],
+            [*outgate_command(), "run", *config],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.workdir,

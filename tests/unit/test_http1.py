@@ -22,6 +22,7 @@ from proxy.core.http1 import (
     RequestForm,
     RequestHead,
     ResponseHead,
+    UnsupportedScheme,
     encode_chunk,
     find_head_end,
     parse_request_head,
@@ -1417,3 +1418,26 @@ def test_errors_carry_status_for_the_one_error_renderer() -> None:
         (400, Reason.BAD_PORT),
         (400, Reason.AMBIGUOUS_FRAMING),
     ]
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "port", "path"),
+    [
+        ("https://Example.COM/a?b", "example.com", 443, "/a?b"),
+        ("ws://example.com:8080", "example.com", 8080, "/"),
+        ("wss://example.com/chat", "example.com", 443, "/chat"),
+        ("ftp://example.com/f", "example.com", 21, "/f"),
+        ("gopher://example.com/x", "example.com", None, "/x"),
+        ("https://0177.0.0.1/", None, None, "/"),
+    ],
+)
+def test_an_unsupported_scheme_refusal_carries_what_was_asked(
+    target: str, name: str | None, port: int | None, path: str
+) -> None:
+    with pytest.raises(UnsupportedScheme) as info:
+        parse_request_head(get(target))
+    refused = info.value
+    assert (refused.status, refused.reason) == (400, Reason.UNSUPPORTED_SCHEME)
+    assert refused.method == "GET"
+    assert (refused.host.name if refused.host else None, refused.port) == (name, port)
+    assert refused.path == path

@@ -358,3 +358,36 @@ def test_parse_static_identities_reports_the_field_path_and_the_fix(
     assert fix in issues[0].fix
     assert issues[0].file == "outgate.yaml"
     assert issues[0].document is None
+
+
+@pytest.mark.parametrize(
+    ("workload", "spelled"),
+    [
+        (
+            Workload(
+                kind=WorkloadKind.POD,
+                namespace="payments",
+                name="api-7d9f-x2",
+                owner_kind="Deployment",
+                owner_name="api",
+            ),
+            "payments/Deployment/api",
+        ),
+        (
+            Workload(kind=WorkloadKind.POD, namespace="payments", name="debug-shell"),
+            "payments/Pod/debug-shell",
+        ),
+        (
+            StaticIdentity(name="laptop", namespace="dev", cidrs=()).workload(),
+            "dev/Static/laptop",
+        ),
+        (UNKNOWN_WORKLOAD, "unknown source"),
+        (
+            Workload(kind=WorkloadKind.AMBIGUOUS, namespace="payments", name="a-1,b-1"),
+            "ambiguous: payments/a-1,b-1",
+        ),
+    ],
+)
+def test_a_workload_has_one_spelling_for_people(workload: Workload, spelled: str) -> None:
+    """`namespace/Kind/name`: the audit record's kubernetes.namespace and outgate.workload."""
+    assert workload.describe() == spelled

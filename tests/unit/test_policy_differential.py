@@ -303,6 +303,10 @@ def assert_explains(
     enforced = [step for step in decision.steps if not step.shadow]
     shadowed = [step for step in decision.steps if step.shadow]
     assert_steps_explain(enforced, decision.verdict)
+    # Each rule is one step of an evaluation: the deciding one is not listed twice.
+    for steps in (enforced, shadowed):
+        named = [(step.ruleset, step.rule) for step in steps if step.rule is not None]
+        assert len(named) == len(set(named)), steps
     # The shadow evaluation runs (and is traced) exactly when an audit-mode policy selects.
     selecting = {policy.ruleset: policy for policy in policies if policy.selects(workload)}
     if any(policy.mode is Mode.AUDIT for policy in selecting.values()):

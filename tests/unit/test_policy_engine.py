@@ -715,7 +715,7 @@ def test_explain_lists_every_step_of_the_enforced_and_the_shadow_evaluation() ->
         ("admin", "b-tie", None, "selects the workload; no rule matches"),
         ("admin", "pass-corp", None, "selects the workload; no rule matches"),
         ("admin", "a-late", None, "selects the workload; no rule matches"),
-        ("namespace", "payments/api", "stripe", "Allow matches"),
+        # The deciding rule once, as the conclusion (issue 14, defect 6).
         ("namespace", "payments/deny-legacy", None, "selects the workload; no rule matches"),
         ("namespace", "payments/api", "stripe", "Allow -> allow"),
     ]
@@ -723,7 +723,7 @@ def test_explain_lists_every_step_of_the_enforced_and_the_shadow_evaluation() ->
     assert ("admin", "trial", "no-stripe", "Deny matches -> deny") in shadow
 
     text = render_explanation(API, dest("api.stripe.com"), decision)
-    assert "workload:    pod payments/api-1" in text
+    assert "workload:    payments/Deployment/api (pod api-1) serviceAccount=default" in text
     assert "destination: api.stripe.com:443" in text
     assert "policy revision: 4" in text
     assert "decision:    allow (rule_allow) by payments/api rule stripe" in text
@@ -743,6 +743,20 @@ def test_explain_lists_every_step_of_the_enforced_and_the_shadow_evaluation() ->
         "inspect": None,
     }
     assert isinstance(data["shadow"], dict) and data["shadow"]["action"] == "deny"
+
+
+def test_a_forwarded_request_is_explained_without_the_tunnel_protocol() -> None:
+    """`protocol` and `inspect` hold a CONNECT tunnel; a forwarded http:// request is held to
+    neither, so its explanation does not show them (issue 14, defect 6)."""
+    engine = Engine.compile(TIERED_POLICIES, default_action=Action.DENY, revision=1)
+    decision = engine.decide(API, dest("api.stripe.com"), explain=True)
+    forward = decision_as_dict(API, dest("api.stripe.com"), decision, tunnel=False)
+    tunnel = decision_as_dict(API, dest("api.stripe.com"), decision, tunnel=True)
+    assert (forward["connection"], tunnel["connection"]) == ("forward", "tunnel")
+    assert isinstance(forward["decision"], dict) and isinstance(tunnel["decision"], dict)
+    assert (forward["decision"]["protocol"], tunnel["decision"]["protocol"]) == (None, "tls")
+    text = render_explanation(API, dest("api.stripe.com"), decision, tunnel=False)
+    assert "protocol" not in text
 
 
 def test_explain_records_pass_isolation_and_default() -> None:

@@ -294,6 +294,19 @@ REJECTIONS: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.rules[0].ports[0]",
         "{port: 8000, endPort: 8100}",
     ),
+    # A bad port without endPort is one issue, at the field the user wrote (issue 14, defect 5).
+    (
+        "port above 65535 in a mapping",
+        cluster(rule(ports=[{"port": 70000}])),
+        "spec.rules[0].ports[0].port",
+        "1 to 65535",
+    ),
+    (
+        "endPort above 65535",
+        cluster(rule(ports=[{"port": 8000, "endPort": 70000}])),
+        "spec.rules[0].ports[0].endPort",
+        "1 to 65535",
+    ),
     (
         "endPort below port",
         cluster(rule(ports=[{"port": 9000, "endPort": 8000}])),

@@ -616,10 +616,15 @@ class _Trace:
         """Step 2 concluded with `verdict` (None: it handed over to step 3)."""
         tier = Tier.NAMESPACE
         self._reach(_TIERS.index(tier))
+        # The deciding rule is written once, as the step's conclusion (the last line), not also
+        # among the matches before it.
+        deciding = deny if deny is not None else allow
         for slot in self._namespace_slots:
             policy = self._policies[slot]
-            matched = [entry for entry in self._matches if entry.slot == slot]
-            if not matched:
+            matched = [
+                entry for entry in self._matches if entry.slot == slot and entry is not deciding
+            ]
+            if not matched and (deciding is None or deciding.slot != slot):
                 self._add(tier, policy.ruleset, None, "selects the workload; no rule matches")
             for entry in matched:
                 note = " (not a match in the namespace tier)" if entry.verdict is None else ""

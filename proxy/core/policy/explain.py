@@ -1,6 +1,10 @@
 """Render a decision and its evaluation steps for people (`outgate explain`, the admin `/explain`
 endpoint) and as a JSON-safe dict (`/explain?format=json`). Call `decide(..., explain=True)` to
-get the steps; without them only the outcome is shown."""
+get the steps; without them only the outcome is shown.
+
+`tunnel` says how the request travels: a CONNECT tunnel (`https://`, `host:port`), where the
+deciding rule's `protocol` and `inspect` are enforced, or a forwarded plain-HTTP request
+(`http://`), where they are not and so are not shown."""
 
 from __future__ import annotations
 
@@ -9,10 +13,13 @@ from proxy.core.policy.engine import Decision, Step, Verdict
 from proxy.core.policy.model import Destination
 
 
-def render_explanation(workload: Workload, destination: Destination, decision: Decision) -> str:
+def render_explanation(
+    workload: Workload, destination: Destination, decision: Decision, *, tunnel: bool = True
+) -> str:
     lines = [
         f"workload:    {_describe_workload(workload)}",
         f"destination: {destination}",
+        f"connection:  {'tunnel (CONNECT)' if tunnel else 'forward (plain HTTP)'}",
         f"policy revision: {decision.revision}",
     ]
     enforced = [step for step in decision.steps if not step.shadow]
@@ -20,11 +27,10 @@ def render_explanation(workload: Workload, destination: Destination, decision: D
     if enforced:
         lines.append("steps:")
         lines.extend(_render_steps(enforced))
-    lines.append(f"decision:    {_describe_verdict(decision.verdict)}")
+    lines.append(f"decision:    {_describe_verdict(decision.verdict, tunnel=tunnel)}")
     if decision.shadow is not None:
-        lines.append(
-            f"shadow:      {_describe_verdict(decision.shadow)} (audit-mode policies enforced)"
-        )
+        shadow = _describe_verdict(decision.shadow, tunnel=tunnel)
+        lines.append(f"shadow:      {shadow} (audit-mode policies enforced)")
         if shadowed:
             lines.append("shadow steps:")
             lines.extend(_render_steps(shadowed))
@@ -34,7 +40,7 @@ def render_explanation(workload: Workload, destination: Destination, decision: D
 
 
 def decision_as_dict(
-    workload: Workload, destination: Destination, decision: Decision
+    workload: Workload, destination: Destination, decision: Decision, *, tunnel: bool = True
 ) -> dict[str, object]:
     """JSON-safe: only str, int, bool, None, lists and dicts."""
     return {
@@ -53,9 +59,12 @@ def decision_as_dict(
             "port": destination.port,
             "ip": str(destination.ip) if destination.ip is not None else None,
         },
+        "connection": "tunnel" if tunnel else "forward",
         "revision": decision.revision,
-        "decision": _verdict_dict(decision.verdict),
-        "shadow": _verdict_dict(decision.shadow) if decision.shadow is not None else None,
+        "decision": _verdict_dict(decision.verdict, tunnel=tunnel),
+        "shadow": None
+        if decision.shadow is None
+        else _verdict_dict(decision.shadow, tunnel=tunnel),
         "steps": [
             {
                 "tier": step.tier,
@@ -69,7 +78,10 @@ def decision_as_dict(
     }
 
 
-def _verdict_dict(verdict: Verdict) -> dict[str, object]:
+def _verdict_dict(verdict: Verdict, *, tunnel: bool) -> dict[str, object]:
+    """`protocol` and `inspect` are null for a forwarded request: they apply to tunnels only."""
+    protocol = verdict.protocol if tunnel else None
+    inspect = verdict.inspect if tunnel else None
     return {
         "action": str(verdict.action),
         "reason": str(verdict.reason),
@@ -78,13 +90,13 @@ def _verdict_dict(verdict: Verdict) -> dict[str, object]:
         "tier": str(verdict.tier) if verdict.tier is not None else None,
         "mode": str(verdict.mode) if verdict.mode is not None else None,
         "allowedCidrs": [str(cidr) for cidr in verdict.allowed_cidrs],
-        "protocol": str(verdict.protocol) if verdict.protocol is not None else None,
+        "protocol": str(protocol) if protocol is not None else None,
         "inspect": None
-        if verdict.inspect is None
+        if inspect is None
         else {
-            "methods": list(verdict.inspect.methods),
-            "paths": list(verdict.inspect.paths),
-            "dlp": list(verdict.inspect.dlp),
+            "methods": list(inspect.methods),
+            "paths": list(inspect.paths),
+            "dlp": list(inspect.dlp),
         },
     }
 
@@ -92,11 +104,9 @@ def _verdict_dict(verdict: Verdict) -> dict[str, object]:
 def _describe_workload(workload: Workload) -> str:
     if workload.is_unknown:
         return "unknown source (only subject-less ClusterEgressPolicies apply)"
-    parts = [workload.describe()]
+    parts = [workload.describe(), f"({workload.kind} {workload.name})"]
     if workload.service_account:
         parts.append(f"serviceAccount={workload.service_account}")
-    if workload.owner_kind:
-        parts.append(f"owner={workload.owner_kind}/{workload.owner_name}")
     labels = ",".join(f"{key}={value}" for key, value in sorted(workload.labels.items()))
     parts.append(f"labels={{{labels}}}")
     return " ".join(parts)
@@ -112,18 +122,18 @@ def describe_outcome(verdict: Verdict) -> str:
     return text
 
 
-def _describe_verdict(verdict: Verdict) -> str:
+def _describe_verdict(verdict: Verdict, *, tunnel: bool) -> str:
     text = describe_outcome(verdict)
     details = []
     if verdict.tier is not None:
         details.append(f"tier {verdict.tier}")
     if verdict.mode is not None:
         details.append(f"mode {verdict.mode}")
-    if verdict.protocol is not None:
+    if tunnel and verdict.protocol is not None:
         details.append(f"protocol {verdict.protocol}")
     if verdict.allowed_cidrs:
         details.append("cidrs " + ",".join(str(cidr) for cidr in verdict.allowed_cidrs))
-    if verdict.inspect is not None:
+    if tunnel and verdict.inspect is not None:
         details.append("inspect")
     return text + (f" [{'; '.join(details)}]" if details else "")
 

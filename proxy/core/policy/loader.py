@@ -835,8 +835,12 @@ def _parse_ports(raw: object, issues: IssueCollector, path: str) -> tuple[PortRa
         if isinstance(item, dict):
             issues.check_keys(item, _PORT_KEYS, item_path)
             start = _port_number(item.get("port"), issues, f"{item_path}.port")
-            end = _port_number(
-                item.get("endPort", item.get("port")), issues, f"{item_path}.endPort"
+            # Only a written endPort is checked on its own: without one the range is the port,
+            # and an error in it is reported once, at `port`.
+            end = (
+                _port_number(item["endPort"], issues, f"{item_path}.endPort")
+                if "endPort" in item
+                else start
             )
             if start is not None and end is not None:
                 if start > end:
