@@ -47,6 +47,7 @@ from proxy.dataplane.intercept import Interceptor
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
 from proxy.dataplane.tunnel import TunnelRelay
+from proxy.dataplane.upgrade import UpgradeRelay
 from proxy.dataplane.upstream import ParentDialer
 from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
@@ -155,7 +156,8 @@ def build_proxy(
     else:
         dialer = direct
     log = ExchangeLog(audit=audit, identity=identity)
-    relay = HttpRelay(settings=settings, log=log)
+    upgrades = UpgradeRelay(timeouts=settings.timeouts, log=log)
+    relay = HttpRelay(settings=settings, log=log, upgrades=upgrades)
     interceptor = Interceptor(
         settings=settings, certs=certs, router=router, dialer=dialer, log=log, relay=relay
     )
