@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +26,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support.clients import curl_async
 from tests.support.fixtures import allow_rule, client_policy
-from tests.support.inprocess import EVENT_TIMEOUT, Harness, closes, inprocess_proxy
+from tests.support.inprocess import (
+    EVENT_TIMEOUT,
+    Harness,
+    Intercepting,
+    closes,
+    inprocess_proxy,
+)
 from tests.support.origin import WS_GREETING, OriginServer
 from tests.support.rawserver import RawServer, read_head
 
@@ -111,6 +119,28 @@ async def test_a_websocket_tunnelled_by_the_websockets_client_works_under_a_rule
     (tunnel,) = await proxy.audit.wait_for(lambda r: closes(r) and r["event"]["id"] == tunnel_id)
     assert tunnel["outgate"]["reason"] == "completed"
     assert paired(proxy.audit.records)
+
+
+async def test_a_wss_websocket_in_an_intercepted_tunnel_is_relayed_after_its_checked_handshake(
+    intercepting: Intercepting,
+) -> None:
+    harness, origin = intercepting.harness, intercepting.origin
+    client_tls = ssl.create_default_context(cafile=str(intercepting.ca_cert))
+    url = f"wss://origin.test:{origin.port}/ws"
+    # Many TLS records each way, through both TLS terminations (random: deflate cannot shrink it).
+    big = os.urandom(200_000)
+    async with ws_connect(
+        url, proxy=proxy_url(harness), ssl=client_tls, open_timeout=EVENT_TIMEOUT
+    ) as ws:
+        assert await ws.recv() == WS_GREETING
+        await ws.send(big)
+        assert await ws.recv() == big
+    (inner,) = await harness.audit.wait_for(upgraded)
+    assert inner["outgate"]["connection"] == "intercept"
+    assert inner["url"]["path"] == "/ws"
+    assert inner["source"]["bytes"] > len(big) and inner["destination"]["bytes"] > len(big)
+    await harness.audit.wait_for(closes, count=2)
+    assert paired(harness.audit.records)
 
 
 # --- defect 1: plain HTTP in a tunnel -------------------------------------------------------------
