@@ -37,13 +37,14 @@ from tests.support.origin import WS_GREETING, OriginServer
 from tests.support.rawserver import RawServer, read_head
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
-NAMES = ("origin.test", "tls-only.test", "inspected.test", "raw.test")
+NAMES = ("origin.test", "http-only.test", "tls-only.test", "inspected.test", "raw.test")
 
 
 POLICY = client_policy(
     "upgrades",
     allow_rule("no-protocol", "origin.test"),
     allow_rule("raw", "raw.test"),
+    allow_rule("http-only", "http-only.test", extra="protocol: http"),
     allow_rule("tls-only", "tls-only.test", extra="protocol: tls"),
     # A rule that must see every request keeps the WebSocket endpoint out of its paths.
     allow_rule("inspected", "inspected.test", extra='protocol: http\ninspect: {paths: ["/hello"]}'),
@@ -102,10 +103,17 @@ async def test_a_websocket_through_plain_forwarding_relays_both_ways_and_is_audi
 # --- defects 1 and 2: a ws:// URL tunnelled through CONNECT ---------------------------------------
 
 
-async def test_a_websocket_tunnelled_by_the_websockets_client_works_under_a_rule_without_protocol(
-    proxy: Harness, origin: OriginServer
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("origin.test", id="rule-without-protocol"),
+        pytest.param("http-only.test", id="protocol-http"),
+    ],
+)
+async def test_a_websocket_tunnelled_by_the_websockets_client_is_relayed_after_its_101(
+    proxy: Harness, origin: OriginServer, host: str
 ) -> None:
-    url = f"ws://origin.test:{origin.port}/ws"
+    url = f"ws://{host}:{origin.port}/ws"
     async with ws_connect(url, proxy=proxy_url(proxy), open_timeout=EVENT_TIMEOUT) as ws:
         assert await ws.recv() == WS_GREETING
         await ws.send("through a tunnel")
