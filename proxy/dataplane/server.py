@@ -44,6 +44,7 @@ from proxy.dataplane.http_relay import (
     keeps_connection_after_refusal,
     read_request_head,
 )
+from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Router
@@ -83,6 +84,7 @@ class ProxyServer:
         log: ExchangeLog,
         relay: HttpRelay,
         tunnels: TunnelRelay,
+        inspector: RequestInspector,
         audit: AuditSink,
         is_ready: Callable[[], bool],
     ) -> None:
@@ -92,6 +94,7 @@ class ProxyServer:
         self._log = log
         self._relay = relay
         self._tunnels = tunnels
+        self._inspector = inspector
         self._audit = audit
         self._is_ready = is_ready
         self._tasks = TaskSet()
@@ -251,6 +254,12 @@ class ProxyServer:
                 self._admission.open_tunnel(tunnel_key)
                 held_tunnel = tunnel_key
             route = await self._router.route(ex.workload, req.host, req.port)
+            inspect = route.decision.inspect
+            if inspect is not None and route.permitted and not req.is_connect:
+                # The rule's checks apply to a forwarded request as to one inside a tunnel;
+                # a refusal is this request's decision.
+                ex.decision = route.deciding
+                self._inspector.check(req, inspect, ex, req.host)
             self._log.routed(ex, route)
             refusal = route.refusal()
             if refusal is not None:

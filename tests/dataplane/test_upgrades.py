@@ -217,7 +217,27 @@ async def test_a_request_inside_a_tunnel_that_the_rule_refuses_is_answered_403_i
     assert origin.seen == []
 
 
-async def test_a_rule_whose_paths_exclude_the_websocket_endpoint_refuses_the_upgrade(
+async def test_a_rule_whose_paths_exclude_the_websocket_endpoint_refuses_it_on_plain_forwarding(
+    proxy: Harness, origin: OriginServer
+) -> None:
+    url = f"ws://inspected.test:{origin.port}/ws"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, proxy=proxy_url(proxy))
+    assert refused.value.status == 403
+    assert refused.value.headers is not None
+    assert refused.value.headers["X-Outgate-Reason"] == "path_not_allowed"
+    (close,) = await proxy.audit.wait_for(closes)
+    decision = next(r for r in proxy.audit.records if r["event"]["action"] == "decision")
+    assert decision["outgate"]["decision"] == "deny"
+    assert decision["outgate"]["reason"] == "path_not_allowed"
+    assert decision["rule"]["name"] == "inspected"
+    assert close["outgate"]["reason"] == "path_not_allowed"
+    assert paired(proxy.audit.records)
+    assert origin.seen == []
+
+
+async def test_a_rule_whose_paths_exclude_the_websocket_endpoint_refuses_it_in_a_tunnel(
     proxy: Harness, origin: OriginServer
 ) -> None:
     url = f"ws://inspected.test:{origin.port}/ws"
