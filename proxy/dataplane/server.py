@@ -8,7 +8,8 @@ Per client connection, one task runs this loop (DESIGN section 1); each step nam
   3. identify the source from the socket peer, never from a header (the exchange log looks it
      up when it opens the exchange);
   4. route: decide, resolve, decide per address, guard (proxy.dataplane.router); a deny is a
-     403 and the connection stays usable;
+     403 and the connection stays usable; a forwarded request under a rule with `inspect` is
+     checked as one inside a tunnel would be (proxy.dataplane.inspector);
   5. dial exactly what the route permits (proxy.dataplane.dialer), or reuse a kept upstream;
   6. CONNECT: the tunnel relay (proxy.dataplane.tunnel) answers 200 and checks, splices or
      intercepts; absolute-form: the HTTP relay (proxy.dataplane.http_relay) forwards it, then
