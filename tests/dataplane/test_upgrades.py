@@ -194,6 +194,24 @@ async def test_plain_http_in_a_tunnel_whose_rule_requires_tls_is_answered_403_wi
     assert origin.seen == []  # nothing reached the origin
 
 
+async def test_plain_http_in_a_tunnel_an_inspect_rule_without_protocol_intercepts_gets_403(
+    intercepting: Intercepting,
+) -> None:
+    harness, origin = intercepting.harness, intercepting.origin
+    result = await curl_async(
+        "-p", "-x", proxy_url(harness), "-i", f"http://origin.test:{origin.port}/hello"
+    )
+    assert result.returncode == 0, result.stderr
+    _, inner_head, body = result.stdout.split("\r\n\r\n", 2)
+    assert inner_head.startswith("HTTP/1.1 403 ")
+    assert "\r\nX-Outgate-Reason: protocol_mismatch" in inner_head
+    assert "requires protocol tls" in body
+    (close,) = await harness.audit.wait_for(closes)
+    assert close["outgate"]["reason"] == "protocol_mismatch"
+    assert paired(harness.audit.records)
+    assert origin.seen == []
+
+
 async def test_a_request_inside_a_tunnel_that_the_rule_refuses_is_answered_403_inside_it(
     proxy: Harness, origin: OriginServer
 ) -> None:
