@@ -43,10 +43,12 @@ from proxy.core.policy.model import Action
 from proxy.dataplane.dialer import Dialer, DirectDialer, RoutingDialer
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
+from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
 from proxy.dataplane.tunnel import TunnelRelay
+from proxy.dataplane.upgrade import UpgradeRelay
 from proxy.dataplane.upstream import ParentDialer
 from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
@@ -155,9 +157,17 @@ def build_proxy(
     else:
         dialer = direct
     log = ExchangeLog(audit=audit, identity=identity)
-    relay = HttpRelay(settings=settings, log=log)
+    upgrades = UpgradeRelay(timeouts=settings.timeouts, log=log)
+    relay = HttpRelay(settings=settings, log=log, upgrades=upgrades)
+    inspector = RequestInspector(settings=settings)
     interceptor = Interceptor(
-        settings=settings, certs=certs, router=router, dialer=dialer, log=log, relay=relay
+        settings=settings,
+        certs=certs,
+        router=router,
+        dialer=dialer,
+        log=log,
+        relay=relay,
+        inspector=inspector,
     )
     tunnels = TunnelRelay(
         timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
@@ -169,6 +179,7 @@ def build_proxy(
         log=log,
         relay=relay,
         tunnels=tunnels,
+        inspector=inspector,
         audit=audit,
         is_ready=is_ready,
     )

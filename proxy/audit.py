@@ -110,6 +110,7 @@ class Exchange:
     upstream_proxy: str | None = None
     upstream_resolve: str | None = None
     upstream_status: int | None = None
+    upgrade: str | None = None  # the protocol a 101 switched to (lowercased), e.g. "websocket"
     decision: Decision | None = None
     reason: Reason | None = None
     status: int | None = None
@@ -174,7 +175,8 @@ def _common(ex: Exchange, action: str) -> dict[str, Any]:
 
 
 def _tls_fields(ex: Exchange, out: dict[str, Any]) -> None:
-    """Tunnel checks, interception and DLP (outgate.tls.*, outgate.protocol.*, outgate.dlp.*)."""
+    """Tunnel checks, interception, DLP and upgrades (outgate.tls.*, outgate.protocol.*,
+    outgate.dlp.*, outgate.upgrade)."""
     if ex.ech is not None or ex.alpn is not None:
         tls: dict[str, Any] = {}
         if ex.ech is not None:
@@ -197,6 +199,8 @@ def _tls_fields(ex: Exchange, out: dict[str, Any]) -> None:
         if ex.upstream_status is not None:
             upstream["status"] = ex.upstream_status
         out["upstream"] = upstream
+    if ex.upgrade is not None:
+        out["upgrade"] = _cut(ex.upgrade)
 
 
 def decision_record(ex: Exchange) -> dict[str, Any]:

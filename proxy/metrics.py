@@ -170,7 +170,8 @@ SHADOW_DIFFERENCES = Counter(
 )
 ACTIVE_CONNECTIONS = Gauge(
     "outgate_active_connections",
-    "Open connections: client (accepted sockets), tunnel (CONNECT relays), forward (upstreams).",
+    "Open connections: client (accepted sockets), tunnel (CONNECT relays), forward (upstreams), "
+    "upgrade (connections relayed after a 101).",
     ["kind"],
     multiprocess_mode="livesum",
     registry=REGISTRY,

@@ -26,8 +26,8 @@ How the list maps (Squid: first matching `http_access` line wins):
      destinations with whitelist, `deny src_acl` removes those sources. `deny all` ends the list
      (Outgate's `defaultAction: deny`); later lines are reported unreachable.
   6. `deny CONNECT !SSL_ports` is recognised and recorded: Outgate rules do not tell CONNECT from
-     plain HTTP, and every tunnel must carry TLS by default (`protocol: tls`), which is the
-     protection that line gives Squid. Its absence is reported as a hole.
+     plain HTTP, and every tunnel must carry TLS (or plain HTTP, checked request by request) by
+     default, which is the protection that line gives Squid. Its absence is reported as a hole.
   7. Parents and the choice between them and direct become `upstreams` and `routes`:
      - each `cache_peer ... parent` is a proxy (`http://host:port`, `https://` with `ssl`/`tls`);
        parents with the same `cache_peer_access` destinations, credentials and CA bundle form
@@ -1532,8 +1532,9 @@ class _Translator:
                     Severity.NOTE,
                     f"tunnels to ports other than {ports.complement()} are refused in Squid; "
                     "Outgate cannot restrict tunnels apart from plain HTTP, and instead requires "
-                    "TLS inside every tunnel (protocol: tls, the default), so arbitrary "
-                    "protocols cannot be tunnelled; TLS tunnels to the other allowed ports pass",
+                    "TLS (or plain HTTP, checked request by request) inside every tunnel by "
+                    "default, so arbitrary protocols cannot be tunnelled; TLS tunnels to the "
+                    "other allowed ports pass",
                 )
                 return
             self._add(
@@ -1694,8 +1695,8 @@ class _Translator:
                 Severity.WARNING,
                 "no `http_access deny CONNECT !SSL_ports` before the allow lines: Squid lets "
                 "clients tunnel any protocol to any port of an allowed host (SSH, SMTP...). The "
-                "imported rules keep Squid's ports; Outgate still requires TLS inside tunnels "
-                "(protocol: tls), and you may narrow ports to [443]",
+                "imported rules keep Squid's ports; Outgate still requires TLS (or plain HTTP) "
+                "inside tunnels by default, and you may narrow ports to [443]",
             )
         if context.safe_ports_at is None:
             self._add(
@@ -2456,7 +2457,7 @@ def import_squid(path: str | Path, options: ImportOptions | None = None) -> Impo
         "name);",
         f"# the {SOURCE_ANNOTATION} annotation names the line. Check with: outgate check-config "
         "FILE",
-        "# Tunnels must carry TLS (Outgate's default protocol: tls); Squid tunnels any bytes.",
+        "# Tunnels must carry TLS or plain HTTP (Outgate's default); Squid tunnels any bytes.",
         f"# Findings: {sum(f.severity is Severity.UNTRANSLATED for f in findings)} untranslated, "
         f"{sum(f.severity is Severity.WARNING for f in findings)} warnings, "
         f"{sum(f.severity is Severity.NOTE for f in findings)} notes:",

@@ -10,9 +10,10 @@
     the workload reach anyone's bucket), judged with the Public Suffix List;
   - the ports seen for each name: names are grouped into one rule per (protocol, port set), so no
     name gets a port it was not seen on (a collapsed wildcard takes its names' ports together);
-  - the protocol seen for tunnels: `tls` unless a close record shows the tunnel's bytes were not
-    TLS (reason `protocol_mismatch`), then the protocol the port suggests (22 ssh, 5432
-    postgres, 80 http) or `tcp`.
+  - the protocol seen for tunnels: the default (`tls`, written as no `protocol`, which takes TLS
+    or plain HTTP) unless a close record shows the tunnel's bytes were neither (reason
+    `protocol_mismatch`), then the protocol the port suggests (22 ssh, 5432 postgres, 80 http)
+    or `tcp`.
 
 Destinations the address guard refused (reason `guarded_address`) are never allowed by a
 suggestion; they are listed in a comment above the workload's policy, since reaching them needs

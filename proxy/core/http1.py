@@ -22,6 +22,13 @@ Rules this module enforces, and why:
    carries both was made by a broken or hostile server, and relaying it invites desync.
 5. Everything sent on is rendered from parsed values: the upstream and the client only ever see
    our canonical framing headers, never the peer's spelling of them.
+6. Upgrade (RFC 9110 section 7.8) is the one hop-by-hop field passed on, and only for a request
+   that can switch safely (`offered_upgrade`): HTTP/1.1, no body (the switch never happens in the
+   middle of a body two parsers might frame apart), `Connection: upgrade`, exactly one protocol,
+   and not h2c. h2c would carry HTTP/2 frames the proxy does not parse, so every request after the
+   switch would pass undecided (h2c smuggling); RFC 9113 section 3.1 deprecates it anyway. Any
+   other Upgrade is dropped, as a server may ignore one, and the request goes on as plain HTTP/1.1.
+   A 101 is accepted only in answer to the protocol offered (`check_switch`).
 
 Speed: every kept-alive request passes through here twice (request and response head), so each
 parse first tries one regular expression that accepts only a head the line-by-line parser would
@@ -126,6 +133,8 @@ IDENTITY_CLAIM_HEADERS = frozenset(
     }
 )
 _NOT_FORWARDED_REQUEST = _NOT_FORWARDED | IDENTITY_CLAIM_HEADERS
+# Upgrades never offered upstream (rule 6 above).
+REFUSED_UPGRADES = frozenset({"h2c"})
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -137,6 +146,8 @@ DEFAULT_PORTS: Mapping[str, int] = MappingProxyType({"http": 80, "https": 443})
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TOKEN_STR = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 section 7.8: protocol = protocol-name ["/" protocol-version], both tokens.
+_PROTOCOL = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")
 # field-value after OWS is trimmed: VCHAR, obs-text, SP and HTAB (RFC 9110 section 5.5).
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # request-target characters: visible ASCII only (RFC 3986 has no raw space, control or 8-bit).
@@ -605,13 +616,17 @@ def _parse_origin_target(
 def _parse_absolute_form(target: str, method: str, form: RequestForm) -> tuple[str, Host, int, str]:
     """`scheme://authority[path][?query]` -> (lowercased scheme, host, port, origin-form path).
 
-    The scheme is `http`, or in ORIGIN form `https` too. A port the target omits is 80 in PROXY
+    The scheme is `http`, or in ORIGIN form `https` too. `ws` is read as `http`: RFC 6455
+    section 3 puts a ws:// URI's handshake on the same host and port as http://, and aiohttp's
+    WebSocket client sends a proxy that target as it is. A port the target omits is 80 in PROXY
     form and 0 in ORIGIN form (see `target_authority`).
     """
     match = _ABSOLUTE_FORM.fullmatch(target)
     if match is None:
         raise _not_absolute_form(target, form)
     scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if scheme == "ws":
+        scheme = "http"
     if not rest:
         # RFC 9112 section 3.2.4: an OPTIONS for the whole server (empty path) goes on as "*".
         path = "*" if method == "OPTIONS" else "/"
@@ -775,6 +790,43 @@ def _ambiguous(message: str) -> BadRequest:
     return BadRequest(message, reason=Reason.AMBIGUOUS_FRAMING)
 
 
+def offered_upgrade(req: RequestHead) -> str | None:
+    """The protocol `req` asks to switch to (the Upgrade value as sent), when the proxy passes
+    the offer on (rule 6 in the module docstring); None otherwise."""
+    if "upgrade" not in req.connection_tokens:
+        return None
+    values = req.header_values("upgrade")
+    if (
+        len(values) != 1
+        or req.version != "HTTP/1.1"
+        or req.framing is not BodyFraming.NONE
+        or req.is_connect
+    ):
+        return None
+    protocol = values[0]
+    if not _PROTOCOL.fullmatch(protocol):  # one `token ["/" token]`, no list
+        return None
+    if protocol.partition("/")[0].lower() in REFUSED_UPGRADES:
+        return None
+    return protocol
+
+
+def check_switch(resp: ResponseHead, *, offered: str | None) -> str:
+    """The protocol a 101 switches to; BadGateway (502) unless it is the one offered."""
+    if offered is None:
+        raise BadGateway(
+            "upstream switched protocols, which was not asked for",
+            reason=Reason.UPSTREAM_BAD_RESPONSE,
+        )
+    named = resp.header_values("upgrade")
+    if len(named) != 1 or named[0].lower() != offered.lower():
+        raise BadGateway(
+            f"upstream switched to {', '.join(named)[:64]!r}, not the {offered[:64]!r} offered",
+            reason=Reason.UPSTREAM_BAD_RESPONSE,
+        )
+    return offered
+
+
 def render_request_head(
     req: RequestHead,
     *,
@@ -786,7 +838,8 @@ def render_request_head(
 
     Host comes from the target, then the client's end-to-end fields in order, then the framing
     field rendered from `req.framing` (omitted with `framing_header=False`). Keep-alive toward
-    the upstream is HTTP/1.1's default, so no Connection field is written.
+    the upstream is HTTP/1.1's default, so no Connection field is written, except for an upgrade
+    the proxy passes on (`offered_upgrade`): `Connection: upgrade` and its Upgrade field.
 
     With `absolute` the target is in absolute form, for a parent proxy (RFC 9112 section 3.2.2;
     asterisk-form becomes the bare authority, section 3.2.4), and `extra_fields` (the parent's
@@ -810,6 +863,8 @@ def render_request_head(
     tokens = req.connection_tokens
     drop = _DROPPED_REQUEST_FIELDS | tokens if tokens else _DROPPED_REQUEST_FIELDS
     _render_fields(out, req.headers, drop)
+    if tokens and (upgrade := offered_upgrade(req)) is not None:
+        out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade.encode("latin-1"))
     if framing_header:
         if req.framing is BodyFraming.LENGTH:
             out.append(b"Content-Length: %d\r\n" % (req.content_length or 0))
@@ -969,17 +1024,22 @@ def _response_content_length(lengths: list[str], *, lenient: bool) -> int | None
     raise BadRequest(f"invalid or conflicting Content-Length {', '.join(lengths)[:64]!r}")
 
 
-def render_response_head(resp: ResponseHead, *, keep_alive: bool) -> bytes:
+def render_response_head(
+    resp: ResponseHead, *, keep_alive: bool, switch_to: str | None = None
+) -> bytes:
     """The response head to send the client.
 
     Hop-by-hop fields (and those named in Connection) are dropped, the framing field is rendered
     from `resp.framing`, and `Connection: close` is added when the client connection will close.
     A body that runs until close always closes the connection (the client has no other way to
-    find its end). 1xx interim responses get neither a framing field nor Connection.
+    find its end). 1xx interim responses get neither a framing field nor Connection, except a
+    101 (`switch_to`, from `check_switch`): `Connection: upgrade` and its Upgrade field.
     """
     out = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason.encode("latin-1"))]
     _render_fields(out, resp.headers, _NOT_FORWARDED | resp.connection_tokens)
     if resp.status < 200:
+        if switch_to is not None:
+            out.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % switch_to.encode("latin-1"))
         out.append(_CRLF)
         return b"".join(out)
     if resp.framing is BodyFraming.LENGTH or (

@@ -9,6 +9,12 @@ until a check has accepted, and bounds the wait with `timeouts.sniPeek`.
   ssh       an `SSH-2.0-` identification line (RFC 4253 section 4.2)
   http      an HTTP/1.x request line start; each request is then parsed in full elsewhere
   tcp       anything
+  (none)    a rule that names no protocol: `tls`, or `http` when the first bytes start an HTTP
+            request (clients such as Node's undici and python's websockets tunnel every
+            http:// and ws:// URL); the first byte tells them apart
+
+`starts_http_request` says whether refused first bytes were an HTTP request, so the tunnel can
+answer it with a 403 the client prints instead of a silent close (DESIGN section 6).
 
 Every check refuses as soon as the bytes seen so far cannot start the protocol, so a client
 speaking the wrong protocol is closed at once rather than at the timeout.
@@ -49,6 +55,10 @@ HTTP_MAX_LEADING_CRLF_BYTES: Final = 8
 _TCHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
+
+
+# What an HTTP request may start with: a method's first character, or an empty line's CR or LF.
+_HTTP_FIRST_BYTES: Final = _TCHARS | frozenset(b"\r\n")
 
 
 def _mismatch(message: str) -> TunnelViolation:
@@ -167,13 +177,50 @@ class HttpCheck:
         return False
 
 
+class TlsOrHttpCheck:
+    """A rule without `protocol`: a TLS ClientHello or the start of an HTTP request. An HTTP
+    request line starts with a token character (or an empty line's CR or LF); a TLS record with
+    its content type, a byte below 0x20, never one of those. So the first byte picks the check,
+    and bytes that are neither are refused by the TLS check, with its reasons."""
+
+    def __init__(self) -> None:
+        self._check: TlsCheck | HttpCheck | None = None
+        self.hello: ClientHello | None = None  # set when the bytes were TLS
+
+    def feed(self, data: bytes) -> bool:
+        if self._check is None:
+            if not data:
+                return False
+            self._check = HttpCheck() if data[0] in _HTTP_FIRST_BYTES else TlsCheck()
+        try:
+            done = self._check.feed(data)
+        except TunnelViolation as exc:
+            if isinstance(self._check, HttpCheck):
+                raise _mismatch("neither a TLS ClientHello nor an HTTP request") from exc
+            raise
+        if done and isinstance(self._check, TlsCheck):
+            self.hello = self._check.hello
+        return done
+
+
+def starts_http_request(data: bytes | bytearray) -> bool:
+    """The bytes start an HTTP/1.x request line (a method token and a space)."""
+    try:
+        return HttpCheck().feed(bytes(data))
+    except TunnelViolation:
+        return False
+
+
 class AnyBytes:
     def feed(self, data: bytes) -> bool:
         return True
 
 
-def first_bytes_check(protocol: TunnelProtocol) -> FirstBytesCheck:
+def first_bytes_check(protocol: TunnelProtocol | None) -> FirstBytesCheck:
+    """The check for a rule's `protocol`; None (not written) takes TLS or HTTP."""
     match protocol:
+        case None:
+            return TlsOrHttpCheck()
         case TunnelProtocol.TLS:
             return TlsCheck()
         case TunnelProtocol.POSTGRES:

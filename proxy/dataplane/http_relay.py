@@ -10,6 +10,10 @@ For an absolute-form request on the proxy listener, and for every request inside
   4. say whether the client connection may carry another request, and keep the upstream for
      the next request when it may carry one too (`UpstreamPool`).
 
+A request that offers an Upgrade the proxy passes on (proxy.core.http1.offered_upgrade) and is
+answered `101 Switching Protocols` to that protocol hands both connections to the upgrade relay
+(proxy.dataplane.upgrade) instead of step 3's body; a 101 nobody asked for is a 502.
+
 Both bodies go through one loop (`_move_body`) driven by the reader for their framing
 (proxy.core.bodies). A slow reader on either side pauses the other (`_drain`), and one that
 takes nothing for the idle timeout is cut.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from enum import Enum
 
 from proxy.audit import Exchange
 from proxy.config import Settings
@@ -40,7 +45,9 @@ from proxy.core.http1 import (
     LAST_CHUNK,
     BodyFraming,
     RequestHead,
+    check_switch,
     encode_chunk,
+    offered_upgrade,
     parse_response_head,
     render_request_head,
     render_response_head,
@@ -49,6 +56,7 @@ from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Route
+from proxy.dataplane.upgrade import UpgradeRelay
 from proxy.errors import (
     BadGateway,
     GatewayTimeout,
@@ -57,6 +65,14 @@ from proxy.errors import (
     Reason,
     UpstreamProxyRefused,
 )
+
+
+class _After(Enum):
+    """What the client connection does once a response has been relayed."""
+
+    KEEP = "keep"  # carry another request
+    CLOSE = "close"
+    SWITCH = "switch"  # the 101 went out: the upgrade relay takes both connections
 
 
 def keeps_connection_after_refusal(req: RequestHead | None) -> bool:
@@ -139,10 +155,11 @@ class UpstreamPool:
 class HttpRelay:
     """Moves requests and responses; writes nothing to the audit log but through `log`."""
 
-    def __init__(self, *, settings: Settings, log: ExchangeLog) -> None:
+    def __init__(self, *, settings: Settings, log: ExchangeLog, upgrades: UpgradeRelay) -> None:
         self._timeouts = settings.timeouts
         self._max_head = settings.limits.max_header_bytes
         self._log = log
+        self._upgrades = upgrades
 
     async def forward(
         self,
@@ -184,15 +201,20 @@ class HttpRelay:
             body_task.add_done_callback(lambda task: _abort_on_failure(task, up))
         reason = Reason.COMPLETED
         keep = False
+        offered = offered_upgrade(req)
         try:
-            keep = await self._relay_response(
+            after = await self._relay_response(
                 client,
                 up,
                 ex,
                 req,
                 self._timeouts.idle if parent is None else parent.response_timeout,
                 parent_proxy=upstream.proxy if parent is not None else None,
+                offered=offered,
             )
+            if after is _After.SWITCH and offered is not None:
+                reason = await self._upgrades.run(client, up, ex, protocol=offered)
+            keep = after is _After.KEEP
             if body_task is not None and not body_task.done():
                 # The upstream answered before taking the whole body: the rest of the client's
                 # body cannot be told apart from a next request, so this connection ends here.
@@ -302,8 +324,10 @@ class HttpRelay:
         response_timeout: float,
         *,
         parent_proxy: str | None = None,
-    ) -> bool:
-        """Relay interim responses, then the final head and body; True if keep-alive.
+        offered: str | None = None,
+    ) -> _After:
+        """Relay interim responses, then the final head and body, or the 101 to the upgrade
+        `offered` (check_switch: any other 101 is a 502).
 
         Through a parent proxy (`parent_proxy`), a 407 is about Outgate's credentials, never the
         client's: it is a 502 upstream_proxy_refused, so no client is invited to send its own
@@ -317,10 +341,10 @@ class HttpRelay:
                 )
                 resp = parse_response_head(head, request_method=req.method)
                 if resp.status == 101:
-                    raise BadGateway(
-                        "upstream switched protocols, which was not asked for",
-                        reason=Reason.UPSTREAM_BAD_RESPONSE,
-                    )
+                    protocol = check_switch(resp, offered=offered)
+                    ex.status = resp.status
+                    client.write(render_response_head(resp, keep_alive=True, switch_to=protocol))
+                    return _After.SWITCH
                 if resp.status == 407 and parent_proxy is not None:
                     ex.upstream_status = resp.status
                     raise UpstreamProxyRefused(
@@ -350,7 +374,7 @@ class HttpRelay:
             ex.destination_bytes += length
             client.write(head + upstream.take(length))
             await self._drain(client)
-            return keep
+            return _After.KEEP if keep else _After.CLOSE
         client.write(head)
         # The upstream's own framing decides how its body is read; for HTTP/1.0 the chunked
         # payload goes out raw (`dechunk`), for everyone else it is re-chunked.
@@ -359,7 +383,7 @@ class HttpRelay:
             BodyFraming.CHUNKED if chunked else resp.framing, resp.content_length, upstream=True
         )
         if reader is None:
-            return keep
+            return _After.KEEP if keep else _After.CLOSE
         try:
             await self._move_body(
                 upstream, client, reader, ex, egress=False, reframe=not dechunk and chunked
@@ -368,7 +392,7 @@ class HttpRelay:
             # Headers are out: the only honest signal left is to cut the connection.
             client.abort()
             raise
-        return keep
+        return _After.KEEP if keep else _After.CLOSE
 
 
 def _client_left(task: asyncio.Task[None] | None) -> bool:

@@ -31,17 +31,14 @@ import structlog
 from proxy import metrics
 from proxy.audit import Exchange
 from proxy.config import Settings
-from proxy.core.dlp import DlpConfig, merge_credential_hosts, scan_request
 from proxy.core.hosts import Host
 from proxy.core.http1 import RequestHead
 from proxy.core.inspection import (
     check_authority,
-    check_inspect,
     parse_inner_request,
     render_inner_request,
     request_line_hint,
 )
-from proxy.core.policy.model import Inspect
 from proxy.dataplane.dialer import Dialer, Upstream
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import (
@@ -50,6 +47,7 @@ from proxy.dataplane.http_relay import (
     keeps_connection_after_refusal,
     read_request_head,
 )
+from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Route, Router
 from proxy.dataplane.tlspeer import TLSPeer
@@ -59,15 +57,11 @@ from proxy.errors import (
     ConfigIssue,
     GatewayTimeout,
     OutgateError,
-    PolicyDenied,
     Reason,
 )
 from proxy.tls.certs import ALPN_PROTOCOLS, CertCache
 
 log = structlog.get_logger(__name__)
-
-# What the audit record shows instead of a URL part in which a DLP detector fired.
-REDACTED = "[redacted:dlp]"
 
 
 def upstream_context(bundle: str | None) -> ssl.SSLContext:
@@ -107,18 +101,16 @@ class Interceptor:
         dialer: Dialer,
         log: ExchangeLog,
         relay: HttpRelay,
+        inspector: RequestInspector,
     ) -> None:
         self._settings = settings
         self._router = router
         self._dialer = dialer
         self._log = log
         self._relay = relay
+        self._inspector = inspector
         self._certs = certs
         self._upstream_tls = upstream_context(settings.tls_upstream_ca_bundle)
-        self._dlp = DlpConfig(
-            custom=settings.dlp_custom,
-            credential_hosts=merge_credential_hosts(settings.dlp_credential_hosts),
-        )
 
     # -- upstream -------------------------------------------------------------------------------
     async def open_upstream(self, upstream: Peer, connect: Host) -> TLSPeer:
@@ -247,7 +239,7 @@ class Interceptor:
                         raise refusal
                     inspect = pinned.decision.inspect
                     if inspect is not None:
-                        self._inspect(req, inspect, ex, connect)
+                        self._inspector.check(req, inspect, ex, connect)
                     self._log.allowed(ex)  # a dial failure below is this allowed request's 502
                     if current is None:
                         current = pool.take(pinned) or await self._dial_again(pinned, tls=tls)
@@ -267,26 +259,3 @@ class Interceptor:
             pool.close()
             if current is not None:
                 current.peer.close()
-
-    def _inspect(self, req: RequestHead, inspect: Inspect, ex: Exchange, connect: Host) -> None:
-        check_inspect(req, inspect)
-        hit = scan_request(
-            headers=req.headers,
-            target=req.path,
-            destination=connect.name,
-            detectors=inspect.dlp,
-            config=self._dlp,
-        )
-        if hit is not None:
-            ex.dlp_detector, ex.dlp_field = hit.detector, hit.field
-            # The audit record names the detector and the field, never the secret: a URL that
-            # carried one is recorded without the part that did.
-            if hit.field == "url.query":
-                ex.path = req.path.partition("?")[0] + "?" + REDACTED
-            elif hit.field == "url.path":
-                ex.path = REDACTED
-            metrics.DLP_HITS.labels(detector=hit.detector).inc()
-            raise PolicyDenied(
-                f"request carries what DLP detector {hit.detector} looks for ({hit.field})",
-                reason=Reason.DLP_VIOLATION,
-            )

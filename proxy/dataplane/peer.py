@@ -10,6 +10,7 @@ memory stays bounded by the transports' buffer limits. No Python runs per byte, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import cast
 
@@ -61,8 +62,7 @@ class Peer(asyncio.Protocol):
         self.last_activity = time.monotonic()
         partner = self._partner
         if partner is not None:
-            if partner.transport is not None and not partner.closed:
-                partner.transport.write(data)
+            partner.write(data)  # a TLSPeer partner encrypts (an upgrade inside interception)
             return
         self.buffer += data
         if len(self.buffer) > READ_BUFFER_LIMIT and not self._paused_by_buffer:
@@ -273,3 +273,18 @@ class Peer(asyncio.Protocol):
     @property
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+
+async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
+    """Join the peers (buffered bytes go first) and wait until both close or go idle: a tunnel
+    after its checks, an upgraded connection after its 101."""
+    client.relay(upstream)
+    while not (client.closed and upstream.closed):
+        quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
+        if quiet >= idle:
+            return Reason.IDLE_TIMEOUT
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(idle - quiet):
+                await client.wait_closed()
+                await upstream.wait_closed()
+    return Reason.COMPLETED

@@ -8,7 +8,8 @@ Per client connection, one task runs this loop (DESIGN section 1); each step nam
   3. identify the source from the socket peer, never from a header (the exchange log looks it
      up when it opens the exchange);
   4. route: decide, resolve, decide per address, guard (proxy.dataplane.router); a deny is a
-     403 and the connection stays usable;
+     403 and the connection stays usable; a forwarded request under a rule with `inspect` is
+     checked as one inside a tunnel would be (proxy.dataplane.inspector);
   5. dial exactly what the route permits (proxy.dataplane.dialer), or reuse a kept upstream;
   6. CONNECT: the tunnel relay (proxy.dataplane.tunnel) answers 200 and checks, splices or
      intercepts; absolute-form: the HTTP relay (proxy.dataplane.http_relay) forwards it, then
@@ -44,6 +45,7 @@ from proxy.dataplane.http_relay import (
     keeps_connection_after_refusal,
     read_request_head,
 )
+from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.router import Router
@@ -83,6 +85,7 @@ class ProxyServer:
         log: ExchangeLog,
         relay: HttpRelay,
         tunnels: TunnelRelay,
+        inspector: RequestInspector,
         audit: AuditSink,
         is_ready: Callable[[], bool],
     ) -> None:
@@ -92,6 +95,7 @@ class ProxyServer:
         self._log = log
         self._relay = relay
         self._tunnels = tunnels
+        self._inspector = inspector
         self._audit = audit
         self._is_ready = is_ready
         self._tasks = TaskSet()
@@ -250,6 +254,12 @@ class ProxyServer:
                 self._admission.open_tunnel(tunnel_key)
                 held_tunnel = tunnel_key
             route = await self._router.route(ex.workload, req.host, req.port)
+            inspect = route.decision.inspect
+            if inspect is not None and route.permitted and not req.is_connect:
+                # The rule's checks apply to a forwarded request as to one inside a tunnel;
+                # a refusal is this request's decision.
+                ex.decision = route.deciding
+                self._inspector.check(req, inspect, ex, req.host)
             self._log.routed(ex, route)
             refusal = route.refusal()
             if refusal is not None:

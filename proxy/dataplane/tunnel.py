@@ -14,16 +14,23 @@ Order (DESIGN section 1, step 6, and section 3 `protocol`):
      SNI is decided by policy as a name of its own.
   3. Only then are the peers spliced (`splice`), the buffered first bytes flushed upstream first.
 
+A rule that names no `protocol` takes TLS, or plain HTTP: when the first bytes start an HTTP
+request the tunnel is served as a `protocol: http` one (every request parsed, its Host held to
+the CONNECT host, decided again). Node's undici and python's websockets tunnel every http:// and
+ws:// URL this way. With `inspect` such a rule is TLS only: it is intercepted, and its upstream
+TLS is open before the 200.
+
 A failed check raises `TunnelViolation`: `TunnelRelay` closes both sides and audits the reason,
-the names involved and the first bytes. Nothing of the client's reached the upstream.
+the names involved and the first bytes. Nothing of the client's reached the upstream. When the
+refused bytes were an HTTP request, the client is first answered inside the tunnel with a 403
+naming the reason (DESIGN section 6), which it prints where it would print a silent close as an
+empty reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Final
 
@@ -40,16 +47,18 @@ from proxy.core.tunnel_protocols import (
     FIRST_BYTES_AUDITED,
     SniOutcome,
     TlsCheck,
+    TlsOrHttpCheck,
     check_server_name,
     first_bytes_check,
+    starts_http_request,
 )
 from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.intercept import Interceptor
-from proxy.dataplane.peer import Peer
+from proxy.dataplane.peer import Peer, splice
 from proxy.dataplane.responses import CONNECT_ESTABLISHED
 from proxy.dataplane.router import Route, Router
-from proxy.errors import OutgateError, Reason, TunnelViolation
+from proxy.errors import OutgateError, PolicyDenied, Reason, TunnelViolation
 
 log = structlog.get_logger(__name__)
 
@@ -72,9 +81,10 @@ Decide = Callable[[Destination], Decision]
 
 
 async def read_first_bytes(
-    client: Peer, *, protocol: TunnelProtocol, timeouts: Timeouts
+    client: Peer, *, protocol: TunnelProtocol | None, timeouts: Timeouts
 ) -> ClientHello | None:
-    """Wait until the client's first bytes pass `protocol`'s check; the ClientHello for `tls`.
+    """Wait until the client's first bytes pass `protocol`'s check; the ClientHello for `tls`,
+    and for a rule without protocol (None) when the bytes were TLS rather than HTTP.
 
     The bytes stay in `client.buffer` (they are relayed, or handed to TLS termination, after).
     Raises TunnelViolation: the check's reason, CLIENTHELLO_TIMEOUT (nothing acceptable within
@@ -93,7 +103,7 @@ async def read_first_bytes(
                     data = bytes(client.buffer[fed:])
                     fed = len(client.buffer)
                     if check.feed(data):
-                        return check.hello if isinstance(check, TlsCheck) else None
+                        return check.hello if isinstance(check, TlsCheck | TlsOrHttpCheck) else None
                 if client.eof:
                     raise TunnelViolation(
                         "the client closed before its first bytes were complete",
@@ -149,18 +159,14 @@ def record_violation(ex: Exchange, client: Peer, violation: TunnelViolation) -> 
         )
 
 
-async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
-    """Join the peers (buffered first bytes go first) and wait until both close or go idle."""
-    client.relay(upstream)
-    while not (client.closed and upstream.closed):
-        quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
-        if quiet >= idle:
-            return Reason.IDLE_TIMEOUT
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(idle - quiet):
-                await client.wait_closed()
-                await upstream.wait_closed()
-    return Reason.COMPLETED
+def plaintext_refusal(protocol: TunnelProtocol | None) -> PolicyDenied:
+    """What a client that spoke plain HTTP in a tunnel whose rule forbids it is told."""
+    required = protocol if protocol is not None else TunnelProtocol.TLS
+    return PolicyDenied(
+        f"this tunnel's rule requires protocol {required}, and the client sent a plain HTTP "
+        "request; a rule with protocol: http (or none, without inspect) allows it",
+        reason=Reason.PROTOCOL_MISMATCH,
+    )
 
 
 class TunnelRelay:
@@ -183,8 +189,11 @@ class TunnelRelay:
         """Serve the tunnel until it ends; writes its close record (or its refusal)."""
         self._log.dialled(ex, upstream)
         decision = ex.decision
-        protocol = (decision.protocol if decision else None) or TunnelProtocol.TLS
         inspect = decision.inspect if decision is not None else None
+        # None: the rule names no protocol (TLS or HTTP); an intercepted rule is TLS.
+        protocol = decision.protocol if decision is not None else None
+        if protocol is None and inspect is not None:
+            protocol = TunnelProtocol.TLS
         intercept_tls = inspect is not None and protocol is TunnelProtocol.TLS
         raw_upstream = upstream.peer
         inner_upstream: Peer = raw_upstream
@@ -214,7 +223,8 @@ class TunnelRelay:
                 )
             if intercept_tls:
                 inner = await self._interceptor.terminate_client(client, route.host, ex)
-            if inspect is not None or protocol is TunnelProtocol.HTTP:
+            plain_http = protocol is TunnelProtocol.HTTP or (protocol is None and hello is None)
+            if inspect is not None or plain_http:
                 reason = await self._interceptor.serve_requests(
                     inner,
                     dataclasses.replace(upstream, peer=inner_upstream),
@@ -227,6 +237,8 @@ class TunnelRelay:
         except TunnelViolation as exc:
             reason = exc.reason
             record_violation(ex, client, exc)
+            if exc.reason is Reason.PROTOCOL_MISMATCH and starts_http_request(client.buffer):
+                client.write(self._log.reply(ex, plaintext_refusal(protocol), keep_alive=False))
         except OutgateError as exc:  # interception could not start: closed, never spliced
             reason = exc.reason
         except asyncio.CancelledError:

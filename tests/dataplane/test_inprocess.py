@@ -8,7 +8,6 @@ import ipaddress
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,16 @@ from proxy import metrics
 from proxy.core.policy.engine import Engine
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import Action
-from proxy.tls.ca import init_ca, load_ca
-from proxy.tls.certs import CertCache
 from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import (
     EVENT_TIMEOUT,
     Harness,
+    Intercepting,
     closes,
     http_exchange,
     inprocess_proxy,
 )
 from tests.support.origin import OriginServer
-from tests.support.pki import make_pki
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
 
@@ -164,32 +161,6 @@ async def test_drain_lets_a_busy_request_finish_then_closes_its_connection(
 def _bytes_total(direction: str) -> float:
     value = metrics.REGISTRY.get_sample_value("outgate_bytes_total", {"direction": direction})
     return value or 0.0
-
-
-@dataclass
-class Intercepting:
-    harness: Harness
-    origin: OriginServer
-    ca_cert: Path  # the proxy's interception CA, for the client to trust
-
-
-@pytest.fixture
-async def intercepting(tmp_path: Path) -> AsyncIterator[Intercepting]:
-    """The in-process proxy intercepting origin.test (`inspect: {}`), a TLS origin for it."""
-    pki = make_pki(tmp_path / "pki", ["origin.test"])
-    ca_cert, ca_key = init_ca(tmp_path / "ca")
-    certs = CertCache(load_ca(str(ca_cert), str(ca_key)))
-    policies = policy_allowing("origin.test").replace("ports:", "inspect: {}\n      ports:")
-    with OriginServer(ssl_context=pki.server_context()) as origin:
-        async with inprocess_proxy(
-            tmp_path,
-            policies,
-            answers={"origin.test": LOOPBACK},
-            certs=certs,
-            tls={"upstreamCABundle": str(pki.ca_pem)},
-        ) as harness:
-            yield Intercepting(harness, origin, ca_cert)
-    certs.close()
 
 
 async def test_an_intercepted_tunnel_counts_its_bytes_once(intercepting: Intercepting) -> None:

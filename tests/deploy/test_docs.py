@@ -82,6 +82,7 @@ def test_every_core_audit_field_is_documented() -> None:
         server_name="api.example.com",
         status=403,
         reason=Reason.DEFAULT_DENY,
+        upgrade="websocket",
     )
     fields = _keys(decision_record(exchange)) | _keys(close_record(exchange, Reason.COMPLETED))
     text = (DOCS / "audit-reference.md").read_text()

@@ -134,7 +134,9 @@ def test_explain_names_the_deciding_rule_once_and_a_tunnel_protocol_only_for_tun
     """Issue 14, defect 6: `protocol tls` is what a CONNECT tunnel is held to; a plain http://
     request is forwarded, never held to it, so its explanation does not claim it."""
     config = tmp_path / "outgate.yaml"
-    (tmp_path / "p.yaml").write_text(policy_allowing("api.example.com"))
+    (tmp_path / "p.yaml").write_text(
+        policy_allowing("api.example.com").replace("ports: ", "protocol: tls\n      ports: ")
+    )
     config.write_text(
         "policies: {paths: [p.yaml]}\n"
         "identity:\n  static:\n"

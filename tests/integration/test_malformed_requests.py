@@ -253,7 +253,7 @@ def test_client_that_connects_and_sends_nothing_gets_408(proxy: ProxyProcess) ->
     ("target", "domain", "port", "path"),
     [
         ("https://origin.test/account?id=7", "origin.test", 443, "/account?id=7"),
-        ("ws://origin.test:8080/chat", "origin.test", 8080, "/chat"),
+        ("ftp://origin.test:2121/pub", "origin.test", 2121, "/pub"),
         ("wss://[2001:db8::1]/live", None, 443, "/live"),
     ],
 )

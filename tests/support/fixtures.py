@@ -36,6 +36,25 @@ spec:
 """
 
 
+def allow_rule(name: str, *fqdns: str, extra: str = "") -> str:
+    """One Allow rule for these names and loopback on the origin ports, with `extra` YAML keys
+    (protocol, inspect, tls), indented for `client_policy`."""
+    to = ", ".join([*(f"{{fqdn: {f}}}" for f in fqdns), "{cidr: 127.0.0.0/8}"])
+    text = (
+        f"    - name: {name}\n      action: Allow\n      to: [{to}]\n      ports: {ORIGIN_PORTS}\n"
+    )
+    return text + "".join(f"      {line}\n" for line in extra.splitlines() if line)
+
+
+def client_policy(name: str, *rules: str) -> str:
+    """A namespace policy for the test client (app=client in namespace tests) with `rules`."""
+    return (
+        "apiVersion: outgate.dev/v1alpha1\nkind: EgressPolicy\n"
+        f"metadata: {{name: {name}, namespace: tests}}\n"
+        "spec:\n  podSelector: {matchLabels: {app: client}}\n  rules:\n" + "".join(rules)
+    )
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> OriginPKI:
     return make_pki(tmp_path_factory.mktemp("pki"), ["origin.test", "localhost", "127.0.0.1"])

@@ -13,6 +13,7 @@ reads the records it wrote.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,7 +34,11 @@ from proxy.dataplane.dialer import DirectDialer, Upstream
 from proxy.dataplane.router import Route, Router
 from proxy.dataplane.server import ProxyServer
 from proxy.errors import BadGateway, GatewayTimeout, OutgateError, Reason
+from proxy.tls.ca import init_ca, load_ca
 from proxy.tls.certs import CertCache
+from tests.support.fixtures import policy_allowing
+from tests.support.origin import OriginServer
+from tests.support.pki import make_pki
 
 # Seconds a test waits for a record or an event before it fails (a bound, not a pause).
 EVENT_TIMEOUT = 10.0
@@ -188,6 +193,35 @@ async def inprocess_proxy(
     finally:
         await server.drain(5.0)
         audit.stop()
+
+
+@dataclass
+class Intercepting:
+    harness: Harness
+    origin: OriginServer
+    ca_cert: Path  # the proxy's interception CA, for the client to trust
+
+
+@asynccontextmanager
+async def intercepting_proxy(tmp: Path) -> AsyncIterator[Intercepting]:
+    """The in-process proxy intercepting origin.test (`inspect: {}`), a TLS origin for it."""
+    pki = make_pki(tmp / "pki", ["origin.test"])
+    ca_cert, ca_key = init_ca(tmp / "ca")
+    certs = CertCache(load_ca(str(ca_cert), str(ca_key)))
+    policies = policy_allowing("origin.test").replace("ports:", "inspect: {}\n      ports:")
+    loopback = (ipaddress.ip_address("127.0.0.1"),)
+    try:
+        with OriginServer(ssl_context=pki.server_context()) as origin:
+            async with inprocess_proxy(
+                tmp,
+                policies,
+                answers={"origin.test": loopback},
+                certs=certs,
+                tls={"upstreamCABundle": str(pki.ca_pem)},
+            ) as harness:
+                yield Intercepting(harness, origin, ca_cert)
+    finally:
+        certs.close()
 
 
 async def http_exchange(

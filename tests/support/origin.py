@@ -1,4 +1,7 @@
-"""A real HTTP(S) origin server on loopback (aiohttp in its own thread), recording what it got."""
+"""A real HTTP(S) origin server on loopback (aiohttp in its own thread), recording what it got.
+
+`/ws` is a real WebSocket endpoint (RFC 6455, aiohttp's server): it greets with one text message,
+then echoes every text and binary message until the client closes."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 # Size of each write when the origin streams a large body.
 STREAM_PIECE = 256 * 1024
+# The first message `/ws` sends, before any echo: shows the upstream-to-client direction alone.
+WS_GREETING = "hello from the websocket origin"
 # Loop iterations given to closing transports at stop (close -> connection_lost -> socket close).
 CLOSE_ITERATIONS = 3
 
@@ -107,6 +112,18 @@ class OriginServer:
             [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
         )
 
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request)
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        await ws.send_str(WS_GREETING)
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
     # -- lifecycle ------------------------------------------------------------------------
     async def _start(self) -> None:
         app = web.Application(client_max_size=1 << 40)
@@ -116,6 +133,7 @@ class OriginServer:
         app.router.add_get("/bytes/{n}", self._bytes)
         app.router.add_get("/status/{code}", self._status)
         app.router.add_get("/headers", self._headers)
+        app.router.add_get("/ws", self._websocket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)

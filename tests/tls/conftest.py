@@ -10,12 +10,11 @@ import pytest
 
 from proxy.tls.ca import init_ca
 from tests.support.dnsserver import ScriptedDNSServer
+from tests.support.fixtures import allow_rule, client_policy
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess
 from tests.tls.servers import OriginCA
 
-PORTS = "[{port: 1024, endPort: 65535}, 80, 443]"
-LOOPBACK = "{cidr: 127.0.0.0/8}"  # the guard lets the proxy dial loopback origins only so
 DLP_ALL = (
     "[aws-access-key, private-key, bearer-to-other-host, gcp-service-account-key,"
     " github-token, slack-token]"
@@ -25,6 +24,7 @@ INSPECT_PATHS = '["/hello", "/echo", "/headers", "/status/*"]'
 NAMES = [
     "origin.test",
     "recorder.test",
+    "tls-only.test",
     "optional.test",
     "noech.test",
     "ssh.test",
@@ -41,44 +41,35 @@ NAMES = [
 ]
 
 
-def rule(name: str, *fqdns: str, extra: str = "") -> str:
-    to = ", ".join([*(f"{{fqdn: {f}}}" for f in fqdns), LOOPBACK])
-    text = f"    - name: {name}\n      action: Allow\n      to: [{to}]\n      ports: {PORTS}\n"
-    return text + "".join(f"      {line}\n" for line in extra.splitlines() if line)
-
-
-POLICY = (
-    """apiVersion: outgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: tls, namespace: tests}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  rules:
-"""
+POLICY = client_policy(
+    "tls",
     # First: a CONNECT to 127.0.0.1 itself is decided by this rule (protocol tls, SNI checked
     # against policy as a name); names are decided by their own rules below.
-    + rule("by-ip")
-    + rule("tls-default", "origin.test", "recorder.test")
-    + rule("sni-optional", "optional.test", extra="tls: {sni: optional}")
-    + rule("ech-deny", "noech.test", extra="tls: {ech: deny}")
-    + rule("ssh", "ssh.test", extra="protocol: ssh")
-    + rule("postgres", "pg.test", extra="protocol: postgres")
-    + rule("http", "plain.test", extra="protocol: http")
-    + rule("tcp", "raw.test", extra="protocol: tcp")
-    + rule(
+    allow_rule("by-ip"),
+    allow_rule("tls-default", "origin.test", "recorder.test"),
+    allow_rule("tls-only", "tls-only.test", extra="protocol: tls"),
+    allow_rule("sni-optional", "optional.test", extra="tls: {sni: optional}"),
+    allow_rule("ech-deny", "noech.test", extra="tls: {ech: deny}"),
+    allow_rule("ssh", "ssh.test", extra="protocol: ssh"),
+    allow_rule("postgres", "pg.test", extra="protocol: postgres"),
+    allow_rule("http", "plain.test", extra="protocol: http"),
+    allow_rule("tcp", "raw.test", extra="protocol: tcp"),
+    allow_rule(
         "inspect",
         "inspect.test",
         extra=f"inspect: {{methods: [GET, POST], paths: {INSPECT_PATHS}, dlp: {DLP_ALL}}}",
-    )
-    + rule("inspect-open", "open.test", extra="inspect: {}")
-    + rule(
+    ),
+    allow_rule("inspect-open", "open.test", extra="inspect: {}"),
+    allow_rule(
         "inspect-bad-origins",
         "selfsigned.test",
         "expired.test",
         "wrongname.test",
         extra="inspect: {}",
-    )
-    + rule("http-inspect", "plain-inspect.test", extra="protocol: http\ninspect: {methods: [GET]}")
+    ),
+    allow_rule(
+        "http-inspect", "plain-inspect.test", extra="protocol: http\ninspect: {methods: [GET]}"
+    ),
 )
 
 

@@ -249,8 +249,8 @@ REFUSALS = [
     ("ssh-banner-into-tls", "recorder.test", b"SSH-2.0-OpenSSH_9.6\r\n", "protocol_mismatch"),
     (
         "plaintext-http-into-tls",
-        "recorder.test",
-        b"GET / HTTP/1.1\r\nHost: recorder.test\r\n\r\n",
+        "tls-only.test",
+        b"GET / HTTP/1.1\r\nHost: tls-only.test\r\n\r\n",
         "protocol_mismatch",
     ),
     ("tls-into-ssh", "ssh.test", records(client_hello(b"ssh.test")), "protocol_mismatch"),
@@ -268,9 +268,20 @@ def test_a_tunnel_breaking_its_rule_is_closed_audited_and_sends_nothing_upstream
     with RecordingUpstream() as upstream:
         with open_tunnel(tls_proxy.port, host, upstream.port) as sock:
             sock.sendall(first)
-            assert read_until_closed(sock) == b""
+            reply = read_until_closed(sock)
         assert upstream.connection() == b""
     close = tunnel_close(tls_proxy, upstream.port)
+    if first.startswith(b"GET "):
+        # An HTTP request is answered inside the tunnel, so the client can print why
+        # (DESIGN section 6); anything else is closed without a byte.
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403 ")
+        assert b"\r\nX-Outgate-Reason: protocol_mismatch" in head
+        assert b"\r\nConnection: close" in head
+        assert b"reason: protocol_mismatch" in body
+        assert f"event id: {close['event']['id']}".encode() in body
+    else:
+        assert reply == b""
     assert close["outgate"]["reason"] == reason
     assert close["event"]["outcome"] == "failure"
     assert close["outgate"]["protocol"]["first_bytes"] == first[:16].hex()

@@ -9,7 +9,13 @@ import pytest
 from proxy.core.clienthello import ClientHello
 from proxy.core.hosts import parse_host
 from proxy.core.policy.model import EchMode, SniMode, TlsOptions, TunnelProtocol
-from proxy.core.tunnel_protocols import SniOutcome, check_server_name, first_bytes_check
+from proxy.core.tunnel_protocols import (
+    SniOutcome,
+    TlsOrHttpCheck,
+    check_server_name,
+    first_bytes_check,
+    starts_http_request,
+)
 from proxy.errors import Reason, TunnelViolation
 from tests.tls.hello import hello_record
 
@@ -38,12 +44,16 @@ ACCEPTED = [
     (TunnelProtocol.HTTP, b"GET / HTTP/1.1\r\n"),
     (TunnelProtocol.HTTP, b"\r\nPOST /x HTTP/1.1\r\n"),
     (TunnelProtocol.TCP, b"\x00anything"),
+    # A rule without protocol: TLS or plain HTTP.
+    (None, hello_record(b"a.example")),
+    (None, b"GET / HTTP/1.1\r\n"),
+    (None, b"\r\nPOST /x HTTP/1.1\r\n"),
 ]
 
 
 @pytest.mark.parametrize(("protocol", "data"), ACCEPTED)
 def test_the_right_first_bytes_are_accepted_whole_or_byte_by_byte(
-    protocol: TunnelProtocol, data: bytes
+    protocol: TunnelProtocol | None, data: bytes
 ) -> None:
     assert first_bytes_check(protocol).feed(data)
     check = first_bytes_check(protocol)
@@ -71,16 +81,46 @@ REFUSED = [
     (TunnelProtocol.HTTP, b" GET / HTTP/1.1\r\n"),
     (TunnelProtocol.HTTP, b"G" * 40),
     (TunnelProtocol.HTTP, b"\r\n" * 5 + b"GET / HTTP/1.1\r\n"),
+    (None, b"SSH-2.0-OpenSSH_9.6\r\n"),
+    (None, b"\x15\x03\x01\x00\x02\x02\x28"),  # a TLS alert is no ClientHello
+    (None, startup(user="app")),
+    (None, b" GET / HTTP/1.1\r\n"),
 ]
 
 
 @pytest.mark.parametrize(("protocol", "data"), REFUSED)
-def test_other_first_bytes_are_a_protocol_mismatch(protocol: TunnelProtocol, data: bytes) -> None:
+def test_other_first_bytes_are_a_protocol_mismatch(
+    protocol: TunnelProtocol | None, data: bytes
+) -> None:
     check = first_bytes_check(protocol)
     with pytest.raises(TunnelViolation) as info:
         for i in range(len(data)):
             check.feed(data[i : i + 1])
     assert info.value.reason in (Reason.PROTOCOL_MISMATCH, Reason.CLIENTHELLO_MALFORMED)
+
+
+def test_without_protocol_the_check_says_whether_the_bytes_were_tls() -> None:
+    tls = TlsOrHttpCheck()
+    assert tls.feed(hello_record(b"a.example"))
+    assert tls.hello is not None and tls.hello.server_name == "a.example"
+    http = TlsOrHttpCheck()
+    assert http.feed(b"GET /ws HTTP/1.1\r\n")
+    assert http.hello is None
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"\r\nDELETE /x HTTP/1.1\r\n", True),
+        (b"GE", False),  # not yet a method and a space
+        (b"SSH-2.0-x\r\n", False),
+        (hello_record(b"a.example"), False),
+        (b"", False),
+    ],
+)
+def test_starts_http_request(data: bytes, expected: bool) -> None:
+    assert starts_http_request(data) is expected
 
 
 def test_a_partial_postgres_startup_waits_for_the_rest() -> None:

@@ -23,8 +23,10 @@ from proxy.core.http1 import (
     RequestHead,
     ResponseHead,
     UnsupportedScheme,
+    check_switch,
     encode_chunk,
     find_head_end,
+    offered_upgrade,
     parse_request_head,
     parse_response_head,
     render_request_head,
@@ -164,7 +166,7 @@ REFUSED_REQUESTS = [
     ("absolute-form-empty-host", get("http:///path"), BAD_TARGET),
     ("https-absolute-form", get("https://example.com/"), UNSUPPORTED),
     ("ftp-absolute-form", get("ftp://example.com/file"), UNSUPPORTED),
-    ("ws-absolute-form", get("ws://example.com/"), UNSUPPORTED),
+    ("wss-absolute-form", get("wss://example.com/"), UNSUPPORTED),  # ws:// is http://
     ("userinfo", get("http://user:pw@example.com/"), BAD_TARGET),
     ("userinfo-without-password", get("http://user@example.com/"), BAD_TARGET),
     ("bracketed-name", get("http://[example.com]/"), BAD_TARGET),
@@ -653,7 +655,7 @@ def test_options_absolute_form_without_path_is_asterisk_in_origin_form() -> None
         pytest.param(get("api.example.com:443"), BAD_TARGET, id="authority-form-without-connect"),
         pytest.param(get("?x"), BAD_TARGET, id="query-only"),
         pytest.param(get("ftp://api.example.com/"), UNSUPPORTED, id="ftp"),
-        pytest.param(get("ws://api.example.com/"), UNSUPPORTED, id="ws"),
+        pytest.param(get("wss://api.example.com/"), UNSUPPORTED, id="wss"),
         pytest.param(get("https:///x"), BAD_TARGET, id="absolute-form-empty-host"),
         pytest.param(get("https://u@api.example.com/"), BAD_TARGET, id="userinfo"),
         pytest.param(get("https://api.example.com:0/"), BAD_PORT, id="port-zero"),
@@ -1424,7 +1426,6 @@ def test_errors_carry_status_for_the_one_error_renderer() -> None:
     ("target", "name", "port", "path"),
     [
         ("https://Example.COM/a?b", "example.com", 443, "/a?b"),
-        ("ws://example.com:8080", "example.com", 8080, "/"),
         ("wss://example.com/chat", "example.com", 443, "/chat"),
         ("ftp://example.com/f", "example.com", 21, "/f"),
         ("gopher://example.com/x", "example.com", None, "/x"),
@@ -1441,3 +1442,115 @@ def test_an_unsupported_scheme_refusal_carries_what_was_asked(
     assert refused.method == "GET"
     assert (refused.host.name if refused.host else None, refused.port) == (name, port)
     assert refused.path == path
+
+
+# --- Upgrade (RFC 9110 section 7.8) ---------------------------------------------------------------
+
+WEBSOCKET_FIELDS = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param(get("http://example.com/ws", *WEBSOCKET_FIELDS), "websocket", id="websocket"),
+        pytest.param(
+            get("http://example.com/", "Connection: keep-alive, upgrade", "Upgrade: foo/2"),
+            "foo/2",
+            id="name-and-version",
+        ),
+        pytest.param(
+            get("http://example.com/", "Upgrade: websocket"), None, id="not-in-connection"
+        ),
+        pytest.param(
+            get("http://example.com/", "Connection: upgrade", "Upgrade: h2c"), None, id="h2c"
+        ),
+        pytest.param(
+            get("http://example.com/", "Connection: upgrade", "Upgrade: H2C"), None, id="h2c-case"
+        ),
+        pytest.param(
+            get("http://example.com/", "Connection: upgrade", "Upgrade: websocket, h2c"),
+            None,
+            id="several-protocols",
+        ),
+        pytest.param(
+            get("http://example.com/", "Connection: upgrade", "Upgrade: a", "Upgrade: b"),
+            None,
+            id="two-fields",
+        ),
+        pytest.param(post(*WEBSOCKET_FIELDS, "Content-Length: 5"), None, id="with-a-length-body"),
+        pytest.param(
+            post(*WEBSOCKET_FIELDS, "Transfer-Encoding: chunked"), None, id="with-a-chunked-body"
+        ),
+        pytest.param(
+            get("http://example.com/", *WEBSOCKET_FIELDS, version="HTTP/1.0"), None, id="http10"
+        ),
+    ],
+)
+def test_offered_upgrade(raw: bytes, expected: str | None) -> None:
+    assert offered_upgrade(parse_request_head(raw)) == expected
+
+
+def test_an_offered_upgrade_is_rendered_with_its_connection_field_and_nothing_else_hop() -> None:
+    req = parse_request_head(
+        get("http://example.com/ws", *WEBSOCKET_FIELDS, "Keep-Alive: timeout=5", "TE: trailers")
+    )
+    assert render_request_head(req) == (
+        b"GET /ws HTTP/1.1\r\n"
+        b"Host: example.com\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Connection: upgrade\r\n"
+        b"Upgrade: websocket\r\n"
+        b"\r\n"
+    )
+
+
+def test_an_upgrade_not_offered_is_dropped_from_the_rendered_request() -> None:
+    req = parse_request_head(
+        get("http://example.com/", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+            "HTTP2-Settings: AAMAAABk")
+    )  # fmt: skip
+    assert render_request_head(req) == b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+
+
+def switching(*fields: str) -> ResponseHead:
+    return parse_response_head(
+        response("HTTP/1.1 101 Switching Protocols", *fields), request_method="GET"
+    )
+
+
+def test_a_101_to_the_offered_protocol_is_rendered_with_its_upgrade_fields() -> None:
+    resp = switching("Connection: Upgrade", "Upgrade: WebSocket", "Sec-WebSocket-Accept: x=")
+    protocol = check_switch(resp, offered="websocket")
+    assert render_response_head(resp, keep_alive=True, switch_to=protocol) == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Sec-WebSocket-Accept: x=\r\n"
+        b"Connection: upgrade\r\n"
+        b"Upgrade: websocket\r\n"
+        b"\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "offered"),
+    [
+        pytest.param(("Connection: Upgrade", "Upgrade: websocket"), None, id="not-asked"),
+        pytest.param(("Connection: Upgrade", "Upgrade: h2c"), "websocket", id="other-protocol"),
+        pytest.param(("Connection: Upgrade",), "websocket", id="no-upgrade-field"),
+        pytest.param(
+            ("Connection: Upgrade", "Upgrade: websocket", "Upgrade: h2c"),
+            "websocket",
+            id="two-protocols",
+        ),
+    ],
+)
+def test_a_101_that_does_not_switch_to_the_offered_protocol_is_a_502(
+    fields: tuple[str, ...], offered: str | None
+) -> None:
+    with pytest.raises(BadGateway) as info:
+        check_switch(switching(*fields), offered=offered)
+    assert info.value.reason is Reason.UPSTREAM_BAD_RESPONSE
+
+
+def test_a_ws_target_is_the_same_as_http() -> None:
+    req = parse_request_head(get("ws://example.com/chat", *WEBSOCKET_FIELDS))
+    assert (req.scheme, req.host.name, req.port, req.path) == ("http", "example.com", 80, "/chat")

@@ -49,7 +49,7 @@ def R(
     action: str = "Allow",
     *to: str,
     ports: Sequence[int | tuple[int, int]] | None = None,
-    protocol: TunnelProtocol = TunnelProtocol.TLS,
+    protocol: TunnelProtocol | None = None,
     inspect: Inspect | None = None,
 ) -> Rule:
     """`to` entries: "name", "*.suffix" or "cidr/len"."""
@@ -302,12 +302,12 @@ def test_evaluation_follows_the_design_steps(
     assert decision.steps == ()
 
 
-def test_default_allow_when_configured_carries_no_rule_and_the_default_protocol() -> None:
+def test_default_allow_when_configured_carries_no_rule_and_no_protocol() -> None:
     engine = Engine.compile(TIERED_POLICIES, default_action=Action.ALLOW, revision=1)
     decision = engine.decide(FREE, dest("nothing.example"))
     assert outcome(decision) == ("allow", "default_allow", None, None)
     assert decision.allowed_cidrs == ()
-    assert decision.protocol is TunnelProtocol.TLS
+    assert decision.protocol is None  # TLS or plain HTTP, as a rule without protocol
     assert decision.tier is None
 
 
@@ -624,7 +624,7 @@ def test_an_allow_carries_its_rules_cidrs_protocol_and_inspect() -> None:
     assert (db.tier, db.mode) == (Tier.ADMIN, Mode.ENFORCE)
     partner = engine.decide(pod(), dest("partner.example"))
     assert partner.inspect == inspect
-    assert partner.protocol is TunnelProtocol.TLS
+    assert partner.protocol is None  # not written: an inspected tunnel is TLS
     denied = engine.decide(pod(), dest("10.30.0.1"))
     assert (denied.allowed_cidrs, denied.protocol, denied.inspect) == ((), None, None)
 
@@ -739,22 +739,23 @@ def test_explain_lists_every_step_of_the_enforced_and_the_shadow_evaluation() ->
         "tier": "namespace",
         "mode": "enforce",
         "allowedCidrs": [],
-        "protocol": "tls",
+        "protocol": None,  # the rule names none: TLS or plain HTTP
         "inspect": None,
     }
     assert isinstance(data["shadow"], dict) and data["shadow"]["action"] == "deny"
 
 
 def test_a_forwarded_request_is_explained_without_the_tunnel_protocol() -> None:
-    """`protocol` and `inspect` hold a CONNECT tunnel; a forwarded http:// request is held to
-    neither, so its explanation does not show them (issue 14, defect 6)."""
+    """`protocol` holds a CONNECT tunnel; a forwarded http:// request is not held to it, so its
+    explanation does not show it (issue 14, defect 6). `inspect` holds both."""
     engine = Engine.compile(TIERED_POLICIES, default_action=Action.DENY, revision=1)
     decision = engine.decide(API, dest("api.stripe.com"), explain=True)
     forward = decision_as_dict(API, dest("api.stripe.com"), decision, tunnel=False)
     tunnel = decision_as_dict(API, dest("api.stripe.com"), decision, tunnel=True)
     assert (forward["connection"], tunnel["connection"]) == ("forward", "tunnel")
     assert isinstance(forward["decision"], dict) and isinstance(tunnel["decision"], dict)
-    assert (forward["decision"]["protocol"], tunnel["decision"]["protocol"]) == (None, "tls")
+    # The rule names no protocol: a tunnel takes TLS or plain HTTP, a forward is not held.
+    assert (forward["decision"]["protocol"], tunnel["decision"]["protocol"]) == (None, None)
     text = render_explanation(API, dest("api.stripe.com"), decision, tunnel=False)
     assert "protocol" not in text
 

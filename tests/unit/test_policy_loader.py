@@ -92,7 +92,7 @@ def test_the_design_document_example_builds_the_documented_model() -> None:
     stripe, ledger, partner = api.rules
     assert stripe.fqdns == ("api.stripe.com",)
     assert stripe.ports == (PortRange(start=443, end=443),)
-    assert stripe.protocol is TunnelProtocol.TLS
+    assert stripe.protocol is None  # not written: TLS or plain HTTP, by the first bytes
     assert ledger.cidrs == (ipaddress.ip_network("10.20.0.0/16"),)
     assert ledger.protocol is TunnelProtocol.POSTGRES
     assert partner.inspect == Inspect(
@@ -102,7 +102,7 @@ def test_the_design_document_example_builds_the_documented_model() -> None:
     )
 
 
-def test_defaults_ports_80_443_protocol_tls_mode_enforce_priority_500() -> None:
+def test_defaults_ports_80_443_no_protocol_mode_enforce_priority_500() -> None:
     (policy,) = load_text(dump(cluster()), file="p.yaml")
     assert policy.priority == DEFAULT_PRIORITY == 500
     assert policy.mode is Mode.ENFORCE
@@ -111,7 +111,7 @@ def test_defaults_ports_80_443_protocol_tls_mode_enforce_priority_500() -> None:
         == DEFAULT_PORTS
         == (PortRange(start=80, end=80), PortRange(start=443, end=443))
     )
-    assert policy.rules[0].protocol is TunnelProtocol.TLS
+    assert policy.rules[0].protocol is None
     assert policy.rules[0].inspect is None
     assert policy.subject is None
 

@@ -84,8 +84,8 @@ class Outcome(StrEnum):
 class Verdict:
     """One evaluation's outcome and why. For an allow, `allowed_cidrs`, `protocol` and `inspect`
     come from the deciding rule: the address guard admits a guarded address only when it is in
-    `allowed_cidrs`; the tunnel enforces `protocol`. A default allow has no rule, so it carries
-    no CIDRs and the default protocol (tls)."""
+    `allowed_cidrs`; the tunnel enforces `protocol` (None: the rule names none, so TLS or plain
+    HTTP). A default allow has no rule, so it carries no CIDRs and no protocol."""
 
     action: Outcome
     reason: Reason
@@ -211,9 +211,7 @@ def _isolation_verdict(policy: Policy) -> Verdict:
 def _default_verdict(action: Action) -> Verdict:
     match action:
         case Action.ALLOW:
-            return Verdict(
-                action=Outcome.ALLOW, reason=Reason.DEFAULT_ALLOW, protocol=TunnelProtocol.TLS
-            )
+            return Verdict(action=Outcome.ALLOW, reason=Reason.DEFAULT_ALLOW)
         case Action.DENY:
             return Verdict(action=Outcome.DENY, reason=Reason.DEFAULT_DENY)
         case Action.PASS:

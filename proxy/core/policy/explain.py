@@ -3,8 +3,8 @@ endpoint) and as a JSON-safe dict (`/explain?format=json`). Call `decide(..., ex
 get the steps; without them only the outcome is shown.
 
 `tunnel` says how the request travels: a CONNECT tunnel (`https://`, `host:port`), where the
-deciding rule's `protocol` and `inspect` are enforced, or a forwarded plain-HTTP request
-(`http://`), where they are not and so are not shown."""
+deciding rule's `protocol` is enforced, or a forwarded plain-HTTP request (`http://`), where it
+is not and so is not shown. `inspect` (methods, paths, DLP) holds both."""
 
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def decision_as_dict(
 
 
 def _verdict_dict(verdict: Verdict, *, tunnel: bool) -> dict[str, object]:
-    """`protocol` and `inspect` are null for a forwarded request: they apply to tunnels only."""
+    """`protocol` is null for a forwarded request: it applies to tunnels only."""
     protocol = verdict.protocol if tunnel else None
-    inspect = verdict.inspect if tunnel else None
+    inspect = verdict.inspect
     return {
         "action": str(verdict.action),
         "reason": str(verdict.reason),
@@ -133,7 +133,7 @@ def _describe_verdict(verdict: Verdict, *, tunnel: bool) -> str:
         details.append(f"protocol {verdict.protocol}")
     if verdict.allowed_cidrs:
         details.append("cidrs " + ",".join(str(cidr) for cidr in verdict.allowed_cidrs))
-    if tunnel and verdict.inspect is not None:
+    if verdict.inspect is not None:
         details.append("inspect")
     return text + (f" [{'; '.join(details)}]" if details else "")
 

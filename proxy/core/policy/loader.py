@@ -619,8 +619,11 @@ def _parse_rule(raw: object, kind: PolicyKind, issues: IssueCollector, path: str
     ports = (
         _parse_ports(body["ports"], issues, f"{path}.ports") if "ports" in body else DEFAULT_PORTS
     )
-    protocol = _parse_choice(
-        body, "protocol", TunnelProtocol, TunnelProtocol.TLS, issues, f"{path}.protocol"
+    # Omitted stays None (TLS or plain HTTP, by the first bytes: proxy.core.policy.model.Rule).
+    protocol = (
+        _parse_choice(body, "protocol", TunnelProtocol, None, issues, f"{path}.protocol")
+        if "protocol" in body
+        else None
     )
     inspect: Inspect | None = None
     if "inspect" in body:
@@ -640,12 +643,7 @@ def _parse_rule(raw: object, kind: PolicyKind, issues: IssueCollector, path: str
     tls = DEFAULT_TLS
     if "tls" in body:
         tls = _parse_tls(body["tls"], action, protocol, issues, f"{path}.tls")
-    if (
-        len(issues.issues) != before
-        or not isinstance(name, str)
-        or action is None
-        or protocol is None
-    ):
+    if len(issues.issues) != before or not isinstance(name, str) or action is None:
         return None
     return Rule(
         name=name,

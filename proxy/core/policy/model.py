@@ -65,9 +65,10 @@ class Mode(StrEnum):
 
 
 class TunnelProtocol(StrEnum):
-    """What the bytes of an allowed tunnel must be."""
+    """What the bytes of an allowed tunnel must be. A rule that names none (`Rule.protocol` is
+    None) takes a TLS ClientHello or a plain HTTP request (proxy.core.tunnel_protocols)."""
 
-    TLS = "tls"  # the default: the first bytes must be a TLS ClientHello
+    TLS = "tls"  # the first bytes must be a TLS ClientHello
     TCP = "tcp"  # anything
     POSTGRES = "postgres"
     SSH = "ssh"
@@ -172,7 +173,9 @@ class Rule:
     wildcard_suffixes: tuple[str, ...] = ()  # "*.stripe.com" is stored as "stripe.com"
     cidrs: tuple[IPNetwork, ...] = ()
     ports: tuple[PortRange, ...] = DEFAULT_PORTS
-    protocol: TunnelProtocol = TunnelProtocol.TLS
+    # None: not written. A tunnel then carries TLS, or plain HTTP served as `http` (clients
+    # such as Node's undici tunnel every http:// URL); with `inspect`, TLS (it is intercepted).
+    protocol: TunnelProtocol | None = None
     inspect: Inspect | None = None
     tls: TlsOptions = DEFAULT_TLS
 
