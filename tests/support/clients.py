@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 
 # Seconds: past every timeout a test provokes in the proxy, so curl reports the proxy's answer
 # rather than giving up first; and a bound, so a hung exchange fails the test.
@@ -10,12 +11,16 @@ CURL_MAX_TIME = 20
 
 
 def curl(
-    *args: str, max_time: int = CURL_MAX_TIME, status_only: bool = False
+    *args: str,
+    max_time: int = CURL_MAX_TIME,
+    status_only: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run curl with `args`; `status_only` discards the body and prints only the status code.
 
-    The environment is just a PATH: no http_proxy/https_proxy/no_proxy from the caller's shell,
-    so only `-x` in `args` decides where curl connects."""
+    The environment is just a PATH and `env`: no http_proxy/https_proxy/no_proxy from the
+    caller's shell, so only `-x` in `args` or the proxy variables in `env` decide where curl
+    connects."""
     command = ["curl", "--silent", "--show-error", "--max-time", str(max_time)]
     if status_only:
         command += ["-o", "/dev/null", "-w", "%{http_code}"]
@@ -23,6 +28,6 @@ def curl(
         [*command, *args],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
         check=False,
     )
