@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,19 +277,35 @@ def _toolchain_key(source: Path, *version_command: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build_once(target: Path, build: list[str], env: dict[str, str] | None = None) -> None:
-    """Run `build` (which writes `target`.tmp) unless `target` exists, then move it in place,
-    so an interrupted build never leaves a half-written client in the cache."""
+def _build_once(
+    target: Path, build: Callable[[Path], list[str]], env: dict[str, str] | None = None
+) -> None:
+    """Unless `target` exists, run the command `build(staging)` makes (it writes `staging`),
+    then move the result in place: an interrupted build never leaves a half-written client in
+    the cache, and of two builds racing on one machine the first to finish wins."""
     if target.exists():
         return
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    _remove(staging)
     result = subprocess.run(
-        build, env=env, capture_output=True, text=True, timeout=600, check=False
+        build(staging), env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, f"building {target.name} failed: {result.stderr}"
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.exists():
+            raise
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Remove a built client, a file (Go) or a directory of classes (Java), if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class Go(Client):
@@ -314,7 +330,7 @@ class Go(Client):
             "GOFLAGS": "",
             "CGO_ENABLED": "0",
         }
-        _build_once(target, ["go", "build", "-o", f"{target}.tmp", str(source)], env)
+        _build_once(target, lambda out: ["go", "build", "-o", str(out), str(source)], env)
         return target
 
     async def request(
@@ -382,7 +398,7 @@ class Java(Client):
         source = PROGRAMS / "Client.java"
         javac = Java.tool("javac")
         target = BUILD_CACHE / f"java-client-{_toolchain_key(source, javac, '-version')}"
-        _build_once(target, [javac, "-d", f"{target}.tmp", str(source)])
+        _build_once(target, lambda out: [javac, "-d", str(out), str(source)])
         return target
 
     def truststore(self, rng: ClientRange) -> Path:
