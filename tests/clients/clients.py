@@ -376,6 +376,39 @@ class Node(Client):
         return str(json.loads(output)["echo"])
 
 
+class NodeBuiltin(Node):
+    """Node's own fetch and WebSocket with NODE_USE_ENV_PROXY=1 (Node 24, later 22.x)."""
+
+    def missing(self) -> str | None:
+        if shutil.which("node") is None:
+            return f"{self.name}: `node` is not installed (make install-test installs nodejs)"
+        if "--use-env-proxy" not in _node_help():
+            return f"{self.name}: this Node ({_node_version()}) has no NODE_USE_ENV_PROXY"
+        return None
+
+    def _env(self, rng: ClientRange) -> dict[str, str]:
+        return {
+            **_base_environment(rng),
+            **proxy_environment(rng),
+            "NODE_EXTRA_CA_CERTS": str(rng.pki.ca_pem),
+            "NODE_USE_ENV_PROXY": "1",
+        }
+
+
+@functools.cache
+def _node_help() -> str:
+    return subprocess.run(
+        ["node", "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+
+
+@functools.cache
+def _node_version() -> str:
+    return subprocess.run(
+        ["node", "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout.strip()
+
+
 class Java(Client):
     def missing(self) -> str | None:
         if shutil.which("javac") is None:
@@ -488,6 +521,12 @@ CLIENTS = [
     ),
     Node(
         "node-undici",
+        tunnel_refusal_shows=("403",),
+        websocket=True,
+        tunnels_plain_http=True,
+    ),
+    NodeBuiltin(
+        "node-builtin-fetch",
         tunnel_refusal_shows=("403",),
         websocket=True,
         tunnels_plain_http=True,
