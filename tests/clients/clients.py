@@ -76,11 +76,11 @@ class Client:
         return None
 
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
         raise NotImplementedError
 
-    async def echo(self, rng: ClientRange, url: str, message: str) -> str:
+    async def echo(self, client_range: ClientRange, url: str, message: str) -> str:
         """Open a WebSocket, send `message`, return the first message that comes back."""
         raise NotImplementedError
 
@@ -100,12 +100,12 @@ def environment(values: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def proxy_environment(rng: ClientRange) -> dict[str, str]:
+def proxy_environment(client_range: ClientRange) -> dict[str, str]:
     """The de-facto standard variables, in both spellings (curl reads only `http_proxy`)."""
     values = {}
     for scheme in ("http", "https"):
-        values[f"{scheme}_proxy"] = rng.proxy_url
-        values[f"{scheme.upper()}_PROXY"] = rng.proxy_url
+        values[f"{scheme}_proxy"] = client_range.proxy_url
+        values[f"{scheme.upper()}_PROXY"] = client_range.proxy_url
     return values
 
 
@@ -129,12 +129,12 @@ def _run(command: list[str], env: dict[str, str]) -> str:
     return result.stdout
 
 
-def _base_environment(rng: ClientRange) -> dict[str, str]:
+def _base_environment(client_range: ClientRange) -> dict[str, str]:
     """A user's shell, less its proxy settings: a UTF-8 locale (Java 17 decodes its arguments
     by the locale) and a home of its own."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(rng.proxy.workdir),
+        "HOME": str(client_range.proxy.workdir),
         "LANG": "C.UTF-8",
     }
 
@@ -144,12 +144,12 @@ def _base_environment(rng: ClientRange) -> dict[str, str]:
 
 class Curl(Client):
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
         args = ["-i", "--suppress-connect-headers", "-X", method, url]
         if body is not None:
             args += ["--data-binary", body]
-        env = {**proxy_environment(rng), "CURL_CA_BUNDLE": str(rng.pki.ca_pem)}
+        env = {**proxy_environment(client_range), "CURL_CA_BUNDLE": str(client_range.pki.ca_pem)}
         result = curl(*args, env=env)
         if result.returncode != 0:
             raise ClientFailed(result.stderr.strip())
@@ -174,21 +174,21 @@ def parse_response(text: str) -> Reply:
 # -- Python libraries, in this process ---------------------------------------------------------
 
 
-def python_environment(rng: ClientRange) -> dict[str, str]:
+def python_environment(client_range: ClientRange) -> dict[str, str]:
     """Proxies from the environment; SSL_CERT_FILE is the CA file OpenSSL's default context
     loads (aiohttp, websockets, httpx); requests uses its own REQUESTS_CA_BUNDLE."""
     return {
-        **proxy_environment(rng),
-        "SSL_CERT_FILE": str(rng.pki.ca_pem),
-        "REQUESTS_CA_BUNDLE": str(rng.pki.ca_pem),
+        **proxy_environment(client_range),
+        "SSL_CERT_FILE": str(client_range.pki.ca_pem),
+        "REQUESTS_CA_BUNDLE": str(client_range.pki.ca_pem),
     }
 
 
 class Requests(Client):
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
-        with environment(python_environment(rng)):
+        with environment(python_environment(client_range)):
             try:
                 response = requests.request(method, url, data=body, timeout=CLIENT_TIMEOUT)
             except requests.RequestException as exc:
@@ -198,9 +198,9 @@ class Requests(Client):
 
 class Httpx(Client):
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
-        with environment(python_environment(rng)):
+        with environment(python_environment(client_range)):
             try:
                 async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as client:
                     response = await client.request(method, url, content=body)
@@ -211,29 +211,33 @@ class Httpx(Client):
         )
 
 
-def aiohttp_environment(rng: ClientRange) -> dict[str, str]:
+def aiohttp_environment(client_range: ClientRange) -> dict[str, str]:
     """aiohttp looks a WebSocket's proxy up under its own scheme: WS_PROXY and WSS_PROXY."""
-    return {**python_environment(rng), "WS_PROXY": rng.proxy_url, "WSS_PROXY": rng.proxy_url}
+    return {
+        **python_environment(client_range),
+        "WS_PROXY": client_range.proxy_url,
+        "WSS_PROXY": client_range.proxy_url,
+    }
 
 
-def aiohttp_session(rng: ClientRange) -> aiohttp.ClientSession:
+def aiohttp_session(client_range: ClientRange) -> aiohttp.ClientSession:
     """Proxies from the environment (trust_env); the CA as an SSL context, which is how aiohttp
     takes one (it does not read SSL_CERT_FILE)."""
     return aiohttp.ClientSession(
         trust_env=True,
         timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT),
-        connector=aiohttp.TCPConnector(ssl=rng.pki.client_context()),
+        connector=aiohttp.TCPConnector(ssl=client_range.pki.client_context()),
     )
 
 
 class Aiohttp(Client):
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
-        with environment(aiohttp_environment(rng)):
+        with environment(aiohttp_environment(client_range)):
             try:
                 async with (
-                    aiohttp_session(rng) as session,
+                    aiohttp_session(client_range) as session,
                     session.request(method, url, data=body) as response,
                 ):
                     text = await response.text()
@@ -241,11 +245,11 @@ class Aiohttp(Client):
                 raise ClientFailed(str(exc)) from exc
         return Reply.of(response.status, response.reason, response.headers, text)
 
-    async def echo(self, rng: ClientRange, url: str, message: str) -> str:
-        with environment(aiohttp_environment(rng)):
+    async def echo(self, client_range: ClientRange, url: str, message: str) -> str:
+        with environment(aiohttp_environment(client_range)):
             try:
                 async with (
-                    aiohttp_session(rng) as session,
+                    aiohttp_session(client_range) as session,
                     session.ws_connect(url) as socket,
                 ):
                     await socket.send_str(message)
@@ -255,8 +259,8 @@ class Aiohttp(Client):
 
 
 class Websockets(Client):
-    async def echo(self, rng: ClientRange, url: str, message: str) -> str:
-        with environment(python_environment(rng)):
+    async def echo(self, client_range: ClientRange, url: str, message: str) -> str:
+        with environment(python_environment(client_range)):
             try:
                 async with websockets.connect(url, open_timeout=CLIENT_TIMEOUT) as socket:
                     await socket.send(message)
@@ -334,12 +338,12 @@ class Go(Client):
         return target
 
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
         env = {
-            **_base_environment(rng),
-            **proxy_environment(rng),
-            "SSL_CERT_FILE": str(rng.pki.ca_pem),
+            **_base_environment(client_range),
+            **proxy_environment(client_range),
+            "SSL_CERT_FILE": str(client_range.pki.ca_pem),
         }
         command = [str(self.binary()), method, url, *([body] if body is not None else [])]
         return _reply_from_json(_run(command, env))
@@ -353,11 +357,11 @@ class Node(Client):
             return f"Node (undici): undici is not in {NODE_MODULES} (make install-test installs it)"
         return None
 
-    def _env(self, rng: ClientRange) -> dict[str, str]:
+    def _env(self, client_range: ClientRange) -> dict[str, str]:
         return {
-            **_base_environment(rng),
-            **proxy_environment(rng),
-            "NODE_EXTRA_CA_CERTS": str(rng.pki.ca_pem),
+            **_base_environment(client_range),
+            **proxy_environment(client_range),
+            "NODE_EXTRA_CA_CERTS": str(client_range.pki.ca_pem),
             "NODE_PATH": str(NODE_MODULES),
         }
 
@@ -366,13 +370,13 @@ class Node(Client):
         return ["node", "--no-warnings", str(PROGRAMS / "node" / "client.js"), *args]
 
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
         command = self._command("request", method, url, *([body] if body is not None else []))
-        return _reply_from_json(_run(command, self._env(rng)))
+        return _reply_from_json(_run(command, self._env(client_range)))
 
-    async def echo(self, rng: ClientRange, url: str, message: str) -> str:
-        output = _run(self._command("websocket", url, message), self._env(rng))
+    async def echo(self, client_range: ClientRange, url: str, message: str) -> str:
+        output = _run(self._command("websocket", url, message), self._env(client_range))
         return str(json.loads(output)["echo"])
 
 
@@ -386,11 +390,11 @@ class NodeBuiltin(Node):
             return f"{self.name}: this Node ({_node_version()}) has no NODE_USE_ENV_PROXY"
         return None
 
-    def _env(self, rng: ClientRange) -> dict[str, str]:
+    def _env(self, client_range: ClientRange) -> dict[str, str]:
         return {
-            **_base_environment(rng),
-            **proxy_environment(rng),
-            "NODE_EXTRA_CA_CERTS": str(rng.pki.ca_pem),
+            **_base_environment(client_range),
+            **proxy_environment(client_range),
+            "NODE_EXTRA_CA_CERTS": str(client_range.pki.ca_pem),
             "NODE_USE_ENV_PROXY": "1",
         }
 
@@ -434,8 +438,8 @@ class Java(Client):
         _build_once(target, lambda out: [javac, "-d", str(out), str(source)])
         return target
 
-    def truststore(self, rng: ClientRange) -> Path:
-        store = rng.pki.ca_pem.with_name("truststore.p12")
+    def truststore(self, client_range: ClientRange) -> Path:
+        store = client_range.pki.ca_pem.with_name("truststore.p12")
         if not store.exists():
             subprocess.run(
                 [
@@ -445,7 +449,7 @@ class Java(Client):
                     "-alias",
                     "outgate-test-ca",
                     "-file",
-                    str(rng.pki.ca_pem),
+                    str(client_range.pki.ca_pem),
                     "-keystore",
                     str(store),
                     "-storetype",
@@ -459,15 +463,15 @@ class Java(Client):
             )
         return store
 
-    def _command(self, rng: ClientRange, *args: str) -> list[str]:
-        port = str(rng.proxy.port)
+    def _command(self, client_range: ClientRange, *args: str) -> list[str]:
+        port = str(client_range.proxy.port)
         return [
             self.tool("java"),
             "-Dhttp.proxyHost=127.0.0.1",
             f"-Dhttp.proxyPort={port}",
             "-Dhttps.proxyHost=127.0.0.1",
             f"-Dhttps.proxyPort={port}",
-            f"-Djavax.net.ssl.trustStore={self.truststore(rng)}",
+            f"-Djavax.net.ssl.trustStore={self.truststore(client_range)}",
             f"-Djavax.net.ssl.trustStorePassword={JAVA_TRUSTSTORE_PASSWORD}",
             "-cp",
             str(self.classes()),
@@ -476,13 +480,17 @@ class Java(Client):
         ]
 
     async def request(
-        self, rng: ClientRange, method: str, url: str, body: str | None = None
+        self, client_range: ClientRange, method: str, url: str, body: str | None = None
     ) -> Reply:
-        command = self._command(rng, "request", method, url, *([body] if body is not None else []))
-        return _reply_from_json(_run(command, _base_environment(rng)))
+        command = self._command(
+            client_range, "request", method, url, *([body] if body is not None else [])
+        )
+        return _reply_from_json(_run(command, _base_environment(client_range)))
 
-    async def echo(self, rng: ClientRange, url: str, message: str) -> str:
-        output = _run(self._command(rng, "websocket", url, message), _base_environment(rng))
+    async def echo(self, client_range: ClientRange, url: str, message: str) -> str:
+        output = _run(
+            self._command(client_range, "websocket", url, message), _base_environment(client_range)
+        )
         return str(json.loads(output)["echo"])
 
 

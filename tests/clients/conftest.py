@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.clientrange import ClientRange, client_range
+from tests.support.clientrange import ClientRange, start_client_range
 
 
 @pytest.fixture(scope="package")
-def rng(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientRange]:
-    with client_range(tmp_path_factory.mktemp("clients")) as started:
+def client_range(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientRange]:
+    with start_client_range(tmp_path_factory.mktemp("clients")) as started:
         yield started

@@ -32,22 +32,22 @@ def usable(client: Client, capability: str) -> None:
 @clients
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_get_reaches_the_allowed_origin(
-    client: Client, scheme: str, rng: ClientRange
+    client: Client, scheme: str, client_range: ClientRange
 ) -> None:
     usable(client, "http")
-    reply = await client.request(rng, "GET", f"{scheme}://{ALLOWED}/hello")
+    reply = await client.request(client_range, "GET", f"{scheme}://{ALLOWED}/hello")
     assert (reply.status, reply.body) == (200, "hello from origin\n")
 
 
 @clients
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_post_body_arrives_at_the_origin_intact(
-    client: Client, scheme: str, rng: ClientRange
+    client: Client, scheme: str, client_range: ClientRange
 ) -> None:
     usable(client, "http")
-    origin = rng.http_origin if scheme == "http" else rng.https_origin
+    origin = client_range.http_origin if scheme == "http" else client_range.https_origin
     seen_before = len(origin.seen)
-    reply = await client.request(rng, "POST", f"{scheme}://{ALLOWED}/echo", BODY)
+    reply = await client.request(client_range, "POST", f"{scheme}://{ALLOWED}/echo", BODY)
     assert reply.status == 200
     assert reply.body == BODY
     received = [seen for seen in origin.seen[seen_before:] if seen.path == "/echo"]
@@ -57,19 +57,19 @@ async def test_post_body_arrives_at_the_origin_intact(
 @clients
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_denied_destination_shows_the_refusal_and_its_reason(
-    client: Client, scheme: str, rng: ClientRange
+    client: Client, scheme: str, client_range: ClientRange
 ) -> None:
     """A refused CONNECT reaches the client as an error: its message must carry what the client
     can show (the status, and the reason where the client prints the reason phrase). A refused
     plain request is a 403 response whose reason phrase, header and body name the reason."""
     if client.http:
         usable(client, "http")
-        attempt = client.request(rng, "GET", f"{scheme}://{DENIED}/hello")
+        attempt = client.request(client_range, "GET", f"{scheme}://{DENIED}/hello")
     else:
         usable(client, "websocket")
         ws_scheme = "ws" if scheme == "http" else "wss"
-        attempt = client.echo(rng, f"{ws_scheme}://{DENIED}/ws", "must not arrive")
-    before = rng.recorded_ids()
+        attempt = client.echo(client_range, f"{ws_scheme}://{DENIED}/ws", "must not arrive")
+    before = client_range.recorded_ids()
     if scheme == "https" or client.tunnels_plain_http:
         with pytest.raises(ClientFailed) as failed:
             await attempt
@@ -77,8 +77,8 @@ async def test_denied_destination_shows_the_refusal_and_its_reason(
         reply = None
     else:
         reply = await attempt
-    assert rng.deny_recorded(before)["rule"]["name"] == DENY_RULE
-    assert rng.origin_requests(DENIED) == []
+    assert client_range.deny_recorded(before)["rule"]["name"] == DENY_RULE
+    assert client_range.origin_requests(DENIED) == []
     if reply is None:
         for text in client.tunnel_refusal_shows:
             assert text in shown, f"{client.name} shows: {shown}"
@@ -93,17 +93,19 @@ async def test_denied_destination_shows_the_refusal_and_its_reason(
 @clients
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 async def test_websocket_echoes_through_the_proxy(
-    client: Client, scheme: str, rng: ClientRange
+    client: Client, scheme: str, client_range: ClientRange
 ) -> None:
     usable(client, "websocket")
     message = f"hello over {scheme} from {client.name}"
-    assert await client.echo(rng, f"{scheme}://{ALLOWED}/ws", message) == message
+    assert await client.echo(client_range, f"{scheme}://{ALLOWED}/ws", message) == message
 
 
-def test_curl_verbose_shows_the_refusal_reason_in_the_status_line(rng: ClientRange) -> None:
+def test_curl_verbose_shows_the_refusal_reason_in_the_status_line(
+    client_range: ClientRange,
+) -> None:
     """curl prints only `CONNECT tunnel failed, response 403`; `-v` shows the proxy's status
     line, which is where the reason must be (DESIGN section 6)."""
-    env = {**proxy_environment(rng), "CURL_CA_BUNDLE": str(rng.pki.ca_pem)}
+    env = {**proxy_environment(client_range), "CURL_CA_BUNDLE": str(client_range.pki.ca_pem)}
     result = curl("-v", f"https://{DENIED}/", env=env)
     assert result.returncode == 56, result.stderr
     assert "CONNECT tunnel failed, response 403" in result.stderr

@@ -33,7 +33,7 @@ schemes = pytest.mark.parametrize("scheme", ["http", "https"])
 
 
 def pip_install(
-    rng: ClientRange, index: str, target: Path, *options: str
+    client_range: ClientRange, index: str, target: Path, *options: str
 ) -> subprocess.CompletedProcess[str]:
     """`pip install` from `index` through the proxy. `--isolated` keeps this machine's pip
     configuration out; `--retries 1`: pip prints a connection error only when it retries."""
@@ -52,9 +52,9 @@ def pip_install(
             "--timeout",
             "15",
             "--proxy",
-            rng.proxy_url,
+            client_range.proxy_url,
             "--cert",
-            str(rng.pki.ca_pem),
+            str(client_range.pki.ca_pem),
             "--index-url",
             index,
             "--target",
@@ -77,11 +77,11 @@ def pip_index_options(scheme: str, host: str) -> list[str]:
 
 @schemes
 def test_pip_installs_a_wheel_from_an_index_through_the_proxy(
-    scheme: str, rng: ClientRange, tmp_path: Path
+    scheme: str, client_range: ClientRange, tmp_path: Path
 ) -> None:
     target = tmp_path / "site"
     result = pip_install(
-        rng,
+        client_range,
         f"{scheme}://{ALLOWED}/static/simple/",
         target,
         *pip_index_options(scheme, ALLOWED),
@@ -92,36 +92,36 @@ def test_pip_installs_a_wheel_from_an_index_through_the_proxy(
 
 
 @schemes
-def test_pip_shows_a_refused_index(scheme: str, rng: ClientRange, tmp_path: Path) -> None:
+def test_pip_shows_a_refused_index(scheme: str, client_range: ClientRange, tmp_path: Path) -> None:
     """pip prints a refused CONNECT's status line in its retry warning. A plain-http index that
     answers 403 it only reports at -vv (`Could not fetch URL ...: 403 Client Error: <reason
     phrase> for url`); by default it says no more than "No matching distribution found"."""
     verbosity = ["-vv"] if scheme == "http" else []
-    before = rng.recorded_ids()
+    before = client_range.recorded_ids()
     result = pip_install(
-        rng,
+        client_range,
         f"{scheme}://{DENIED}/static/simple/",
         tmp_path / "site",
         *pip_index_options(scheme, DENIED),
         *verbosity,
     )
     assert result.returncode != 0
-    assert rng.deny_recorded(before)["rule"]["name"] == DENY_RULE
-    assert rng.origin_requests(DENIED) == []
+    assert client_range.deny_recorded(before)["rule"]["name"] == DENY_RULE
+    assert client_range.origin_requests(DENIED) == []
     shown = [line for line in (result.stdout + result.stderr).splitlines() if " 403 " in line]
     assert shown, result.stdout + result.stderr
     assert DENY_REASON in shown[-1], shown
 
 
-def git(rng: ClientRange, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def git(client_range: ClientRange, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """git with the proxy in `http.proxy` and the CA in `http.sslCAInfo`."""
     return subprocess.run(
         [
             "git",
             "-c",
-            f"http.proxy={rng.proxy_url}",
+            f"http.proxy={client_range.proxy_url}",
             "-c",
-            f"http.sslCAInfo={rng.pki.ca_pem}",
+            f"http.sslCAInfo={client_range.pki.ca_pem}",
             *args,
         ],
         cwd=cwd,
@@ -135,11 +135,13 @@ def git(rng: ClientRange, *args: str, cwd: Path) -> subprocess.CompletedProcess[
 
 @schemes
 def test_git_clones_over_smart_http_through_the_proxy(
-    scheme: str, rng: ClientRange, tmp_path: Path
+    scheme: str, client_range: ClientRange, tmp_path: Path
 ) -> None:
-    origin = rng.http_origin if scheme == "http" else rng.https_origin
+    origin = client_range.http_origin if scheme == "http" else client_range.https_origin
     seen_before = len(origin.seen)
-    result = git(rng, "clone", f"{scheme}://{ALLOWED}/git/{GIT_REPO}", "copy", cwd=tmp_path)
+    result = git(
+        client_range, "clone", f"{scheme}://{ALLOWED}/git/{GIT_REPO}", "copy", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "copy" / GIT_FILE).read_text() == GIT_FILE_TEXT
     # The smart protocol: the ref advertisement by GET, the pack negotiation by POST.
@@ -150,21 +152,21 @@ def test_git_clones_over_smart_http_through_the_proxy(
 
 @schemes
 def test_git_push_carries_the_pack_to_the_origin_intact(
-    scheme: str, rng: ClientRange, tmp_path: Path
+    scheme: str, client_range: ClientRange, tmp_path: Path
 ) -> None:
     """A push POSTs the new objects as a pack; the origin's repository then holds them."""
     url = f"{scheme}://{ALLOWED}/git/{GIT_REPO}"
-    assert git(rng, "clone", "--quiet", url, "work", cwd=tmp_path).returncode == 0
+    assert git(client_range, "clone", "--quiet", url, "work", cwd=tmp_path).returncode == 0
     work = tmp_path / "work"
     content = f"pushed over {scheme} through the proxy\n" * 200
     (work / "pushed.txt").write_text(content)
-    assert git(rng, "add", "pushed.txt", cwd=work).returncode == 0
-    assert git(rng, "commit", "--quiet", "-m", f"over {scheme}", cwd=work).returncode == 0
+    assert git(client_range, "add", "pushed.txt", cwd=work).returncode == 0
+    assert git(client_range, "commit", "--quiet", "-m", f"over {scheme}", cwd=work).returncode == 0
     branch = f"pushed-over-{scheme}"
-    result = git(rng, "push", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
+    result = git(client_range, "push", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
     assert result.returncode == 0, result.stderr
     stored = subprocess.run(
-        ["git", "--git-dir", str(rng.git_root / GIT_REPO), "show", f"{branch}:pushed.txt"],
+        ["git", "--git-dir", str(client_range.git_root / GIT_REPO), "show", f"{branch}:pushed.txt"],
         env=git_environment(tmp_path),
         capture_output=True,
         text=True,
@@ -175,12 +177,12 @@ def test_git_push_carries_the_pack_to_the_origin_intact(
 
 
 @schemes
-def test_git_shows_a_refused_remote(scheme: str, rng: ClientRange, tmp_path: Path) -> None:
+def test_git_shows_a_refused_remote(scheme: str, client_range: ClientRange, tmp_path: Path) -> None:
     """git prints only the status (`CONNECT tunnel failed, response 403`, or `The requested URL
     returned error: 403`), not the reason phrase; docs/clients.md says where to find it."""
-    before = rng.recorded_ids()
-    result = git(rng, "clone", f"{scheme}://{DENIED}/git/{GIT_REPO}", "copy", cwd=tmp_path)
+    before = client_range.recorded_ids()
+    result = git(client_range, "clone", f"{scheme}://{DENIED}/git/{GIT_REPO}", "copy", cwd=tmp_path)
     assert result.returncode != 0
-    assert rng.deny_recorded(before)["rule"]["name"] == DENY_RULE
-    assert rng.origin_requests(DENIED) == []
+    assert client_range.deny_recorded(before)["rule"]["name"] == DENY_RULE
+    assert client_range.origin_requests(DENIED) == []
     assert "403" in result.stderr, result.stderr

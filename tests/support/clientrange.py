@@ -104,7 +104,7 @@ class ClientRange:
 
 
 @contextlib.contextmanager
-def client_range(workdir: Path) -> Iterator[ClientRange]:
+def start_client_range(workdir: Path) -> Iterator[ClientRange]:
     """Start the range; everything it starts stops when the block ends."""
     pki = make_pki(workdir / "pki", [ALLOWED, DENIED])
     static_root = workdir / "static"
