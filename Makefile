@@ -23,7 +23,10 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -m pip install --quiet -e . >&2
 	@touch $@
 
-$(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
+# Node's undici for the real-client matrix, pinned with its integrity hash.
+NODE_CLIENT := tests/clients/programs/node
+
+$(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@# tests/deploy/test_image.py builds the image's virtualenv offline from these wheels.
 	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
@@ -40,6 +43,19 @@ $(TEST_STAMP): pyproject.toml requirements.lock | $(BIN)/python
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
+	@# tests/clients, the real-client matrix (docs/clients.md): git, Node with npm (for undici),
+	@# Go and a headless JDK 17; Go and Java clients are compiled once per machine at test time.
+	@command -v git >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends git)
+	@command -v node >/dev/null && command -v npm >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm)
+	@command -v go >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
+	@command -v javac >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless)
+	mkdir -p $(VENV)/node-clients
+	cp $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json $(VENV)/node-clients/
+	npm ci --prefix $(VENV)/node-clients --silent --no-audit --no-fund
 	touch $(RUN_STAMP) $@
 
 install: $(RUN_STAMP)

@@ -8,9 +8,10 @@ import pytest
 
 pytest_plugins = ["tests.support.dnsserver", "tests.support.fixtures"]
 
-# These directories aim the proxy at metadata, private and public-looking addresses. They are
-# collected only inside the network namespace that tests/test_netns_suite.py creates for them.
-NAMESPACED = ("netns", "security")
+# These directories aim the proxy at metadata, private and public-looking addresses (and clients
+# at public-looking names). They are collected only inside the network namespace that
+# tests/test_netns_suite.py creates for them.
+NAMESPACED = ("netns", "security", "clients")
 HERE = Path(__file__).resolve().parent
 
 if os.environ.get("OUTGATE_IN_NETNS") != "1":

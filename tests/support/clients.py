@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 # Seconds: past every timeout a test provokes in the proxy, so curl reports the proxy's answer
@@ -20,19 +21,23 @@ def _curl_command(args: tuple[str, ...], *, max_time: int, status_only: bool) ->
 
 
 # The environment is just a PATH: no http_proxy/https_proxy/no_proxy from the caller's shell, so
-# only `-x` in the arguments decides where curl connects.
+# only `-x` in the arguments (or proxy variables a test hands in) decides where curl connects.
 CURL_ENV = {"PATH": "/usr/bin:/bin"}
 
 
 def curl(
-    *args: str, max_time: int = CURL_MAX_TIME, status_only: bool = False
+    *args: str,
+    max_time: int = CURL_MAX_TIME,
+    status_only: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run curl with `args`; `status_only` discards the body and prints only the status code."""
+    """Run curl with `args`; `status_only` discards the body and prints only the status code.
+    The environment is CURL_ENV plus `env`."""
     return subprocess.run(
         _curl_command(args, max_time=max_time, status_only=status_only),
         capture_output=True,
         text=True,
-        env=CURL_ENV,
+        env={**CURL_ENV, **(env or {})},
         check=False,
     )
 

@@ -1,7 +1,9 @@
 """A real HTTP(S) origin server on loopback (aiohttp in its own thread), recording what it got.
 
-`/ws` is a real WebSocket endpoint (RFC 6455, aiohttp's server): it greets with one text message,
-then echoes every text and binary message until the client closes."""
+Besides its fixed routes (/hello, /echo, /sink, /bytes/N, /status/N, /headers, and two real
+WebSocket endpoints (RFC 6455, aiohttp's server): /ws greets with one text message, then echoes
+every text and binary message until the client closes; /ws-echo only echoes), a test can hand in
+more (`routes`, aiohttp route defs)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import asyncio
 import hashlib
 import ssl
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Size of each write when the origin streams a large body.
 STREAM_PIECE = 256 * 1024
 # The first message `/ws` sends, before any echo: shows the upstream-to-client direction alone.
@@ -40,6 +44,7 @@ class OriginServer:
     host: str = "127.0.0.1"
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
+    routes: Sequence[web.RouteDef] = ()
     seen: list[SeenRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,6 +111,26 @@ class OriginServer:
             return web.Response(status=code, headers={"ETag": '"v1"'})
         return web.Response(status=code, text=f"status {code}\n")
 
+    def _recorded(self, handler: Handler) -> Handler:
+        """A test's own handler, with the request recorded like those of the fixed routes."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self._record(request)
+            return await handler(request)
+
+        return handle
+
+    async def _websocket_echo(self, request: web.Request) -> web.WebSocketResponse:
+        self._record(request)
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            if message.type is WSMsgType.TEXT:
+                await socket.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await socket.send_bytes(message.data)
+        return socket
+
     async def _headers(self, request: web.Request) -> web.Response:
         self._record(request)
         return web.json_response(
@@ -134,6 +159,13 @@ class OriginServer:
         app.router.add_get("/status/{code}", self._status)
         app.router.add_get("/headers", self._headers)
         app.router.add_get("/ws", self._websocket)
+        app.router.add_get("/ws-echo", self._websocket_echo)
+        app.router.add_routes(
+            [
+                web.route(r.method, r.path, self._recorded(r.handler), **r.kwargs)
+                for r in self.routes
+            ]
+        )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
