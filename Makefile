@@ -38,13 +38,11 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
-	@# tests/integration/test_refusal_clients.py: what a Go program (net/http) prints on a refusal.
-	@command -v go >/dev/null || (apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
 	@# tests/clients, the real-client matrix (docs/clients.md): git, Node with npm (for undici),
 	@# Go and a headless JDK 17; Go and Java clients are compiled once per machine at test time.
+	@# Go also serves tests/integration/test_refusal_clients.py.
 	@command -v git >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends git)
 	@command -v node >/dev/null && command -v npm >/dev/null || (apt-get update -qq && \
