@@ -796,12 +796,11 @@ def offered_upgrade(req: RequestHead) -> str | None:
     if "upgrade" not in req.connection_tokens:
         return None
     values = req.header_values("upgrade")
-    if (
-        len(values) != 1
-        or req.version != "HTTP/1.1"
-        or req.framing is not BodyFraming.NONE
-        or req.is_connect
-    ):
+    # `Content-Length: 0` is no body (Java's HttpClient sends it on its WebSocket handshake).
+    bodiless = req.framing is BodyFraming.NONE or (
+        req.framing is BodyFraming.LENGTH and req.content_length == 0
+    )
+    if len(values) != 1 or req.version != "HTTP/1.1" or not bodiless or req.is_connect:
         return None
     protocol = values[0]
     if not _PROTOCOL.fullmatch(protocol):  # one `token ["/" token]`, no list

@@ -1479,6 +1479,11 @@ WEBSOCKET_FIELDS = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-
         ),
         pytest.param(post(*WEBSOCKET_FIELDS, "Content-Length: 5"), None, id="with-a-length-body"),
         pytest.param(
+            get("http://example.com/ws", *WEBSOCKET_FIELDS, "Content-Length: 0"),
+            "websocket",
+            id="empty-length-as-java-sends",
+        ),
+        pytest.param(
             post(*WEBSOCKET_FIELDS, "Transfer-Encoding: chunked"), None, id="with-a-chunked-body"
         ),
         pytest.param(
