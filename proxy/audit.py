@@ -111,6 +111,11 @@ class Exchange:
     upstream_resolve: str | None = None
     upstream_status: int | None = None
     upgrade: str | None = None  # the protocol a 101 switched to (lowercased), e.g. "websocket"
+    # Issue 14: the load balancer whose PROXY header named the source, and the header's version.
+    proxy_peer_ip: str | None = None
+    proxy_peer_port: int | None = None
+    proxy_protocol: int | None = None
+    user_name: str | None = None  # the proxy-auth user the workload came from (ECS user.name)
     decision: Decision | None = None
     reason: Reason | None = None
     status: int | None = None
@@ -166,6 +171,13 @@ def _common(ex: Exchange, action: str) -> dict[str, Any]:
         )
     if ex.server_name is not None:
         record["tls"] = {"client": {"server_name": _cut(ex.server_name)}}
+    if ex.user_name is not None:
+        record["user"] = {"name": _cut(ex.user_name)}
+    if ex.proxy_protocol is not None:
+        record["outgate"]["proxy_protocol"] = {
+            "version": ex.proxy_protocol,
+            "peer": {"ip": ex.proxy_peer_ip, "port": ex.proxy_peer_port},
+        }
     _tls_fields(ex, record["outgate"])
     if ex.method is not None:
         record["http"] = {"request": {"method": _cut(ex.method)}}

@@ -54,6 +54,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
 EMBEDDED_CONFIG = "default_config.yaml"
+# Where a pod's `hostAliases` land, and where Squid's `hosts_file` points by default.
+DEFAULT_HOSTS_FILE = "/etc/hosts"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -109,6 +111,10 @@ class Settings:
     dns_timeout: float = 5.0
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0
+    # Issue 14: names answered from this hosts file before DNS (None: DNS only).
+    dns_hosts_file: str | None = DEFAULT_HOSTS_FILE
+    # Issue 14: load balancers whose PROXY protocol header names the client (empty: none).
+    proxy_protocol_trusted_cidrs: tuple[IPNetwork, ...] = ()
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     unsafe_allow_cidrs: tuple[IPNetwork, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -140,7 +146,14 @@ _SHAPE: dict[str, Any] = {
     "defaultAction": None,
     "policies": {"paths": None, "kubernetes": None},
     "identity": {"kubernetes": None, "kubeconfig": None, "watchJobs": None, "static": None},
-    "dns": {"nameservers": None, "timeout": None, "minTTL": None, "maxTTL": None},
+    "dns": {
+        "nameservers": None,
+        "timeout": None,
+        "minTTL": None,
+        "maxTTL": None,
+        "hostsFile": None,
+    },
+    "proxyProtocol": {"trustedCIDRs": None},
     "guard": {"clusterCIDRs": None, "unsafeAllowCIDRs": None},
     "timeouts": {
         "header": None,
@@ -262,6 +275,21 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(str(item), strict=True) for item in value)
 
 
+def _hosts_file(reader: _Reader, base_dir: Path) -> str | None:
+    """`dns.hostsFile`: a path (relative to the config file), or null / "" to answer from DNS
+    only. Absent: /etc/hosts. The file itself is read, and re-read, by the resolver."""
+    dns = reader.raw.get("dns")
+    if not isinstance(dns, Mapping) or "hostsFile" not in dns:
+        return DEFAULT_HOSTS_FILE
+    value = dns["hostsFile"]
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        reader.issue("dns.hostsFile", f"invalid value {value!r}", "a path, or null for DNS only")
+        return DEFAULT_HOSTS_FILE
+    return str(base_dir / Path(value).expanduser())
+
+
 def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError("expected a list of strings")
@@ -355,6 +383,13 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
         dns_timeout=duration("dns.timeout", d.dns_timeout),
         dns_min_ttl=duration("dns.minTTL", d.dns_min_ttl),
         dns_max_ttl=duration("dns.maxTTL", d.dns_max_ttl),
+        dns_hosts_file=_hosts_file(reader, base_dir),
+        proxy_protocol_trusted_cidrs=reader.get(
+            "proxyProtocol.trustedCIDRs",
+            (),
+            _networks,
+            "a list of the load balancers' addresses, e.g. [10.0.0.0/24]",
+        ),
         cluster_cidrs=reader.get("guard.clusterCIDRs", (), _networks, "a list like [10.0.0.0/8]"),
         unsafe_allow_cidrs=reader.get(
             "guard.unsafeAllowCIDRs", (), _networks, "a list like [10.1.2.0/24]"

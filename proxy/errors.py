@@ -51,6 +51,12 @@ class Reason(StrEnum):
     # Identity (Kubernetes informer).
     AMBIGUOUS_SOURCE = "ambiguous_source"  # two live pods claim the source IP
     SOURCE_GONE = "source_gone"  # the source pod left the index; its IP may be handed on
+    # Listener (issue 14): the PROXY protocol header of a load balancer, and proxy auth.
+    PROXY_PROTOCOL_INVALID = "proxy_protocol_invalid"  # malformed or cut short
+    PROXY_PROTOCOL_MISSING = "proxy_protocol_missing"  # a trusted peer sent none
+    PROXY_PROTOCOL_TIMEOUT = "proxy_protocol_timeout"  # not complete within timeouts.header
+    AUTH_REQUIRED = "auth_required"  # a source that must authenticate sent no credentials
+    AUTH_FAILED = "auth_failed"  # wrong credentials, or a user with no identity
     # Tunnel content (TLS issue): SNI and protocol checks.
     SNI_MISSING = "sni_missing"
     SNI_MISMATCH = "sni_mismatch"
@@ -99,6 +105,18 @@ class BadRequest(OutgateError):
 class PolicyDenied(OutgateError):
     status = 403
     default_reason = Reason.RULE_DENY
+
+
+class ProxyAuthRequired(OutgateError):
+    """Proxy authentication is required and missing or wrong (RFC 9110 section 15.5.8); the
+    reply carries `Proxy-Authenticate` with `challenge`."""
+
+    status = 407
+    default_reason = Reason.AUTH_REQUIRED
+
+    def __init__(self, message: str, *, challenge: str, reason: Reason | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.challenge = challenge
 
 
 class HeaderTimeout(OutgateError):

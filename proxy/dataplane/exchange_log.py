@@ -26,6 +26,7 @@ from proxy.core.identity import IdentityLookup
 from proxy.core.upstreams import DIRECT
 from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.peer import Peer
+from proxy.dataplane.proxy_header import ClientSource
 from proxy.dataplane.responses import render_error
 from proxy.dataplane.router import Route
 from proxy.errors import OutgateError, Reason, UpstreamProxyRefused
@@ -57,12 +58,16 @@ class ExchangeLog:
         self._identity = identity
 
     # -- start --------------------------------------------------------------------------------
-    def open(self, src_ip: IPAddress, src_port: int, kind: str = "forward") -> Exchange:
+    def open(self, source: ClientSource, kind: str = "forward") -> Exchange:
+        peer = source.peer_ip
         return Exchange(
             kind=kind,
-            source_ip=ip_text(src_ip),
-            source_port=src_port,
-            workload=self._identity.lookup(src_ip),
+            source_ip=ip_text(source.ip),
+            source_port=source.port,
+            workload=self._identity.lookup(source.ip),
+            proxy_peer_ip=None if peer is None else ip_text(peer),
+            proxy_peer_port=source.peer_port,
+            proxy_protocol=source.proxy_protocol,
         )
 
     def open_inner(self, tunnel: Exchange, *, tls: bool) -> Exchange:
@@ -81,6 +86,10 @@ class ExchangeLog:
             upstream=tunnel.upstream,
             upstream_proxy=tunnel.upstream_proxy,
             upstream_resolve=tunnel.upstream_resolve,
+            proxy_peer_ip=tunnel.proxy_peer_ip,
+            proxy_peer_port=tunnel.proxy_peer_port,
+            proxy_protocol=tunnel.proxy_protocol,
+            user_name=tunnel.user_name,
         )
 
     # -- decision -----------------------------------------------------------------------------

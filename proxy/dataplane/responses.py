@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from proxy.errors import OutgateError, TooManyRequests
+from proxy.errors import OutgateError, ProxyAuthRequired, TooManyRequests
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # Seconds a client should wait after a 429 before trying again.
@@ -62,5 +62,7 @@ def render_error(
     ]
     if isinstance(error, TooManyRequests):
         headers.append(f"Retry-After: {RETRY_AFTER_SECONDS}")
+    if isinstance(error, ProxyAuthRequired):
+        headers.append(f"Proxy-Authenticate: {error.challenge}")
     headers.append("Connection: keep-alive" if keep_alive else "Connection: close")
     return ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + body

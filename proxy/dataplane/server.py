@@ -2,10 +2,12 @@
 
 Per client connection, one task runs this loop (DESIGN section 1); each step names its owner:
 
+  0. the source: the socket peer, or the client a trusted load balancer names in a PROXY
+     protocol header (proxy.dataplane.proxy_header);
   1. admission: audit backpressure, connection caps and rates (proxy.dataplane.limits);
   2. read the head under the header deadline (408) and the head limits (414/431), and parse it
      strictly (proxy.core.http1; 400 and close on anything ambiguous);
-  3. identify the source from the socket peer, never from a header (the exchange log looks it
+  3. identify the source from step 0, never from a request header (the exchange log looks it
      up when it opens the exchange);
   4. route: decide, resolve, decide per address, guard (proxy.dataplane.router); a deny is a
      403 and the connection stays usable; a forwarded request under a rule with `inspect` is
@@ -48,6 +50,7 @@ from proxy.dataplane.http_relay import (
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
+from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay
 from proxy.errors import (
@@ -101,6 +104,9 @@ class ProxyServer:
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
         self._admission = Admission(settings.limits)
+        self._proxy_header = ProxyHeaderAdmission(
+            trusted=settings.proxy_protocol_trusted_cidrs, timeout=settings.timeouts.header
+        )
         self._clients: dict[IPAddress, set[Peer]] = {}
         self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
         self._draining = False
@@ -156,14 +162,27 @@ class ProxyServer:
     def _on_accept(self, client: Peer) -> None:
         assert client.transport is not None
         peername = client.transport.get_extra_info("peername")
-        src_ip = unmap_ipv4(_parse_ip(peername[0].split("%")[0]))
-        src_port = int(peername[1])
+        peer_ip = unmap_ipv4(_parse_ip(peername[0].split("%")[0]))
+        peer_port = int(peername[1])
         metrics.CONNECTIONS_ACCEPTED.inc()
         self._tasks.spawn(
-            self._serve_client(client, src_ip, src_port), name=f"client {src_ip}:{src_port}"
+            self._serve_client(client, peer_ip, peer_port), name=f"client {peer_ip}:{peer_port}"
         )
 
-    async def _serve_client(self, client: Peer, src_ip: IPAddress, src_port: int) -> None:
+    async def _serve_client(self, client: Peer, peer_ip: IPAddress, peer_port: int) -> None:
+        try:
+            source = await self._proxy_header.admit(client, peer_ip, peer_port)
+        except OutgateError as error:
+            ex = self._log.open(ClientSource(ip=peer_ip, port=peer_port))
+            self._log.refuse(client, ex, error, keep_alive=False)
+            return
+        if source is None:
+            client.close()
+            return
+        await self._serve_source(client, source)
+
+    async def _serve_source(self, client: Peer, source: ClientSource) -> None:
+        src_ip = source.ip
         self._admission.connection_opened(src_ip)
         self._clients.setdefault(src_ip, set()).add(client)
         metrics.ACTIVE_CONNECTIONS.labels(kind="client").inc()
@@ -174,7 +193,7 @@ class ProxyServer:
                 drained = asyncio.Event()
                 self._audit.call_when_drained(drained.set)
                 await drained.wait()
-            ex = self._log.open(src_ip, src_port)
+            ex = self._log.open(source)
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
             except TooManyRequests as exc:
@@ -182,11 +201,11 @@ class ProxyServer:
                 return
             first = True
             while not self._draining:
-                head = await self._read_head(client, src_ip, src_port, first=first)
+                head = await self._read_head(client, source, first=first)
                 if head is None:
                     return
                 first = False
-                if not await self._handle(client, head, src_ip, src_port, pool):
+                if not await self._handle(client, head, source, pool):
                     return
         finally:
             pool.close()
@@ -199,9 +218,7 @@ class ProxyServer:
                     del self._clients[src_ip]
             metrics.ACTIVE_CONNECTIONS.labels(kind="client").dec()
 
-    async def _read_head(
-        self, client: Peer, src_ip: IPAddress, src_port: int, *, first: bool
-    ) -> bytes | None:
+    async def _read_head(self, client: Peer, source: ClientSource, *, first: bool) -> bytes | None:
         """The next request head, or None when the client left (or idled out, or the proxy is
         draining) between requests. A fresh connection's first head is under the header timeout
         from the start; a kept-alive one waits up to the idle timeout for a first byte."""
@@ -217,7 +234,7 @@ class ProxyServer:
                 max_head_bytes=self._settings.limits.max_header_bytes,
             )
         except OutgateError as error:
-            self._log.refuse(client, self._log.open(src_ip, src_port), error, keep_alive=False)
+            self._log.refuse(client, self._log.open(source), error, keep_alive=False)
             return None
         finally:
             if idle:
@@ -225,10 +242,10 @@ class ProxyServer:
 
     # -- one request ---------------------------------------------------------------------------
     async def _handle(
-        self, client: Peer, head: bytes, src_ip: IPAddress, src_port: int, pool: UpstreamPool
+        self, client: Peer, head: bytes, source: ClientSource, pool: UpstreamPool
     ) -> bool:
         """Serve one request; True when the client connection may carry another."""
-        ex = self._log.open(src_ip, src_port)
+        ex = self._log.open(source)
         try:
             req = parse_request_head(head)
         except OutgateError as exc:
@@ -250,7 +267,7 @@ class ProxyServer:
                     "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE
                 )
             if req.is_connect:
-                tunnel_key = workload_key(ex.workload, src_ip)
+                tunnel_key = workload_key(ex.workload, source.ip)
                 self._admission.open_tunnel(tunnel_key)
                 held_tunnel = tunnel_key
             route = await self._router.route(ex.workload, req.host, req.port)

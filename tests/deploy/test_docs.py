@@ -83,6 +83,10 @@ def test_every_core_audit_field_is_documented() -> None:
         status=403,
         reason=Reason.DEFAULT_DENY,
         upgrade="websocket",
+        proxy_peer_ip="10.0.0.4",
+        proxy_peer_port=50000,
+        proxy_protocol=2,
+        user_name="alice",
     )
     fields = _keys(decision_record(exchange)) | _keys(close_record(exchange, Reason.COMPLETED))
     text = (DOCS / "audit-reference.md").read_text()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,8 @@ from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.engine import Destination, Engine
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import Action
-from proxy.errors import BadGateway, BadRequest, OutgateError, TunnelViolation
+from proxy.core.proxy_protocol import parse_proxy_header
+from proxy.errors import BadGateway, BadRequest, OutgateError, Reason, TunnelViolation
 
 settings.register_profile(
     "ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -166,3 +169,61 @@ def test_clienthello_reader_raises_only_tunnel_violations_for_any_split(
     except TunnelViolation:
         pass
     assert reader.bytes_seen <= len(data)  # never claims bytes it was not given
+
+
+# -- PROXY protocol (issue 14) ------------------------------------------------------------------
+PROXY_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+proxy_like = st.one_of(
+    noise,
+    st.binary(max_size=120).map(lambda tail: b"PROXY " + tail),
+    st.binary(max_size=200).map(lambda tail: PROXY_SIGNATURE + tail),
+)
+ipv4s = st.ip_addresses(v=4)
+ipv6s = st.ip_addresses(v=6)
+ports = st.integers(min_value=0, max_value=65535)
+
+
+@given(proxy_like)
+def test_proxy_header_parser_raises_only_its_own_error(data: bytes) -> None:
+    try:
+        header = parse_proxy_header(data)
+    except BadRequest as exc:
+        assert exc.reason is Reason.PROXY_PROTOCOL_INVALID
+        return
+    if header is not None:
+        assert 0 < header.length <= len(data)
+
+
+@given(
+    st.one_of(st.tuples(ipv4s, ipv4s), st.tuples(ipv6s, ipv6s)),
+    ports,
+    ports,
+    st.booleans(),
+    st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4),
+    st.binary(max_size=50),
+)
+def test_proxy_header_round_trips_and_every_prefix_waits(
+    addresses: tuple[Any, Any],
+    sport: int,
+    dport: int,
+    binary: bool,
+    tlvs: list[tuple[int, bytes]],
+    after: bytes,
+) -> None:
+    src, dst = addresses
+    if binary:
+        family = 0x11 if src.version == 4 else 0x21
+        payload = src.packed + dst.packed + struct.pack("!HH", sport, dport)
+        payload += b"".join(bytes([t]) + struct.pack("!H", len(v)) + v for t, v in tlvs)
+        header = PROXY_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(payload))
+        header += payload
+    else:
+        kind = "TCP4" if src.version == 4 else "TCP6"
+        header = f"PROXY {kind} {src} {dst} {sport} {dport}\r\n".encode()
+    parsed = parse_proxy_header(header + after)
+    assert parsed is not None
+    assert parsed.source == (src, sport)
+    assert parsed.destination == (dst, dport)
+    assert parsed.length == len(header)
+    for cut in range(len(header)):
+        assert parse_proxy_header(header[:cut]) is None
