@@ -38,6 +38,9 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
+	@# tests/integration/test_haproxy_proxy_protocol.py: a real HAProxy sends the PROXY header.
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy)
 	@command -v unshare >/dev/null && command -v ip >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq util-linux iproute2)
 	@# tests/clients, the real-client matrix (docs/clients.md): git, Node with npm (for undici),
