@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from proxy.core.proxy_protocol import V2_SIGNATURE
-from tests.support.fixtures import ORIGIN_PORTS
+from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import (
     EVENT_TIMEOUT,
     STATIC_CLIENT,
@@ -32,18 +32,7 @@ LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
 REMOTE = {"name": "build-vm", "namespace": "ci", "cidrs": ["192.0.2.0/24"], "labels": {"app": "ci"}}
 # Only the remote client (namespace ci) may reach the origin; the balancer itself (tests/client)
 # may not, so an allow proves the header's address was the identity.
-POLICY = f"""
-apiVersion: outgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {{name: ci, namespace: ci}}
-spec:
-  podSelector: {{}}
-  rules:
-    - name: ci-origin
-      action: Allow
-      to: [{{fqdn: origin.test}}, {{cidr: 127.0.0.0/8}}]
-      ports: {ORIGIN_PORTS}
-"""
+POLICY = policy_allowing("origin.test", name="ci", namespace="ci", pod_selector="{}")
 
 
 def v1(src: str = "192.0.2.7", sport: int = 51000) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.clients import curl
-from tests.support.fixtures import ORIGIN_PORTS
+from tests.support.fixtures import policy_allowing
 from tests.support.haproxy import HAProxy
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess
@@ -30,18 +30,7 @@ IDENTITIES = {
         {"name": "build-vm", "namespace": "ci", "cidrs": [f"{CLIENT}/32"]},
     ]
 }
-POLICY = f"""
-apiVersion: outgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {{name: ci, namespace: ci}}
-spec:
-  podSelector: {{}}
-  rules:
-    - name: ci-origin
-      action: Allow
-      to: [{{cidr: 127.0.0.0/8}}]
-      ports: {ORIGIN_PORTS}
-"""
+POLICY = policy_allowing(name="ci", namespace="ci", pod_selector="{}")
 
 
 @pytest.fixture
@@ -82,7 +71,7 @@ def test_behind_haproxy_the_record_names_the_real_client_and_its_workload(
         assert record["outgate"]["proxy_protocol"]["version"] == version
         assert record["outgate"]["proxy_protocol"]["peer"]["ip"] == "127.0.0.1"
     assert decision["outgate"]["decision"] == "allow"
-    assert decision["rule"]["name"] == "ci-origin"
+    assert decision["rule"]["name"] == "allow-origins"
     assert close["outgate"]["reason"] == "completed"
     # Straight to Outgate from the balancer's address, without a header: refused, never served
     # as the balancer.

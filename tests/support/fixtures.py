@@ -17,17 +17,22 @@ ORIGIN_PORTS = "[{port: 1024, endPort: 65535}, 80, 443]"
 
 
 def policy_allowing(
-    *fqdns: str, cidrs: tuple[str, ...] = ("127.0.0.0/8",), name: str = "tests"
+    *fqdns: str,
+    cidrs: tuple[str, ...] = ("127.0.0.0/8",),
+    name: str = "tests",
+    namespace: str = "tests",
+    pod_selector: str = "{matchLabels: {app: client}}",
 ) -> str:
     """A namespace policy for the test client allowing these names (and loopback as a cidr,
-    which the address guard needs before it lets the proxy dial a loopback origin)."""
+    which the address guard needs before it lets the proxy dial a loopback origin). Another
+    `namespace` and `pod_selector` make it a policy for another (static) workload."""
     to = [f'{{fqdn: "{f}"}}' for f in fqdns] + [f"{{cidr: {c}}}" for c in cidrs]
     return f"""
 apiVersion: outgate.dev/v1alpha1
 kind: EgressPolicy
-metadata: {{name: {name}, namespace: tests}}
+metadata: {{name: {name}, namespace: {namespace}}}
 spec:
-  podSelector: {{matchLabels: {{app: client}}}}
+  podSelector: {pod_selector}
   rules:
     - name: allow-origins
       action: Allow
