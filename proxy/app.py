@@ -35,7 +35,7 @@ from proxy.audit import AuditSink
 from proxy.config import Settings
 from proxy.control.kube.runtime import KubeControlPlane
 from proxy.control.policy_source import PolicyFileWatcher, PolicyStore
-from proxy.control.resolver import Resolver
+from proxy.control.resolver import Resolver, hosts_file
 from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import IPAddress, parse_ip_address
 from proxy.core.identity import IdentityLookup, StaticIdentityIndex
@@ -112,6 +112,7 @@ def build_resolver(settings: Settings) -> Resolver:
         timeout=settings.dns_timeout,
         min_ttl=settings.dns_min_ttl,
         max_ttl=settings.dns_max_ttl,
+        hosts=None if settings.dns_hosts_file is None else hosts_file(settings.dns_hosts_file),
     )
 
 
@@ -301,6 +302,8 @@ class App:
         )
         self.proxy_address = await self.proxy.start(sock=sock)
         self._tasks.spawn(self.watcher.run(), name="policy file watcher")
+        if self.resolver.hosts is not None:
+            self._tasks.spawn(self.resolver.hosts.run(), name="hosts file watcher")
         # Everything built so far (modules, config, the first policy) lives as long as the
         # process: keep it out of the cyclic collector's full passes, which otherwise walk all
         # of it every few thousand requests (bench/README.md, "what limits it").

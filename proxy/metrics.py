@@ -189,7 +189,7 @@ BYTES = Counter(
 )
 DNS_LOOKUPS = Counter(
     "outgate_dns_lookups_total",
-    "DNS lookups by result (ok, cached, nxdomain, servfail, no_answer, timeout).",
+    "DNS lookups by result (ok, cached, hosts, nxdomain, servfail, no_answer, timeout).",
     ["result"],
     registry=REGISTRY,
 )

@@ -18,7 +18,6 @@ cluster's object is reported as left out.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from proxy.control.watched_file import poll_for_changes
 from proxy.core.identity import Workload
 from proxy.core.policy.engine import Decision, Engine
 from proxy.core.policy.loader import load_paths, policy_files
@@ -184,17 +184,11 @@ class PolicyFileWatcher:
         return self._take_fingerprint() != self._fingerprint
 
     async def run(self) -> None:
-        """Poll every `interval` seconds and reload on change, until cancelled."""
-        while True:
-            await asyncio.sleep(self.interval)
-            # stat and parse off the event loop: a large policy set takes a while to compile.
-            try:
-                if await asyncio.to_thread(self.changed):
-                    await asyncio.to_thread(self.reload)
-            except Exception:
-                # A bug must not end hot reload for the life of the process; the engine in
-                # force stays, and the next change is tried again.
-                log.exception("policy_watch_error", revision_in_force=self.store.revision)
+        """Poll every `interval` seconds and reload on change, until cancelled (a large policy
+        set takes a while to compile: that happens off the event loop)."""
+        await poll_for_changes(
+            self.interval, self.changed, self.reload, error_event="policy_watch_error"
+        )
 
     def _take_fingerprint(self) -> _Fingerprint:
         files, issues = policy_files(self.paths)

@@ -2,10 +2,14 @@
 
 The proxy resolves names itself (DESIGN section 1, step 5) so that the address it checks with
 the guard is the address it dials. Names arrive normalised (lowercase, punycode, no trailing
-dot) and are queried as absolute names: no search list, no `ndots`, no /etc/hosts, so a policy
-on `api.stripe.com` can never be satisfied by `api.stripe.com.cluster.local`.
+dot) and are queried as absolute names: no search list, no `ndots`, so a policy on
+`api.stripe.com` can never be satisfied by `api.stripe.com.cluster.local`.
 
 One lookup:
+  0. a name in the hosts file (`dns.hostsFile`, default /etc/hosts, so a proxy pod's
+     `hostAliases` work as Squid's `hosts_file` does) is answered from it, before the cache and
+     DNS. The router asks only after the name was allowed, and guards the addresses like any
+     answer, so an entry pointing into guarded space is refused unless a rule's cidr allows it;
   1. a fresh cache entry answers at once (positive or negative);
   2. a lookup of the same name already in flight is joined, not repeated;
   3. otherwise A and AAAA are queried concurrently, each over UDP (TCP when truncated), trying
@@ -42,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
+from pathlib import Path
 
 import dns.asyncquery
 import dns.exception
@@ -56,7 +61,9 @@ import dns.rdtypes.IN.AAAA
 import structlog
 
 from proxy import metrics
+from proxy.control.watched_file import WatchedFile
 from proxy.core.hosts import IPAddress
+from proxy.core.hostsfile import EMPTY_HOSTS, MAX_HOSTS_FILE_BYTES, HostsTable, parse_hosts
 from proxy.errors import BadGateway, GatewayTimeout, Reason
 
 log = structlog.get_logger(__name__)
@@ -165,6 +172,27 @@ def _system_nameservers() -> list[tuple[str, int]]:
     return found
 
 
+def hosts_file(path: str) -> WatchedFile[HostsTable]:
+    """The hosts file at `path`, loaded now (a missing one is empty) and watched by `run`."""
+    watched = WatchedFile(
+        Path(path),
+        load=_load_hosts,
+        empty=EMPTY_HOSTS,
+        event="hosts_file",
+        max_bytes=MAX_HOSTS_FILE_BYTES,
+        missing_ok=True,
+    )
+    watched.reload()
+    return watched
+
+
+def _load_hosts(text: str) -> HostsTable:
+    table = parse_hosts(text)
+    for line, why in table.skipped:
+        log.warning("hosts_file_line_skipped", line=line, error=why)
+    return table
+
+
 class Resolver:
     """Async A/AAAA resolver with a TTL cache and in-flight coalescing. One per process."""
 
@@ -175,6 +203,7 @@ class Resolver:
         timeout: float,
         min_ttl: float,
         max_ttl: float,
+        hosts: WatchedFile[HostsTable] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not timeout > 0:
@@ -190,6 +219,7 @@ class Resolver:
         self._clock = clock  # cache expiry only; query deadlines use the event loop's clock
         self._cache: dict[str, _CacheEntry] = {}  # insertion order = age, for eviction
         self._inflight: dict[str, asyncio.Task[_Answer]] = {}
+        self.hosts = hosts  # step 0; its `run` is the app's to schedule
 
     @property
     def nameservers(self) -> tuple[tuple[str, int], ...]:
@@ -201,6 +231,11 @@ class Resolver:
         Raises BadGateway (dns_nxdomain, dns_no_answer, dns_servfail) or GatewayTimeout
         (dns_timeout).
         """
+        if self.hosts is not None:
+            listed = self.hosts.current.lookup(name)
+            if listed is not None:
+                metrics.DNS_LOOKUPS.labels(result="hosts").inc()
+                return listed
         entry = self._cache.get(name)
         if entry is not None:
             if entry.expires > self._clock():
