@@ -34,6 +34,7 @@ from proxy.admin import build_admin_app
 from proxy.audit import AuditSink
 from proxy.config import Settings
 from proxy.control.kube.runtime import KubeControlPlane
+from proxy.control.password_file import PasswordFile
 from proxy.control.policy_source import PolicyFileWatcher, PolicyStore
 from proxy.control.resolver import Resolver, hosts_file
 from proxy.core.addresses import AddressGuard
@@ -45,6 +46,7 @@ from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
+from proxy.dataplane.proxy_auth import ProxyAuth
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
 from proxy.dataplane.tunnel import TunnelRelay
@@ -146,10 +148,12 @@ def build_proxy(
     certs: CertCache | None,
     is_ready: Callable[[], bool],
     dialer: Dialer | None = None,
+    passwords: PasswordFile | None = None,
 ) -> ProxyServer:
     """The data plane's parts, each handed the ones it uses (docs/architecture.md). `dialer`
     replaces the direct one (tests hand in one that fails on demand); with upstreams configured,
-    a RoutingDialer sends each route the way its `via` names."""
+    a RoutingDialer sends each route the way its `via` names. `passwords` is the proxy-auth
+    password file when `auth.basic` is configured (`build_password_file`)."""
     direct = (
         dialer if dialer is not None else DirectDialer(connect_timeout=settings.timeouts.connect)
     )
@@ -183,7 +187,31 @@ def build_proxy(
         inspector=inspector,
         audit=audit,
         is_ready=is_ready,
+        auth=None
+        if settings.auth_basic is None or passwords is None
+        else ProxyAuth(settings.auth_basic, passwords),
     )
+
+
+def build_password_file(settings: Settings) -> PasswordFile | None:
+    """The proxy-auth password file of `auth.basic`, loaded now: one that does not load is a
+    ConfigError at start (fail closed); later, a bad version keeps the last good one."""
+    if settings.auth_basic is None:
+        return None
+    passwords = PasswordFile(settings.auth_basic.file)
+    if not passwords.load():
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    file=settings.source,
+                    document=None,
+                    path="auth.basic.file",
+                    message=f"{settings.auth_basic.file} could not be loaded (the log says why)",
+                    fix="point it at a readable htpasswd file of bcrypt hashes (htpasswd -B)",
+                )
+            ]
+        )
+    return passwords
 
 
 class App:
@@ -210,6 +238,7 @@ class App:
         # Issue 4: the interception CA, loaded (and checked) at start: a bad pair is a config error.
         self.certs = _cert_cache(settings)
         self.resolver = build_resolver(settings)
+        self.passwords = build_password_file(settings)  # auth.basic; a bad file is fatal here
         self.draining = False
         self.router: Router | None = None  # built in start(): the guard needs the bound ports
         self.proxy: ProxyServer | None = None
@@ -299,9 +328,12 @@ class App:
             audit=self.audit,
             certs=self.certs,
             is_ready=self.is_ready,
+            passwords=self.passwords,
         )
         self.proxy_address = await self.proxy.start(sock=sock)
         self._tasks.spawn(self.watcher.run(), name="policy file watcher")
+        if self.passwords is not None:
+            self._tasks.spawn(self.passwords.watched.run(), name="proxy auth file watcher")
         if self.resolver.hosts is not None:
             self._tasks.spawn(self.resolver.hosts.run(), name="hosts file watcher")
         # Everything built so far (modules, config, the first policy) lives as long as the

@@ -93,6 +93,16 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BasicAuth:
+    """`auth.basic`: sources that must authenticate, the password file, user -> identity."""
+
+    file: Path
+    realm: str
+    sources: tuple[IPNetwork, ...]
+    users: Mapping[str, StaticIdentity]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     source: str = "<embedded>"
     listen: Endpoint = Endpoint(host="127.0.0.1", port=3128)
@@ -115,6 +125,8 @@ class Settings:
     dns_hosts_file: str | None = DEFAULT_HOSTS_FILE
     # Issue 14: load balancers whose PROXY protocol header names the client (empty: none).
     proxy_protocol_trusted_cidrs: tuple[IPNetwork, ...] = ()
+    # Issue 14: Basic proxy auth for non-pod sources (None: no source authenticates).
+    auth_basic: BasicAuth | None = None
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     unsafe_allow_cidrs: tuple[IPNetwork, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -154,6 +166,7 @@ _SHAPE: dict[str, Any] = {
         "hostsFile": None,
     },
     "proxyProtocol": {"trustedCIDRs": None},
+    "auth": {"basic": {"file": None, "realm": None, "sources": None, "users": None}},
     "guard": {"clusterCIDRs": None, "unsafeAllowCIDRs": None},
     "timeouts": {
         "header": None,
@@ -288,6 +301,93 @@ def _hosts_file(reader: _Reader, base_dir: Path) -> str | None:
         reader.issue("dns.hostsFile", f"invalid value {value!r}", "a path, or null for DNS only")
         return DEFAULT_HOSTS_FILE
     return str(base_dir / Path(value).expanduser())
+
+
+DEFAULT_REALM = "outgate"
+# RFC 9110 section 5.6.4 quoted-string, kept to printable ASCII without the characters that need
+# escaping, so every client shows the realm as written.
+_REALM = re.compile(r"[ !#-\[\]-~]{1,100}\Z")
+
+
+def _basic_auth(
+    reader: _Reader, base_dir: Path, static: tuple[StaticIdentity, ...]
+) -> BasicAuth | None:
+    """`auth.basic`, checked against the static identities its users map to. None when no
+    source must authenticate. Also reports identities with no CIDRs that no user reaches."""
+    no_cidrs = {identity for identity in static if not identity.cidrs}
+    no_sources: tuple[IPNetwork, ...] = ()
+    sources = reader.get(
+        "auth.basic.sources", no_sources, _networks, "a list of CIDRs, e.g. [10.8.0.0/16]"
+    )
+    raw_users = reader.get("auth.basic.users", None, lambda v: v, "")
+    users: dict[str, StaticIdentity] = {}
+    if raw_users is not None and not isinstance(raw_users, Mapping):
+        reader.issue("auth.basic.users", "expected a mapping", "write alice: {identity: build-vm}")
+    elif raw_users is not None:
+        for user, entry in raw_users.items():
+            path = f"auth.basic.users.{user}"
+            identity = _user_identity(reader, path, entry, static)
+            if identity is not None:
+                users[str(user)] = identity
+                no_cidrs.discard(identity)
+    for identity in no_cidrs:
+        index = static.index(identity)
+        reader.issue(
+            f"identity.static[{index}].cidrs",
+            f"{identity.namespace}/{identity.name} has no CIDRs and no auth.basic user maps to it",
+            "list its source CIDRs, or map a proxy-auth user to it",
+        )
+    file: str | None = reader.get("auth.basic.file", None, str, "a path to an htpasswd file")
+    realm = reader.get("auth.basic.realm", DEFAULT_REALM, _realm, "printable ASCII, no quotes")
+    if not sources:
+        if file is not None or users:
+            reader.issue(
+                "auth.basic.sources",
+                "no source must authenticate, so the file and users are never used",
+                "list the CIDRs of the sources that must authenticate, e.g. [10.8.0.0/16]",
+            )
+        return None
+    if file is None:
+        reader.issue(
+            "auth.basic.file",
+            "sources must authenticate, but no password file is named",
+            "name an htpasswd file of bcrypt hashes (htpasswd -B -c FILE USER)",
+        )
+        return None
+    return BasicAuth(
+        file=base_dir / Path(file).expanduser(), realm=realm, sources=sources, users=users
+    )
+
+
+def _user_identity(
+    reader: _Reader, path: str, entry: Any, static: tuple[StaticIdentity, ...]
+) -> StaticIdentity | None:
+    if not isinstance(entry, Mapping) or set(entry) != {"identity"}:
+        reader.issue(path, "expected {identity: NAME}", "write {identity: build-vm}")
+        return None
+    wanted = str(entry["identity"])
+    namespace, slash, name = wanted.rpartition("/")
+    found = [
+        identity
+        for identity in static
+        if identity.name == name and (not slash or identity.namespace == namespace)
+    ]
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(f"{i.namespace}/{i.name}" for i in static) or "none defined"
+    problem = "names more than one" if found else "names no"
+    reader.issue(
+        f"{path}.identity",
+        f"{wanted!r} {problem} static identity",
+        f"name one of identity.static as NAME or NAMESPACE/NAME ({names})",
+    )
+    return None
+
+
+def _realm(value: Any) -> str:
+    if not isinstance(value, str) or not _REALM.match(value):
+        raise ValueError("up to 100 printable ASCII characters, without '\"' or '\\'")
+    return value
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -480,7 +580,12 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
         ),
     )
     reader.issues.extend(upstreams_issues.issues)
-    settings = dataclasses.replace(settings, upstreams=upstreams, routes=routes)
+    settings = dataclasses.replace(
+        settings,
+        upstreams=upstreams,
+        routes=routes,
+        auth_basic=_basic_auth(reader, base_dir, static),
+    )
     if settings.audit_format == "both" and settings.audit_squid_output == "stdout":
         reader.issue(
             "audit.squidOutput",

@@ -660,11 +660,14 @@ def parse_static_identities(
         cidrs: list[IPNetwork] = []
         raw_cidrs = body.get("cidrs")
         cidrs_path = key_path(where, "cidrs")
-        if not isinstance(raw_cidrs, list) or not raw_cidrs:
+        # An explicit empty list is an identity reached only through proxy auth (auth.basic
+        # maps users to it; the runtime config checks that one does).
+        if not isinstance(raw_cidrs, list):
             issues.add(
                 cidrs_path,
-                "cidrs must be a non-empty list",
-                fix="list the source addresses, e.g. cidrs: [10.0.0.5/32]",
+                "cidrs must be a list",
+                fix="list the source addresses, e.g. cidrs: [10.0.0.5/32] "
+                "([] for an identity only proxy-auth users have)",
             )
             ok = False
         else:

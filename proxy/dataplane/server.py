@@ -8,7 +8,8 @@ Per client connection, one task runs this loop (DESIGN section 1); each step nam
   2. read the head under the header deadline (408) and the head limits (414/431), and parse it
      strictly (proxy.core.http1; 400 and close on anything ambiguous);
   3. identify the source from step 0, never from a request header (the exchange log looks it
-     up when it opens the exchange);
+     up when it opens the exchange); a non-pod source in `auth.basic.sources` authenticates,
+     and its user's identity replaces it (proxy.dataplane.proxy_auth; 407 otherwise);
   4. route: decide, resolve, decide per address, guard (proxy.dataplane.router); a deny is a
      403 and the connection stays usable; a forwarded request under a rule with `inspect` is
      checked as one inside a tunnel would be (proxy.dataplane.inspector);
@@ -50,6 +51,7 @@ from proxy.dataplane.http_relay import (
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
+from proxy.dataplane.proxy_auth import ProxyAuth
 from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay
@@ -91,8 +93,10 @@ class ProxyServer:
         inspector: RequestInspector,
         audit: AuditSink,
         is_ready: Callable[[], bool],
+        auth: ProxyAuth | None = None,
     ) -> None:
         self._settings = settings
+        self._auth = auth
         self._router = router
         self._dialer = dialer
         self._log = log
@@ -262,6 +266,8 @@ class ProxyServer:
         try:
             if not self._is_ready():
                 raise ServiceUnavailable("the proxy is not ready: policy or identity not loaded")
+            if self._auth is not None:
+                await self._auth.admit(ex, source.ip, req)
             if ex.workload.kind is WorkloadKind.AMBIGUOUS:
                 raise PolicyDenied(
                     "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE

@@ -20,6 +20,7 @@ from proxy.core.proxy_protocol import V2_SIGNATURE
 from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import (
     EVENT_TIMEOUT,
+    LOOPBACK,
     STATIC_CLIENT,
     Harness,
     closes,
@@ -28,7 +29,6 @@ from tests.support.inprocess import (
 )
 from tests.support.origin import OriginServer
 
-LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
 REMOTE = {"name": "build-vm", "namespace": "ci", "cidrs": ["192.0.2.0/24"], "labels": {"app": "ci"}}
 # Only the remote client (namespace ci) may reach the origin; the balancer itself (tests/client)
 # may not, so an allow proves the header's address was the identity.

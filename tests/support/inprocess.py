@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.app import build_guard, build_proxy
+from proxy.app import build_guard, build_password_file, build_proxy
 from proxy.audit import AuditSink
 from proxy.config import Settings, settings_from_mapping
 from proxy.control.policy_source import PolicyStore
@@ -42,6 +42,8 @@ from tests.support.pki import make_pki
 
 # Seconds a test waits for a record or an event before it fails (a bound, not a pause).
 EVENT_TIMEOUT = 10.0
+# A FakeResolver answer: the name is the test origin on loopback.
+LOOPBACK: tuple[IPAddress, ...] = (ipaddress.ip_address("127.0.0.1"),)
 
 
 @dataclass
@@ -186,6 +188,7 @@ async def inprocess_proxy(
         certs=certs,
         is_ready=lambda: True,
         dialer=dialer,
+        passwords=build_password_file(settings),
     )
     address = await server.start()
     try:
