@@ -561,8 +561,8 @@ _UNSUPPORTED_TYPES: Final[Mapping[str, str]] = {
     "rep_header": "matches response headers",
     "rep_mime_type": "matches the response content type",
     "req_mime_type": "matches the request content type",
-    "proxy_auth": "Outgate identifies workloads by address (pod or static identity), "
-    "not by proxy authentication",
+    "proxy_auth": "proxy_auth ACLs are not translated: map users to static identities in "
+    "auth.basic (docs/listeners.md) and write policies for those identities",
     "proxy_auth_regex": "Outgate does not authenticate clients",
     "ident": "Outgate does not use ident",
     "ident_regex": "Outgate does not use ident",
@@ -812,7 +812,7 @@ _PROCESS = """
     coredump_dir pid_filename cache_effective_user cache_effective_group workers cpu_affinity_map
     max_filedescriptors logfile_rotate logfile_daemon cache_log debug_options visible_hostname
     unique_hostname cache_mgr mail_from mail_program error_directory error_default_language
-    httpd_suppress_version_string hosts_file dns_v4_first check_hostnames allow_underscore
+    httpd_suppress_version_string dns_v4_first check_hostnames allow_underscore
     strip_query_terms buffered_logs client_db half_closed_clients pipeline_prefetch forwarded_for
     via
 """
@@ -838,7 +838,8 @@ _UNTRANSLATED: Final[Mapping[str, str]] = {
     "request_header_replace": "Outgate does not rewrite headers",
     "request_header_add": "Outgate does not add headers",
     "url_rewrite_program": "Outgate does not rewrite URLs",
-    "auth_param": "Outgate identifies workloads by address, not by proxy authentication",
+    "auth_param": "not translated: set auth.basic (file: the htpasswd file, bcrypt entries "
+    "only; sources; users -> static identities; docs/listeners.md)",
     "external_acl_type": "Outgate does not call external ACL helpers",
     "delay_pools": "Outgate does not shape bandwidth",
     "delay_class": "Outgate does not shape bandwidth",
@@ -1139,6 +1140,10 @@ class _Translator:
             elif name == "dns_nameservers":
                 servers = [f"[{s}]:53" if ":" in s else f"{s}:53" for s in directive.args]
                 self.config.setdefault("dns", {})["nameservers"] = servers
+            elif name == "hosts_file" and len(directive.args) == 1:
+                # Squid's `hosts_file none` turns it off, as `hostsFile: null` does.
+                path = directive.args[0]
+                self.config.setdefault("dns", {})["hostsFile"] = None if path == "none" else path
             elif name == "logformat" and len(directive.args) >= 2:
                 self.logformats[directive.args[0]] = directive.text.split(None, 2)[2]
             elif name == "access_log":

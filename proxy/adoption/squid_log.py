@@ -13,8 +13,8 @@ subset of Squid's logformat codes in `CODES`; anything else is refused when the 
 Where Outgate knows less than Squid, the field says so the way Squid does for a missing value:
   - `%<st` counts body bytes relayed to the client (Squid adds the reply headers); a refusal
     counts 0 (Squid counts its error page).
-  - `%mt` (reply content type), `%un`/`%ui` (user, ident) and `%>h` (request headers) are `-`:
-    Outgate does not record them.
+  - `%mt` (reply content type), `%ui` (ident) and `%>h` (request headers) are `-`: Outgate does
+    not record them. `%un`/`%ul` are the proxy-auth user (auth.basic), `-` without one.
   - `%ru` drops the query string, as Squid does by default (`strip_query_terms on`): queries
     carry tokens.
 """
@@ -75,6 +75,7 @@ class AccessEntry:
     server_port: int | None
     bytes_to_client: int
     bytes_from_client: int
+    user: str | None = None  # the proxy-auth user name (%un)
     notes: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -133,6 +134,8 @@ class ExchangeLike(Protocol):
     def destination_bytes(self) -> int: ...
     @property
     def decided(self) -> bool: ...
+    @property
+    def user_name(self) -> str | None: ...
 
 
 # Statuses of requests refused before they were understood: Squid logs these as TAG_NONE.
@@ -216,6 +219,7 @@ def access_entry(
         server_port=port if direct else None,
         bytes_to_client=ex.destination_bytes,
         bytes_from_client=ex.source_bytes,
+        user=ex.user_name,
         notes=notes,
     )
 
@@ -269,8 +273,8 @@ CODES: Final[Mapping[str, _Getter]] = {
     "rs": lambda e, _: e.scheme,
     ">rs": lambda e, _: e.scheme,
     "rv": lambda e, _: "1.1",
-    "un": lambda e, _: "-",
-    "ul": lambda e, _: "-",
+    "un": lambda e, _: _dash(e.user),
+    "ul": lambda e, _: _dash(e.user),
     "ui": lambda e, _: "-",
     "mt": lambda e, _: "-",
     ">h": lambda e, _: "-",
@@ -280,7 +284,7 @@ CODES: Final[Mapping[str, _Getter]] = {
 _CODE_NAMES = sorted(CODES, key=len, reverse=True)
 # Codes whose values come from the client (or notes): escaped so a field never spans spaces or
 # lines. The others are numbers, addresses and Squid words, and the times (%tl) keep their space.
-_CLIENT_CODES: Final = frozenset({"rm", "ru", ">ru", "rp", ">rp", "rd", ">rd", "note"})
+_CLIENT_CODES: Final = frozenset({"rm", "ru", ">ru", "rp", ">rp", "rd", ">rd", "note", "un", "ul"})
 _MODIFIERS = re.compile(r"(?P<quote>[\"\['#/])?(?P<left>-)?(?P<zero>0)?(?P<width>[1-9][0-9]*)?"
                         r"(?:\.(?P<precision>[0-9]+))?(?:\{(?P<arg>[^}]*)\})?")  # fmt: skip
 _UNKNOWN_CODE = re.compile(r"[<>]?[A-Za-z]+")

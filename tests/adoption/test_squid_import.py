@@ -136,6 +136,17 @@ def test_import_squid_cli_output_passes_check_config(tmp_path: Path) -> None:
     assert "1 policies, 1 rules" in checked.stdout
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"), [("/etc/hosts.squid", "/etc/hosts.squid"), ("none", None)]
+)
+def test_hosts_file_becomes_dns_hosts_file(tmp_path: Path, line: str, expected: str | None) -> None:
+    conf = tmp_path / "squid.conf"
+    conf.write_text(f"http_port 3128\nhosts_file {line}\nhttp_access deny all\n")
+    result = import_squid(conf)
+    assert result.config["dns"] == {"hostsFile": expected}
+    assert all(f.location is None or f.location.line != 2 for f in result.findings)
+
+
 # -- a realistic configuration -------------------------------------------------------------------
 
 # Directives the importer translates; every other directive line must be a finding.

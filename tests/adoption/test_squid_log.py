@@ -125,6 +125,14 @@ def test_result_codes_use_squids_vocabulary(
     )
 
 
+def test_a_proxy_auth_user_is_the_user_column() -> None:
+    ex = exchange(decided=True, destination_ip="93.184.216.34", status=200, user_name="al ice")
+    line = format_entry(entry_for(ex), parse_logformat("squid"))
+    assert " GET http://api.example.com/v1/items al%20ice HIER_DIRECT/" in line
+    assert SQUID_NATIVE.match(line)
+    assert format_entry(entry_for(ex), parse_logformat("%un|%ul")) == "al%20ice|al%20ice"
+
+
 def test_an_unparseable_request_is_logged_as_squid_logs_one() -> None:
     ex = exchange(destination_domain=None, destination_port=None, method=None, status=400)
     line = format_entry(entry_for(ex, "malformed_request"), parse_logformat("squid"))
