@@ -47,6 +47,7 @@ from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
 from proxy.dataplane.proxy_auth import ProxyAuth
+from proxy.dataplane.proxy_header import ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
 from proxy.dataplane.tunnel import TunnelRelay
@@ -187,6 +188,9 @@ def build_proxy(
         inspector=inspector,
         audit=audit,
         is_ready=is_ready,
+        proxy_header=ProxyHeaderAdmission(
+            trusted=settings.proxy_protocol_trusted_cidrs, timeout=settings.timeouts.header
+        ),
         auth=None
         if settings.auth_basic is None or passwords is None
         else ProxyAuth(settings.auth_basic, passwords),

@@ -93,6 +93,7 @@ class ProxyServer:
         inspector: RequestInspector,
         audit: AuditSink,
         is_ready: Callable[[], bool],
+        proxy_header: ProxyHeaderAdmission,
         auth: ProxyAuth | None = None,
     ) -> None:
         self._settings = settings
@@ -108,9 +109,7 @@ class ProxyServer:
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
         self._admission = Admission(settings.limits)
-        self._proxy_header = ProxyHeaderAdmission(
-            trusted=settings.proxy_protocol_trusted_cidrs, timeout=settings.timeouts.header
-        )
+        self._proxy_header = proxy_header
         self._clients: dict[IPAddress, set[Peer]] = {}
         self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
         self._draining = False

@@ -183,3 +183,28 @@ async def test_a_health_check_that_connects_and_closes_leaves_no_record(trusted:
     records = await trusted.audit.wait_for(lambda r: True, count=2)
     assert len(trusted.audit.records) == 2
     assert records[0]["outgate"]["reason"] == "bad_target"
+
+
+async def test_per_source_limits_count_the_named_clients_not_the_balancer(
+    tmp_path: Path, origin: OriginServer
+) -> None:
+    async with await proxy_with(
+        tmp_path, ["127.0.0.1/32"], limits={"maxConnectionsPerSource": 1}
+    ) as harness:
+        # Two clients behind one balancer: one connection each is within the limit.
+        held = []
+        for client in ("192.0.2.7", "192.0.2.8"):
+            reader, writer = await asyncio.open_connection(*harness.address)
+            writer.write(v2(src=client))
+            status, _, _ = await http_exchange(reader, writer, get(origin.port))
+            assert status == 200
+            held.append(writer)
+        # A second connection of the same client is over it.
+        reply = await send(harness, v2(src="192.0.2.7", sport=51001) + get(origin.port))
+        assert reply.startswith(b"HTTP/1.1 429 ")
+        for writer in held:
+            writer.close()
+        refused = await harness.audit.wait_for(
+            lambda r: r["outgate"]["reason"] == "connection_limit"
+        )
+        assert refused[0]["source"] == {"ip": "192.0.2.7", "port": 51001}

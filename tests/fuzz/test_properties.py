@@ -6,6 +6,7 @@ properties far longer (the `fuzz` profile, HYPOTHESIS_PROFILE=fuzz).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import struct
@@ -14,8 +15,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.core.basic_auth import parse_basic_credentials
 from proxy.core.clienthello import ClientHelloReader
 from proxy.core.hosts import normalize_name, parse_host, split_authority
+from proxy.core.hostsfile import parse_hosts
 from proxy.core.http1 import (
     ChunkedDecoder,
     encode_chunk,
@@ -227,3 +230,33 @@ def test_proxy_header_round_trips_and_every_prefix_waits(
     assert parsed.length == len(header)
     for cut in range(len(header)):
         assert parse_proxy_header(header[:cut]) is None
+
+
+# -- proxy auth and hosts files (issue 14) --------------------------------------------------------
+users = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters=":"),
+    min_size=1,
+    max_size=30,
+)
+passwords = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=40)
+
+
+@given(users, passwords)
+def test_basic_credentials_round_trip(user: str, password: str) -> None:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert parse_basic_credentials(f"Basic {token}") == (user, password)
+
+
+@given(st.one_of(st.text(max_size=200), noise.map(lambda b: "Basic " + b.decode("latin-1"))))
+def test_basic_credentials_parser_never_raises(value: str) -> None:
+    found = parse_basic_credentials(value)
+    if found is not None:
+        user, _ = found
+        assert user and ":" not in user
+
+
+@given(st.text(max_size=400))
+def test_hosts_parser_never_raises_and_keeps_only_normalised_names(text: str) -> None:
+    table = parse_hosts(text)
+    for name, addresses in table.names.items():
+        assert addresses and normalize_name(name) == name
