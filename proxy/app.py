@@ -210,7 +210,7 @@ def build_password_file(settings: Settings) -> PasswordFile | None:
                     file=settings.source,
                     document=None,
                     path="auth.basic.file",
-                    message=f"{settings.auth_basic.file} could not be loaded (the log says why)",
+                    message=f"{settings.auth_basic.file}: {passwords.watched.last_error}",
                     fix="point it at a readable htpasswd file of bcrypt hashes (htpasswd -B)",
                 )
             ]

@@ -110,6 +110,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             if settings is None:
                 continue
             engine = _engine_for(settings)
+            if not issues and not _password_file_loads(settings):
+                failed = True
+                continue
             if not issues:
                 print(
                     f"ok: {path}: config valid; {len(engine.policies)} policies, "
@@ -119,6 +122,18 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             failed = True
             _print_config_error(exc)
     return EXIT_INVALID if failed else EXIT_OK
+
+
+def _password_file_loads(settings: Settings) -> bool:
+    """The proxy-auth password file (auth.basic.file) loads as `run` would load it at start."""
+    from proxy.app import build_password_file
+
+    try:
+        build_password_file(settings)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return False
+    return True
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

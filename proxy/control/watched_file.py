@@ -54,6 +54,7 @@ class WatchedFile(Generic[T]):
         self.path = path
         self.current = empty
         self.loaded = False
+        self.last_error: str | None = None  # why the last read failed; None after a good one
         self._load = load
         self._event = event  # log event prefix: hosts_file, proxy_auth_file
         self._max_bytes = max_bytes
@@ -81,10 +82,12 @@ class WatchedFile(Generic[T]):
         except FileLoadError as exc:
             return self._failed(str(exc))
         self.loaded = True
+        self.last_error = None
         log.info(f"{self._event}_loaded", path=str(self.path))
         return True
 
     def _failed(self, why: str) -> bool:
+        self.last_error = why
         log.error(
             f"{self._event}_reload_failed",
             path=str(self.path),

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from proxy import __version__
 from tests.support.fixtures import ORIGIN_PORTS, policy_allowing
-from tests.support.proxyproc import outgate_command
+from tests.support.proxyproc import run_outgate as outgate
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def outgate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*outgate_command(), *args], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def test_version_prints_the_package_version() -> None:

@@ -14,7 +14,8 @@ from tests.support.clients import curl
 from tests.support.fixtures import policy_allowing
 from tests.support.htpasswd import write_password_file
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess
+from tests.support.pki import OriginPKI
+from tests.support.proxyproc import ProxyProcess, run_outgate
 from tests.support.waiting import wait_for
 
 StartProxy = Callable[..., ProxyProcess]
@@ -102,3 +103,35 @@ def test_a_changed_password_file_is_read_again_and_a_bad_one_keeps_the_last_good
     assert "only bcrypt" in failed["error"]
     assert "first password" not in json.dumps(failed)
     assert status(proxy, url, *second) == "200"
+
+
+def test_a_tunnel_authenticates_on_its_connect(
+    start_proxy: StartProxy, tls_origin: OriginServer, pki: OriginPKI, tmp_path: Path
+) -> None:
+    proxy = start(start_proxy, write_password_file(tmp_path / "htpasswd", {"alice": SECRET}))
+    url = f"https://127.0.0.1:{tls_origin.port}/hello"
+    ok = curl("-x", proxy.url, "--proxy-user", f"alice:{SECRET}", "--cacert", str(pki.ca_pem), url)
+    assert ok.stdout == "hello from origin\n", ok
+    refused = curl("-x", proxy.url, "--cacert", str(pki.ca_pem), url)
+    assert "407" in refused.stderr, refused
+    records = proxy.wait_records(lambda r: r["event"]["action"] == "close", count=2)
+    assert [r.get("user", {}).get("name") for r in records] == ["alice", None]
+    assert [r["outgate"]["connection"] for r in records] == ["tunnel", "tunnel"]
+    assert records[1]["outgate"]["reason"] == "auth_required"
+
+
+def test_check_config_loads_the_password_file_as_run_would(tmp_path: Path) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    config = tmp_path / "outgate.yaml"
+    config.write_text(
+        "identity: {static: [{name: build-vm, namespace: ci, cidrs: []}]}\n"
+        "auth: {basic: {file: htpasswd, sources: [10.8.0.0/16],"
+        " users: {alice: {identity: build-vm}}}}\n"
+    )
+    write_password_file(htpasswd, {"alice": SECRET})
+    assert run_outgate("check-config", str(config)).returncode == 0
+    htpasswd.write_text("alice:$apr1$abc$0123456789abcdefghijkl\n")
+    result = run_outgate("check-config", str(config))
+    assert result.returncode == 1
+    assert "auth.basic.file" in result.stderr and "only bcrypt" in result.stderr
+    assert "htpasswd -B" in result.stderr

@@ -29,6 +29,13 @@ def outgate_command() -> list[str]:
     return [OUTGATE] if os.path.exists(OUTGATE) else [sys.executable, "-m", "proxy"]
 
 
+def run_outgate(*args: str) -> subprocess.CompletedProcess[str]:
+    """One CLI command (check-config, explain, ...) as an operator runs it; output captured."""
+    return subprocess.run(
+        [*outgate_command(), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 class ProxyProcess:
     def __init__(
         self,
