@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fakekube import FakeKube, namespace, pod
+from tests.support.htpasswd import write_password_file
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess, read_response
@@ -93,6 +94,7 @@ def start_with_kube(
     cluster_policies: bool = False,
     wait_ready: bool = True,
     nameserver: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> ProxyProcess:
     proxy = start_proxy(
         policies,
@@ -100,6 +102,7 @@ def start_with_kube(
         config={
             "identity": {"kubernetes": identity, "kubeconfig": str(fake.kubeconfig())},
             "policies": {"paths": ["policies"], "kubernetes": cluster_policies},
+            **(config or {}),
         },
     )
     if wait_ready:
@@ -143,6 +146,35 @@ def test_identity_end_to_end_names_the_pod_in_the_decision_and_audit_record(
     status, headers, _ = get_from(proxy, "127.0.0.6", url)
     assert status == 403
     assert headers["x-outgate-reason"] == "default_deny"
+
+
+def test_pods_keep_their_informer_identity_inside_proxy_auth_sources(
+    start_proxy: StartProxy, fake: FakeKube, origin: OriginServer, tmp_path: Path
+) -> None:
+    fake.create("pods", api_pod("api-5f7c9-abcde", "127.0.0.5"))
+    htpasswd = write_password_file(tmp_path / "htpasswd", {"alice": "a password"})
+    proxy = start_with_kube(
+        start_proxy,
+        fake,
+        PAYMENTS_POLICY,
+        config={
+            "auth": {
+                "basic": {
+                    "file": str(htpasswd),
+                    "sources": ["127.0.0.0/8"],
+                    "users": {"alice": {"identity": "test-client"}},
+                }
+            }
+        },
+    )
+    url = f"http://127.0.0.1:{origin.port}/hello"
+    status, _, _ = get_from(proxy, "127.0.0.5", url)  # the pod: no login asked
+    assert status == 200
+    status, headers, _ = get_from(proxy, "127.0.0.9", url)  # no pod there: log in
+    assert status == 407
+    assert headers["proxy-authenticate"].startswith("Basic ")
+    pod_records = proxy.wait_records(lambda r: r["source"]["ip"] == "127.0.0.5", count=2)
+    assert all(r["outgate"]["source_kind"] == "pod" and "user" not in r for r in pod_records)
 
 
 def test_two_running_pods_on_one_ip_are_refused_as_ambiguous(
