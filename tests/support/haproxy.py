@@ -58,6 +58,7 @@ class HAProxy:
         self.config.write_text(
             CONFIG.format(port=self.port, backend_port=backend_port, send_proxy=send_proxy)
         )
+        self.stderr = workdir / f"haproxy-{self.port}.stderr"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,19 +70,19 @@ class HAProxy:
             [HAPROXY, "-c", "-f", str(self.config)], capture_output=True, check=False
         )
         assert check.returncode == 0, check.stderr.decode(errors="replace")
-        self.proc = subprocess.Popen(
-            [HAPROXY, "-db", "-f", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        # stderr to a file, not a pipe nobody reads (a full pipe would stall HAProxy).
+        with open(self.stderr, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [HAPROXY, "-db", "-f", str(self.config)], stdout=subprocess.DEVNULL, stderr=stderr
+            )
         wait_for(
             lambda: _accepting(self.port) or self.proc is None or self.proc.poll() is not None,
             START_TIMEOUT,
             what="HAProxy listening",
         )
-        assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-        # The readiness probe above was one connection with no PROXY-worthy request: HAProxy
-        # opened a backend connection for it, which closed empty. Callers count records after.
+        assert self.proc.poll() is None, self.stderr.read_text(errors="replace")
+        # The readiness probe above was a connection that sent nothing: HAProxy may have opened
+        # a backend connection for it, which closed without a request (and left no record).
         return self
 
     def stop(self) -> None:
@@ -93,8 +94,6 @@ class HAProxy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
         self.proc = None
 
     def __enter__(self) -> HAProxy:
