@@ -1,6 +1,7 @@
 """The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain. Never the proxy port.
 
-`/explain?source=IP&url=URL` shows the name decision; with `&resolve=1` also the DNS answer,
+`/explain?source=IP&url=URL[&user=NAME]` shows the name decision (`user`: the proxy-auth user a
+source in auth.basic.sources logs in as); with `&resolve=1` also the DNS answer,
 the decision per address and what the address guard dropped (proxy.explainer)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import metrics
 from proxy.core.identity import IdentityLookup
+from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope
 from proxy.dataplane.router import Router
 from proxy.errors import OutgateError
 from proxy.explainer import explain, explain_route
@@ -23,6 +25,7 @@ def build_admin_app(
     router: Router,
     identity: IdentityLookup,
     readiness: Callable[[], tuple[bool, dict[str, object]]],
+    login: LoginScope | None = None,
 ) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
         body = metrics.exposition()
@@ -45,14 +48,17 @@ def build_admin_app(
         url = request.query.get("url", "")
         if not source or not url:
             return web.Response(
-                status=400, text="usage: /explain?source=IP&url=URL[&resolve=1][&format=json]\n"
+                status=400,
+                text="usage: /explain?source=IP&url=URL[&user=NAME][&resolve=1][&format=json]\n",
             )
         resolve = request.query.get("resolve", "") in ("1", "true", "yes")
+        # A source in auth.basic.sources is explained as the user it logs in as (&user=NAME).
+        as_user = LoggedInIdentity(identity, login, request.query.get("user") or None)
         try:
             if resolve:
-                text, data = await explain_route(router, identity, source=source, url=url)
+                text, data = await explain_route(router, as_user, source=source, url=url)
             else:
-                text, data = explain(router, identity, source=source, url=url)
+                text, data = explain(router, as_user, source=source, url=url)
         except OutgateError as exc:
             return web.Response(status=400, text=f"{exc.message} ({exc.reason})\n")
         if request.query.get("format") == "json":

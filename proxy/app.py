@@ -46,7 +46,7 @@ from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
-from proxy.dataplane.proxy_auth import ProxyAuth
+from proxy.dataplane.proxy_auth import LoginScope, ProxyAuth
 from proxy.dataplane.proxy_header import ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
@@ -313,7 +313,10 @@ class App:
             policy=self.policy, resolver=self.resolver, guard=guard, routes=settings.routes
         )
         admin_app = build_admin_app(
-            router=self.router, identity=self.identity, readiness=self.readiness
+            router=self.router,
+            identity=self.identity,
+            readiness=self.readiness,
+            login=None if settings.auth_basic is None else LoginScope(settings.auth_basic),
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()

@@ -141,6 +141,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     from proxy.app import build_guard, build_resolver
     from proxy.control.policy_source import PolicyStore
+    from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope
     from proxy.dataplane.router import Router
     from proxy.explainer import explain, explain_route
 
@@ -150,7 +151,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_INVALID
-    identity = StaticIdentityIndex(settings.static_identities)
+    login = None if settings.auth_basic is None else LoginScope(settings.auth_basic)
+    identity = LoggedInIdentity(StaticIdentityIndex(settings.static_identities), login, args.user)
     store = PolicyStore()
     store.install(engine)
     # The configured ports stand in for bound ones (0 means "any": nothing to exclude).
@@ -317,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--config", help="config file (default: the embedded config)")
     exp.add_argument("--policies", nargs="*", default=[], help="extra policy files/directories")
+    exp.add_argument(
+        "--user",
+        help="for a source in auth.basic.sources: the proxy-auth user it logs in as "
+        "(its static identity decides)",
+    )
     exp.add_argument(
         "--resolve",
         action="store_true",

@@ -27,50 +27,96 @@ from proxy.control.password_file import PasswordFile
 from proxy.core.basic_auth import parse_basic_credentials
 from proxy.core.hosts import IPAddress
 from proxy.core.http1 import RequestHead
-from proxy.core.identity import CidrTable, Workload, WorkloadKind
-from proxy.errors import ProxyAuthRequired, Reason
+from proxy.core.identity import CidrTable, IdentityLookup, Workload, WorkloadKind
+from proxy.errors import BadRequest, ProxyAuthRequired, Reason
 
+# Pods (and addresses two pods claim, refused later as ambiguous_source) never log in.
 _AUTHENTICATING_KINDS = frozenset({WorkloadKind.STATIC, WorkloadKind.UNKNOWN})
+
+
+class LoginScope:
+    """Who must log in (step 1) and which identity each user has: `auth.basic` without the
+    password file, shared by the data plane (ProxyAuth) and explain (LoggedInIdentity)."""
+
+    def __init__(self, config: BasicAuth) -> None:
+        self._sources: CidrTable[bool] = CidrTable()
+        for network in config.sources:
+            self._sources.setdefault(network, True)
+        self._users: Mapping[str, Workload] = {
+            user: identity.workload() for user, identity in config.users.items()
+        }
+        self.challenge = f'Basic realm="{config.realm}", charset="UTF-8"'
+
+    def applies(self, source: IPAddress, workload: Workload) -> bool:
+        return workload.kind in _AUTHENTICATING_KINDS and next(
+            self._sources.containing(source), False
+        )
+
+    def workload_of(self, user: str) -> Workload | None:
+        return self._users.get(user)
 
 
 class ProxyAuth:
     """Steps 1-4 of the module docstring for one `auth.basic` configuration."""
 
     def __init__(self, config: BasicAuth, passwords: PasswordFile) -> None:
-        self._sources: CidrTable[bool] = CidrTable()
-        for network in config.sources:
-            self._sources.setdefault(network, True)
+        self.scope = LoginScope(config)
         self._passwords = passwords
-        self._users: Mapping[str, Workload] = {
-            user: identity.workload() for user, identity in config.users.items()
-        }
-        self._challenge = f'Basic realm="{config.realm}", charset="UTF-8"'
-
-    def applies(self, source: IPAddress, workload: Workload) -> bool:
-        # Pods (and addresses two pods claim, refused later as ambiguous_source) never do.
-        return workload.kind in _AUTHENTICATING_KINDS and next(
-            self._sources.containing(source), False
-        )
 
     async def admit(self, ex: Exchange, source: IPAddress, req: RequestHead) -> None:
         """Authenticate `req` when its source must (set `ex.workload` and `ex.user_name`);
         raise ProxyAuthRequired when it fails."""
-        if not self.applies(source, ex.workload):
+        scope = self.scope
+        if not scope.applies(source, ex.workload):
             return
         credentials = parse_basic_credentials(req.header("proxy-authorization"))
         if credentials is None:
             raise ProxyAuthRequired(
                 "this source must authenticate to the proxy (Basic)",
-                challenge=self._challenge,
+                challenge=scope.challenge,
                 reason=Reason.AUTH_REQUIRED,
             )
         user, password = credentials
-        workload = self._users.get(user)
+        workload = scope.workload_of(user)
         if not await self._passwords.check(user, password) or workload is None:
             raise ProxyAuthRequired(
                 "proxy credentials were not accepted",
-                challenge=self._challenge,
+                challenge=scope.challenge,
                 reason=Reason.AUTH_FAILED,
             )
         ex.workload = workload
         ex.user_name = user
+
+
+class LoggedInIdentity(IdentityLookup):
+    """Identity as the data plane has it once the login is done, for explain: a source that
+    must log in is `user`'s identity, and without a user it cannot be explained (it would be
+    answered 407 before any decision)."""
+
+    def __init__(self, identity: IdentityLookup, scope: LoginScope | None, user: str | None):
+        self._identity = identity
+        self._scope = scope
+        self._user = user
+
+    def lookup(self, ip: IPAddress) -> Workload:
+        workload = self._identity.lookup(ip)
+        scope, user = self._scope, self._user
+        if scope is None or not scope.applies(ip, workload):
+            if user is not None:
+                raise BadRequest(
+                    "this source does not log in (a pod, or outside auth.basic.sources): "
+                    "explain it without a user"
+                )
+            return workload
+        if user is None:
+            raise BadRequest(
+                "this source must log in (auth.basic.sources): without credentials it is "
+                "answered 407; name the user to explain its decision",
+                reason=Reason.AUTH_REQUIRED,
+            )
+        found = scope.workload_of(user)
+        if found is None:
+            raise BadRequest(
+                f"user {user[:64]!r} is not in auth.basic.users", reason=Reason.AUTH_FAILED
+            )
+        return found

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config import BasicAuth
-from proxy.control.password_file import PasswordFile
 from proxy.core.identity import Workload, WorkloadKind
-from proxy.dataplane.proxy_auth import ProxyAuth
+from proxy.dataplane.proxy_auth import LoginScope
 from tests.support.clients import curl
 from tests.support.fixtures import policy_allowing
 from tests.support.htpasswd import proxy_authorization, write_password_file
@@ -191,18 +190,17 @@ async def test_a_client_that_answers_the_challenge_is_served(
 
 
 def test_pods_never_authenticate() -> None:
-    auth = ProxyAuth(
+    scope = LoginScope(
         BasicAuth(
             file=Path("/nonexistent"),
             realm="r",
             sources=(ipaddress.ip_network("10.0.0.0/8"),),
             users={},
-        ),
-        PasswordFile(Path("/nonexistent")),
+        )
     )
     inside = ipaddress.ip_address("10.1.2.3")
-    assert auth.applies(inside, Workload(kind=WorkloadKind.UNKNOWN))
-    assert auth.applies(inside, Workload(kind=WorkloadKind.STATIC, namespace="a", name="b"))
-    assert not auth.applies(inside, Workload(kind=WorkloadKind.POD, namespace="a", name="p"))
-    assert not auth.applies(inside, Workload(kind=WorkloadKind.AMBIGUOUS))
-    assert not auth.applies(ipaddress.ip_address("192.0.2.1"), Workload(kind=WorkloadKind.UNKNOWN))
+    assert scope.applies(inside, Workload(kind=WorkloadKind.UNKNOWN))
+    assert scope.applies(inside, Workload(kind=WorkloadKind.STATIC, namespace="a", name="b"))
+    assert not scope.applies(inside, Workload(kind=WorkloadKind.POD, namespace="a", name="p"))
+    assert not scope.applies(inside, Workload(kind=WorkloadKind.AMBIGUOUS))
+    assert not scope.applies(ipaddress.ip_address("192.0.2.1"), Workload(kind=WorkloadKind.UNKNOWN))

@@ -135,3 +135,38 @@ def test_check_config_loads_the_password_file_as_run_would(tmp_path: Path) -> No
     assert result.returncode == 1
     assert "auth.basic.file" in result.stderr and "only bcrypt" in result.stderr
     assert "htpasswd -B" in result.stderr
+
+
+def test_explain_names_the_login_and_explains_a_users_decision(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    proxy = start(start_proxy, write_password_file(tmp_path / "htpasswd", {"alice": SECRET}))
+    url = "http://127.0.0.1:8080/"
+    status, text = proxy.admin(f"/explain?source=127.0.0.9&url={url}")
+    assert status == 400 and "must log in" in text and "auth_required" in text
+    status, text = proxy.admin(f"/explain?source=127.0.0.9&url={url}&user=alice&format=json")
+    assert status == 200, text
+    explained = json.loads(text)
+    assert (explained["workload"]["namespace"], explained["workload"]["name"]) == (
+        "ci",
+        "build-vm",
+    )
+    assert proxy.admin(f"/explain?source=127.0.0.9&url={url}&user=mallory")[0] == 400
+    # The command line explains the same way.
+    cli = run_outgate(
+        "explain", "--config", str(proxy.config_path), "--source", "127.0.0.9", "--url", url
+    )
+    assert cli.returncode != 0 and "must log in" in cli.stderr
+    cli = run_outgate(
+        "explain",
+        "--config",
+        str(proxy.config_path),
+        "--source",
+        "127.0.0.9",
+        "--url",
+        url,
+        "--user",
+        "alice",
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("workload:    ci/Static/build-vm")
