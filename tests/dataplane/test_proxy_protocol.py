@@ -176,7 +176,9 @@ async def test_a_bad_header_from_a_trusted_peer_is_answered_closed_and_recorded(
 
 
 async def test_a_health_check_that_connects_and_closes_leaves_no_record(trusted: Harness) -> None:
-    assert await send(trusted, b"", close_write=True) == b""
+    # With no byte, with a LOCAL header, with a PROXY header: each closes before any request.
+    for probe in (b"", v2(command=0), v1()):
+        assert await send(trusted, probe, close_write=True) == b""
     # A request after it is recorded; the health check before it was not.
     reply = await send(trusted, v2(command=0) + b"GET / HTTP/1.1\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400 ")
