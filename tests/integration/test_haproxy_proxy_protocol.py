@@ -27,7 +27,7 @@ CLIENT = "127.0.0.2"
 IDENTITIES = {
     "static": [
         {"name": "test-client", "namespace": "tests", "cidrs": ["127.0.0.1/32"]},
-        {"name": "build-vm", "namespace": "ci", "cidrs": [f"{CLIENT}/32"]},
+        {"name": "build-vm", "namespace": "ci", "cidrs": [f"{CLIENT}/32", "::1/128"]},
     ]
 }
 POLICY = policy_allowing(name="ci", namespace="ci", pod_selector="{}")
@@ -47,25 +47,35 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[..., HAProxy]]:
         balancer.stop()
 
 
-@pytest.mark.parametrize(("send_proxy", "version"), [("send-proxy-v2", 2), ("send-proxy", 1)])
+@pytest.mark.parametrize(
+    ("send_proxy", "version", "client"),
+    [
+        ("send-proxy-v2", 2, CLIENT),
+        ("send-proxy", 1, CLIENT),
+        ("send-proxy-v2", 2, "::1"),  # an INET6 header
+        ("send-proxy", 1, "::1"),  # a TCP6 line
+    ],
+)
 def test_behind_haproxy_the_record_names_the_real_client_and_its_workload(
     start_proxy: StartProxy,
     haproxy: Callable[..., HAProxy],
     origin: OriginServer,
     send_proxy: str,
     version: int,
+    client: str,
 ) -> None:
     proxy = start_proxy(
         POLICY, config={"identity": IDENTITIES, "proxyProtocol": {"trustedCIDRs": ["127.0.0.1/32"]}}
     )
     balancer = haproxy(proxy.port, send_proxy)
     url = f"http://127.0.0.1:{origin.port}/hello"
-    result = curl("--interface", CLIENT, "-x", balancer.url, "-i", url)
+    via = balancer.url6 if ":" in client else balancer.url
+    result = curl("--interface", client, "-x", via, "-i", url)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("HTTP/1.1 200")
     decision, close = proxy.records_by_path("/hello")
     for record in (decision, close):
-        assert record["source"]["ip"] == CLIENT
+        assert record["source"]["ip"] == client
         assert record["outgate"]["workload"] == "Static/build-vm"
         assert record["kubernetes"]["namespace"] == "ci"
         assert record["outgate"]["proxy_protocol"]["version"] == version

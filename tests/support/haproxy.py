@@ -1,8 +1,9 @@
 """A real HAProxy (Debian's `haproxy`, installed by the Makefile's test stamp) in TCP mode in front
 of a proxy, sending the PROXY protocol header as a cloud load balancer would.
 
-It listens on 127.0.0.1 only, runs in the foreground (`-db`) as a child of the test, and is
-stopped by `stop` (SIGTERM, then its PID is waited for).
+It listens on 127.0.0.1 and ::1 only (a client on ::1 arrives in a TCP6 / INET6 header), runs
+in the foreground (`-db`) as a child of the test, and is stopped by `stop` (SIGTERM, then its
+PID is waited for).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ defaults
 
 frontend clients
     bind 127.0.0.1:{port}
+    bind [::1]:{port}
     default_backend outgate
 
 backend outgate
@@ -64,6 +66,10 @@ class HAProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url6(self) -> str:
+        return f"http://[::1]:{self.port}"
 
     def start(self) -> HAProxy:
         check = subprocess.run(
