@@ -2,19 +2,18 @@
 
 Many clients print only the status line of a refusal, never its body or `X-Outgate-Reason`, so
 the reason is in the reason phrase too. Each client runs as its users run it, against the proxy
-started as the CLI starts it, for a refused CONNECT (https://) and a refused plain request."""
+started as the CLI starts it, for a refused CONNECT (https://) and a refused plain request.
+Go, Java, Node and the other clients are in the real-client matrix (tests/clients), which checks
+the same for each of them inside the test network namespace."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support.clients import curl, go_client
+from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.proxyproc import ProxyProcess
 
@@ -39,15 +38,6 @@ TUNNELLED = "https://paste.test/"
 @pytest.fixture
 def proxy(start_proxy: StartProxy, dns_server: ScriptedDNSServer) -> ProxyProcess:
     return start_proxy(DENYING_POLICY, nameserver=dns_server.nameserver)
-
-
-@pytest.fixture(scope="session")
-def go_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built once per machine into pytest's cache (per session when the cache is off)."""
-    cache = getattr(request.config, "cache", None)
-    if cache is None:
-        return go_client(tmp_path_factory.mktemp("goclient"))
-    return go_client(Path(cache.mkdir("goclient")))
 
 
 def test_curl_shows_the_reason_of_a_refused_request_and_a_refused_connect(
@@ -75,19 +65,3 @@ def test_requests_raises_with_the_reason_for_a_refused_request_and_a_refused_con
     with pytest.raises(requests.exceptions.ProxyError) as tunnel_refused:
         requests.get(TUNNELLED, proxies=proxies, timeout=20)
     assert PHRASE in str(tunnel_refused.value)
-
-
-def test_a_go_program_prints_the_reason_for_a_refused_request_and_a_refused_connect(
-    proxy: ProxyProcess, go_binary: Path
-) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    env["HTTP_PROXY"] = env["HTTPS_PROXY"] = proxy.url
-    plain = subprocess.run(
-        [go_binary, PLAIN], env=env, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert plain.stdout.strip() == f"403 {PHRASE}", plain
-    tunnelled = subprocess.run(
-        [go_binary, TUNNELLED], env=env, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert tunnelled.returncode == 1
-    assert PHRASE in tunnelled.stdout, tunnelled
