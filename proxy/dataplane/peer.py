@@ -32,6 +32,10 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Peer(asyncio.Protocol):
     """A client or upstream socket. Mutable state lives here and only here."""
 
+    # A relay writes to a partner that encrypts (TLSPeer) through its `write`, to others
+    # straight into the transport.
+    encrypts = False
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -62,7 +66,11 @@ class Peer(asyncio.Protocol):
         self.last_activity = time.monotonic()
         partner = self._partner
         if partner is not None:
-            partner.write(data)  # a TLSPeer partner encrypts (an upgrade inside interception)
+            if partner.encrypts:
+                partner.write(data)  # a TLSPeer encrypts (an upgrade inside interception)
+            elif partner.transport is not None and not partner.closed:
+                # The hot path of every spliced tunnel: straight to the transport, no call.
+                partner.transport.write(data)
             return
         self.buffer += data
         if len(self.buffer) > READ_BUFFER_LIMIT and not self._paused_by_buffer:

@@ -27,6 +27,8 @@ TLS_READ_BYTES = 64 * 1024
 
 
 class TLSPeer(Peer):
+    encrypts = True
+
     def __init__(
         self,
         raw: Peer,
