@@ -23,7 +23,7 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -50,6 +50,7 @@ from proxy.dataplane.proxy_auth import LoginScope, ProxyAuth
 from proxy.dataplane.proxy_header import ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
+from proxy.dataplane.transparent import TransparentServer, transparent_listeners
 from proxy.dataplane.tunnel import TunnelRelay
 from proxy.dataplane.upgrade import UpgradeRelay
 from proxy.dataplane.upstream import ParentDialer
@@ -119,14 +120,22 @@ def build_resolver(settings: Settings) -> Resolver:
     )
 
 
-def build_guard(settings: Settings, *, proxy_port: int, admin_port: int) -> AddressGuard:
-    """The address guard of DESIGN section 4 for these settings and the listeners' ports."""
+def build_guard(
+    settings: Settings,
+    *,
+    proxy_port: int,
+    admin_port: int,
+    transparent: Sequence[tuple[str, int]] = (),
+) -> AddressGuard:
+    """The address guard of DESIGN section 4 for these settings and the listeners' ports
+    (`transparent`: the transparent listeners' bound addresses, issue 13)."""
     return AddressGuard(
         cluster_cidrs=settings.cluster_cidrs,
         unsafe_allow_cidrs=settings.unsafe_allow_cidrs,
         self_endpoints=[
             (parse_ip_address(settings.listen.host), proxy_port),
             (parse_ip_address(settings.admin.host), admin_port),
+            *((parse_ip_address(host), port) for host, port in transparent),
         ],
         local_addresses=_local_addresses(),
     )
@@ -151,10 +160,36 @@ def build_proxy(
     dialer: Dialer | None = None,
     passwords: PasswordFile | None = None,
 ) -> ProxyServer:
-    """The data plane's parts, each handed the ones it uses (docs/architecture.md). `dialer`
-    replaces the direct one (tests hand in one that fails on demand); with upstreams configured,
-    a RoutingDialer sends each route the way its `via` names. `passwords` is the proxy-auth
-    password file when `auth.basic` is configured (`build_password_file`)."""
+    """The proxy listener's server (`build_data_plane`, without the transparent listeners)."""
+    return build_data_plane(
+        settings,
+        router=router,
+        identity=identity,
+        audit=audit,
+        certs=certs,
+        is_ready=is_ready,
+        dialer=dialer,
+        passwords=passwords,
+    )[0]
+
+
+def build_data_plane(
+    settings: Settings,
+    *,
+    router: Router,
+    identity: IdentityLookup,
+    audit: AuditSink,
+    certs: CertCache | None,
+    is_ready: Callable[[], bool],
+    dialer: Dialer | None = None,
+    passwords: PasswordFile | None = None,
+) -> tuple[ProxyServer, TransparentServer]:
+    """The data plane's parts, each handed the ones it uses (docs/architecture.md): the proxy
+    listener's server and the transparent listeners' (issue 13), sharing the same Router,
+    Dialer, ExchangeLog and relays. `dialer` replaces the direct one (tests hand in one that
+    fails on demand); with upstreams configured, a RoutingDialer sends each route the way its
+    `via` names. `passwords` is the proxy-auth password file when `auth.basic` is configured
+    (`build_password_file`); it concerns the proxy listener only."""
     direct = (
         dialer if dialer is not None else DirectDialer(connect_timeout=settings.timeouts.connect)
     )
@@ -178,7 +213,7 @@ def build_proxy(
     tunnels = TunnelRelay(
         timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
     )
-    return ProxyServer(
+    proxy = ProxyServer(
         settings=settings,
         router=router,
         dialer=dialer,
@@ -195,6 +230,17 @@ def build_proxy(
         if settings.auth_basic is None or passwords is None
         else ProxyAuth(settings.auth_basic, passwords),
     )
+    transparent = TransparentServer(
+        settings=settings,
+        router=router,
+        dialer=dialer,
+        log=log,
+        relay=relay,
+        tunnels=tunnels,
+        audit=audit,
+        is_ready=is_ready,
+    )
+    return proxy, transparent
 
 
 def build_password_file(settings: Settings) -> PasswordFile | None:
@@ -246,6 +292,7 @@ class App:
         self.draining = False
         self.router: Router | None = None  # built in start(): the guard needs the bound ports
         self.proxy: ProxyServer | None = None
+        self.transparent: TransparentServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks = TaskSet()
         self.proxy_address: tuple[str, int] | None = None
@@ -272,6 +319,8 @@ class App:
         if self.proxy is None:
             return
         closed = self.proxy.close_connections_from(ip, Reason.SOURCE_GONE)
+        if self.transparent is not None:
+            closed += self.transparent.close_connections_from(ip, Reason.SOURCE_GONE)
         if closed:
             metrics.POD_SOURCE_GONE_CLOSES.inc(closed)
             log.info("source_gone_connections_closed", ip=str(ip), pod=pod, connections=closed)
@@ -306,9 +355,22 @@ class App:
         # dials itself), and the admin app's /explain asks the router that guard belongs to.
         sock = _listen(settings.listen.host, settings.listen.port, workers=settings.workers)
         admin_sock = _listen(settings.admin.host, settings.admin.port, workers=settings.workers)
+        listeners = transparent_listeners(settings.transparent)
+        transparent_socks = [
+            (listener, _listen(listener.host, listener.bind_port, workers=settings.workers))
+            for listener in listeners
+        ]
         proxy_port = sock.getsockname()[1]
         admin_port = admin_sock.getsockname()[1]
-        guard = build_guard(settings, proxy_port=proxy_port, admin_port=admin_port)
+        guard = build_guard(
+            settings,
+            proxy_port=proxy_port,
+            admin_port=admin_port,
+            transparent=[
+                (listener.host, int(bound.getsockname()[1]))
+                for listener, bound in transparent_socks
+            ],
+        )
         self.router = Router(
             policy=self.policy, resolver=self.resolver, guard=guard, routes=settings.routes
         )
@@ -328,7 +390,7 @@ class App:
                 cidrs=[str(c) for c in settings.unsafe_allow_cidrs],
                 note="the address guard lets these ranges through for every workload",
             )
-        self.proxy = build_proxy(
+        self.proxy, self.transparent = build_data_plane(
             settings,
             router=self.router,
             identity=self.identity,
@@ -338,6 +400,7 @@ class App:
             passwords=self.passwords,
         )
         self.proxy_address = await self.proxy.start(sock=sock)
+        serving = await self.transparent.start(transparent_socks)
         self._tasks.spawn(self.watcher.run(), name="policy file watcher")
         if self.passwords is not None:
             self._tasks.spawn(self.passwords.watched.run(), name="proxy auth file watcher")
@@ -353,6 +416,9 @@ class App:
             proxy=f"{self.proxy_address[0]}:{self.proxy_address[1]}",
             admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
             policy_revision=self.policy.revision,
+            # Issue 13: each transparent listener by kind, e.g. "transparent-tls": "0.0.0.0:8443"
+            # (port maps: "port-map 0.0.0.0:15432" -> where it listens).
+            transparent={listener.name: f"{host}:{port}" for listener, (host, port) in serving},
             config=settings.source,
             pid=os.getpid(),  # with `workers` above 1, which worker this is
         )
@@ -360,8 +426,15 @@ class App:
     async def stop(self) -> None:
         self.draining = True
         log.info("draining", timeout_seconds=self.settings.timeouts.drain)
-        if self.proxy is not None:
-            await self.proxy.drain(self.settings.timeouts.drain)
+        # Both servers stop accepting first, then drain side by side within one timeout.
+        if self.transparent is not None:
+            self.transparent.stop_accepting()
+        drains = [
+            server.drain(self.settings.timeouts.drain)
+            for server in (self.transparent, self.proxy)
+            if server is not None
+        ]
+        await asyncio.gather(*drains)
         await self._tasks.cancel_all()
         if self.kube is not None:
             await self.kube.close()

@@ -27,7 +27,7 @@ from proxy.core.dlp import (
     parse_credential_hosts,
     parse_custom_detectors,
 )
-from proxy.core.hosts import parse_port
+from proxy.core.hosts import Host, parse_port, split_authority
 from proxy.core.identity import (
     IssueCollector,
     StaticIdentity,
@@ -103,6 +103,30 @@ class BasicAuth:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PortMap:
+    """Issue 13: a transparent TCP listener whose every connection goes to one fixed
+    destination (`to`), decided for the source workload like a CONNECT to it."""
+
+    listen: Endpoint
+    host: Host
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transparent:
+    """Issue 13: listeners for workloads that ignore HTTP_PROXY (docs/transparent-mode.md).
+    Each is off (None, or no port maps) unless configured."""
+
+    tls: Endpoint | None = None  # TLS routed by SNI
+    # Destination port of the TLS and HTTP listeners when the kernel reports no original
+    # destination (DNS steering; with iptables REDIRECT, SO_ORIGINAL_DST gives the port).
+    tls_port: int = 443
+    http: Endpoint | None = None  # plain HTTP routed by Host
+    http_port: int = 80
+    ports: tuple[PortMap, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     source: str = "<embedded>"
     listen: Endpoint = Endpoint(host="127.0.0.1", port=3128)
@@ -148,6 +172,7 @@ class Settings:
     # upstreams, everything direct, and records carry no `outgate.upstream`).
     upstreams: tuple[UpstreamSpec, ...] = ()
     routes: RouteTable | None = None
+    transparent: Transparent = field(default_factory=Transparent)
 
 
 # The accepted shape: key -> nested shape (dict) or None for a leaf. Unknown keys are errors.
@@ -190,6 +215,8 @@ _SHAPE: dict[str, Any] = {
     # Lists of mappings: their keys are checked by _parse_upstreams and _parse_routes.
     "upstreams": None,
     "routes": None,
+    # `ports` is a list of mappings: its keys are checked by _parse_port_maps.
+    "transparent": {"tls": None, "tlsPort": None, "http": None, "httpPort": None, "ports": None},
 }
 
 
@@ -580,12 +607,29 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
         ),
     )
     reader.issues.extend(upstreams_issues.issues)
+    transparent_issues = IssueCollector(file=file)
+    transparent = Transparent(
+        tls=reader.get(
+            "transparent.tls", None, parse_endpoint, "write address:port, e.g. 0.0.0.0:8443"
+        ),
+        tls_port=reader.get("transparent.tlsPort", 443, _port, "a port, e.g. 443"),
+        http=reader.get(
+            "transparent.http", None, parse_endpoint, "write address:port, e.g. 0.0.0.0:8080"
+        ),
+        http_port=reader.get("transparent.httpPort", 80, _port, "a port, e.g. 80"),
+        ports=_parse_port_maps(
+            raw.get("transparent") if isinstance(raw, Mapping) else None, transparent_issues
+        ),
+    )
+    reader.issues.extend(transparent_issues.issues)
     settings = dataclasses.replace(
         settings,
         upstreams=upstreams,
         routes=routes,
         auth_basic=_basic_auth(reader, base_dir, static),
+        transparent=transparent,
     )
+    _check_listeners_distinct(settings, reader)
     if settings.audit_format == "both" and settings.audit_squid_output == "stdout":
         reader.issue(
             "audit.squidOutput",
@@ -804,6 +848,97 @@ def _parse_routes(
     if not names:
         return None  # with no upstream every route is direct: no routing step, no record field
     return RouteTable(rules=tuple(rules), default=default, resolved_by_parent=resolved_by_parent)
+
+
+# -- transparent listeners (issue 13) ---------------------------------------------------------
+_PORT_MAP_KEYS = ("listen", "to")
+_PORT_MAP_EXAMPLE = "ports: [{listen: 0.0.0.0:15432, to: ledger.db.corp.example:5432}]"
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("expected a port number")
+    return parse_port(str(value))
+
+
+def _parse_port_maps(raw: object, issues: IssueCollector) -> tuple[PortMap, ...]:
+    """`transparent.ports`: each `{listen: ADDR, to: HOST:PORT}`, both required."""
+    node = raw.get("ports") if isinstance(raw, Mapping) else None
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        issues.add(
+            "transparent.ports",
+            f"expected a list, not {describe_type(node)}",
+            fix=_PORT_MAP_EXAMPLE,
+        )
+        return ()
+    maps: list[PortMap] = []
+    for index, item in enumerate(node):
+        path = key_path("transparent.ports", index)
+        entry = issues.mapping(item, path, what="a port map")
+        if entry is None:
+            continue
+        issues.check_keys(entry, _PORT_MAP_KEYS, path)
+        listen_raw, to_raw = entry.get("listen"), entry.get("to")
+        listen: Endpoint | None = None
+        target: tuple[Host, int] | None = None
+        if listen_raw is None:
+            issues.add(f"{path}.listen", "missing", fix="listen: 0.0.0.0:15432")
+        else:
+            try:
+                listen = parse_endpoint(listen_raw)
+            except (ValueError, OutgateError) as exc:
+                issues.add(
+                    f"{path}.listen",
+                    f"invalid value {listen_raw!r}: {exc}",
+                    fix="write address:port, e.g. 0.0.0.0:15432",
+                )
+        if not isinstance(to_raw, str):
+            issues.add(
+                f"{path}.to",
+                "missing, or not a string",
+                fix="to: ledger.db.corp.example:5432 (a host name or IP, and a port)",
+            )
+        else:
+            try:
+                target = split_authority(to_raw, default_port=None)
+            except OutgateError as exc:
+                issues.add(
+                    f"{path}.to",
+                    f"invalid value {to_raw!r}: {exc.message}",
+                    fix="to: ledger.db.corp.example:5432 (a host name or IP, and a port)",
+                )
+        if listen is not None and target is not None:
+            maps.append(PortMap(listen=listen, host=target[0], port=target[1]))
+    return tuple(maps)
+
+
+def _check_listeners_distinct(settings: Settings, reader: _Reader) -> None:
+    """Two listeners on one address and port cannot both bind (port 0 picks a free one)."""
+    seen: dict[tuple[str, int], str] = {}
+    named: list[tuple[str, Endpoint | None]] = [
+        ("listen", settings.listen),
+        ("admin", settings.admin),
+        ("transparent.tls", settings.transparent.tls),
+        ("transparent.http", settings.transparent.http),
+    ]
+    named += [
+        (f"{key_path('transparent.ports', i)}.listen", m.listen)
+        for i, m in enumerate(settings.transparent.ports)
+    ]
+    for path, endpoint in named:
+        if endpoint is None or endpoint.port == 0:
+            continue
+        key = (endpoint.host, endpoint.port)
+        if key in seen:
+            reader.issue(
+                path,
+                f"{endpoint} is already used by {seen[key]}",
+                fix="give each listener its own address:port",
+            )
+        else:
+            seen[key] = path
 
 
 def load_settings(path: str | Path | None) -> Settings:

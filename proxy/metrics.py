@@ -171,7 +171,8 @@ SHADOW_DIFFERENCES = Counter(
 ACTIVE_CONNECTIONS = Gauge(
     "outgate_active_connections",
     "Open connections: client (accepted sockets), tunnel (CONNECT relays), forward (upstreams), "
-    "upgrade (connections relayed after a 101).",
+    "upgrade (connections relayed after a 101), transparent-tls, transparent-http, port-map "
+    "(accepted on a transparent listener).",
     ["kind"],
     multiprocess_mode="livesum",
     registry=REGISTRY,
@@ -179,6 +180,14 @@ ACTIVE_CONNECTIONS = Gauge(
 CONNECTIONS_ACCEPTED = Counter(
     "outgate_connections_accepted_total",
     "Client connections accepted on the proxy listener.",
+    registry=REGISTRY,
+)
+TRANSPARENT_CONNECTIONS = Counter(
+    "outgate_transparent_connections_total",
+    "Client connections accepted on a transparent listener (issue 13), by listener kind: "
+    "transparent-tls, transparent-http, port-map. Also counted in "
+    "outgate_connections_accepted_total.",
+    ["listener"],
     registry=REGISTRY,
 )
 BYTES = Counter(

@@ -305,3 +305,38 @@ def _is_ip_literal(raw: str) -> bool:
     return last.isdigit() or (
         last.startswith("0x") and all(c in "0123456789abcdef" for c in last[2:])
     )
+
+
+def sni_destination(hello: ClientHello) -> Host:
+    """The destination a transparent TLS listener routes by (issue 13): the SNI, normalised like
+    every host. Raises TunnelViolation when the hello cannot name one:
+
+    1. ECH or the old ESNI: the SNI seen is the outer (public) name, not the server the client
+       means, and splicing would let the client-facing server route the real (hidden) one.
+    2. No SNI: nothing names a destination, and the address the client dialled is the proxy's.
+    3. An IP-literal SNI (RFC 6066 section 3 forbids them): the proxy never dials an address a
+       client chose.
+    """
+    if hello.encrypted:
+        raise TunnelViolation(
+            "the client offers Encrypted Client Hello, which hides the destination from a "
+            "transparent listener",
+            reason=Reason.ECH_DENIED,
+        )
+    raw = hello.server_name
+    if raw is None:
+        raise TunnelViolation(
+            "the ClientHello names no server, so there is no destination",
+            reason=Reason.SNI_MISSING,
+        )
+    if _is_ip_literal(raw):
+        raise TunnelViolation(
+            "the server name is an IP address (RFC 6066 section 3)", reason=Reason.SNI_IP_LITERAL
+        )
+    try:
+        return Host(name=normalize_name(raw))
+    except BadRequest as exc:
+        raise TunnelViolation(
+            f"the server name is not a host name: {exc.message}",
+            reason=Reason.CLIENTHELLO_MALFORMED,
+        ) from None

@@ -158,6 +158,17 @@ class ExchangeLog:
         if not keep_alive:
             client.close()
 
+    def drop(self, client: Peer, ex: Exchange, error: OutgateError) -> None:
+        """`refuse` for a listener that has no HTTP to answer in (transparent TLS, port maps):
+        the same records (the status is the one an HTTP client would have had, so the
+        decision record reads as a refusal), then the connection is closed, no reply."""
+        ex.status = error.status
+        if not ex.decided:
+            ex.reason = error.reason
+            self._record_decision(ex)
+        self._audit.close(ex, error.reason)
+        client.close()
+
     def reply(self, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> bytes:
         """The reply for `error`, naming this exchange's workload, destination and event id
         (also for a failure after the exchange was allowed, before a response head went out)."""

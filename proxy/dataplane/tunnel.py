@@ -185,8 +185,19 @@ class TunnelRelay:
         self._log = log
         self._interceptor = interceptor
 
-    async def run(self, client: Peer, upstream: Upstream, ex: Exchange, route: Route) -> None:
-        """Serve the tunnel until it ends; writes its close record (or its refusal)."""
+    async def run(
+        self,
+        client: Peer,
+        upstream: Upstream,
+        ex: Exchange,
+        route: Route,
+        *,
+        announce: bool = True,
+    ) -> None:
+        """Serve the tunnel until it ends; writes its close record (or its refusal).
+
+        `announce=False`: no CONNECT, so no 200 (a transparent listener or a port map,
+        proxy.dataplane.transparent); the checks and the splice are the same."""
         self._log.dialled(ex, upstream)
         decision = ex.decision
         inspect = decision.inspect if decision is not None else None
@@ -205,7 +216,8 @@ class TunnelRelay:
                 self._log.refuse(client, ex, exc, keep_alive=False)
                 return
         client_base = client.bytes_in - len(client.buffer)
-        client.write(CONNECT_ESTABLISHED)
+        if announce:
+            client.write(CONNECT_ESTABLISHED)
         self._log.relay_started("tunnel")
         reason = Reason.COMPLETED
         inner: Peer = client

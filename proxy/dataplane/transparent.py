@@ -1,0 +1,456 @@
+"""The transparent listeners (issue 13): for workloads that ignore HTTP_PROXY, whose traffic is
+steered here by DNS or by iptables REDIRECT (docs/transparent-mode.md).
+
+Three kinds, each named in the audit record's `outgate.connection` and in metrics:
+
+  transparent-tls   the first bytes must be a TLS ClientHello (read like a tunnel's, bounded by
+                    `timeouts.sniPeek`); its SNI is the destination and is required: no SNI, an
+                    IP-literal SNI or ECH is refused and closed (proxy.core.tunnel_protocols
+                    `sni_destination`). The port is the original destination's when the kernel
+                    reports one (SO_ORIGINAL_DST after a REDIRECT), else `transparent.tlsPort`.
+  transparent-http  origin-form requests (absolute form too) routed by their Host; every request
+                    on a kept-alive connection is decided again. The port: the target's or the
+                    Host field's when it names one, else the original destination's, else
+                    `transparent.httpPort`. A refusal is the proxy listener's 403.
+  port-map          every connection goes to one fixed `to` (HOST:PORT), decided for the source
+                    workload against it; the rule's `protocol` check applies.
+
+Then each is a CONNECT or an absolute-form request by another door: the same Router decides,
+resolves, decides per address and guards (a forged SNI or Host can only reach the addresses the
+proxy resolved for that name, never the address the client dialled), the same Dialer dials, and
+the same relays check and move bytes (TunnelRelay with no 200; HttpRelay). A refusal on a
+listener with no HTTP to answer in closes the connection; its records are the same as ever
+(`ExchangeLog.drop`).
+
+Admission (caps, rates, tunnels per workload) is counted for these listeners together, apart
+from the proxy listener's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from proxy import metrics
+from proxy.audit import AuditSink, Exchange
+from proxy.config import Settings, Transparent
+from proxy.core.hosts import Host, IPAddress, parse_ip_address, split_authority, unmap_ipv4
+from proxy.core.http1 import RequestForm, RequestHead, parse_request_head
+from proxy.core.identity import WorkloadKind
+from proxy.core.policy.model import TunnelProtocol
+from proxy.core.tunnel_protocols import sni_destination
+from proxy.dataplane.dialer import Dialer
+from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.http_relay import (
+    HttpRelay,
+    UpstreamPool,
+    keeps_connection_after_refusal,
+    read_request_head,
+)
+from proxy.dataplane.limits import Admission, workload_key
+from proxy.dataplane.peer import Peer
+from proxy.dataplane.proxy_header import ClientSource
+from proxy.dataplane.router import Router
+from proxy.dataplane.tunnel import TunnelRelay, read_first_bytes, record_violation
+from proxy.errors import (
+    OutgateError,
+    PolicyDenied,
+    Reason,
+    ServiceUnavailable,
+    TooManyRequests,
+    TunnelViolation,
+)
+from proxy.tasks import TaskSet
+
+# Kernel accept queue, as the proxy listener's (proxy.dataplane.server.LISTEN_BACKLOG).
+LISTEN_BACKLOG: Final = 1024
+
+# linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h
+# IP6T_SO_ORIGINAL_DST (both 80): the destination a connection had before a NAT rule
+# (iptables REDIRECT/DNAT) changed it, as a sockaddr_in / sockaddr_in6.
+SO_ORIGINAL_DST: Final = 80
+SOCKADDR_IN_BYTES: Final = 16
+SOCKADDR_IN6_BYTES: Final = 28
+
+
+class ListenerKind(StrEnum):
+    """`outgate.connection` of a transparent listener's records; a metric label too."""
+
+    TLS = "transparent-tls"
+    HTTP = "transparent-http"
+    PORT_MAP = "port-map"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener:
+    """One transparent listener: its kind, where it listens and where its traffic goes."""
+
+    kind: ListenerKind
+    host: str  # address to bind
+    bind_port: int
+    # The destination port when the kernel reports no original destination (TLS, HTTP), or the
+    # fixed destination's port (port map).
+    port: int
+    to: Host | None = None  # port map: the fixed destination
+
+    @property
+    def name(self) -> str:
+        where = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind} {where}:{self.bind_port}"
+
+
+def transparent_listeners(config: Transparent) -> tuple[Listener, ...]:
+    """The listeners `transparent` configures, in a fixed order (TLS, HTTP, port maps)."""
+    found: list[Listener] = []
+    if config.tls is not None:
+        found.append(
+            Listener(
+                kind=ListenerKind.TLS,
+                host=config.tls.host,
+                bind_port=config.tls.port,
+                port=config.tls_port,
+            )
+        )
+    if config.http is not None:
+        found.append(
+            Listener(
+                kind=ListenerKind.HTTP,
+                host=config.http.host,
+                bind_port=config.http.port,
+                port=config.http_port,
+            )
+        )
+    for mapping in config.ports:
+        found.append(
+            Listener(
+                kind=ListenerKind.PORT_MAP,
+                host=mapping.listen.host,
+                bind_port=mapping.listen.port,
+                port=mapping.port,
+                to=mapping.host,
+            )
+        )
+    return tuple(found)
+
+
+def original_destination(sock: socket.socket) -> tuple[IPAddress, int] | None:
+    """Where the client meant to connect before a NAT rule sent it here, when the kernel knows
+    (connection tracking) and it differs from this socket's own address; else None."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_BYTES)
+            ip: IPAddress = parse_ip_address(socket.inet_ntop(socket.AF_INET, raw[4:8]))
+        elif sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, SOCKADDR_IN6_BYTES)
+            ip = parse_ip_address(socket.inet_ntop(socket.AF_INET6, raw[8:24]))
+        else:
+            return None
+        port = int.from_bytes(raw[2:4], "big")
+        local = sock.getsockname()
+    except (OSError, ValueError):  # no conntrack entry, no netfilter: not redirected
+        return None
+    if port == local[1] and ip == parse_ip_address(str(local[0]).split("%")[0]):
+        return None  # reached directly (DNS steering): conntrack reports the socket itself
+    return ip, port
+
+
+def origin_form_port(req: RequestHead, fallback: int) -> int:
+    """The destination port of a request on the HTTP listener: an absolute-form target's or a
+    Host field's when it names one, else `fallback` (the original destination's port, else
+    `transparent.httpPort`)."""
+    if req.scheme is not None:
+        return req.port
+    try:
+        split_authority(req.header("host") or "", default_port=None)
+    except OutgateError:
+        return fallback  # the Host field names no port
+    return req.port
+
+
+class _ClientPeer(Peer):
+    def __init__(self, on_accept: Callable[[Peer], None]) -> None:
+        super().__init__()
+        self._on_accept = on_accept
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_accept(self)
+
+
+class TransparentServer:
+    """Owns the transparent listeners and every connection they accepted."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        router: Router,
+        dialer: Dialer,
+        log: ExchangeLog,
+        relay: HttpRelay,
+        tunnels: TunnelRelay,
+        audit: AuditSink,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._dialer = dialer
+        self._log = log
+        self._relay = relay
+        self._tunnels = tunnels
+        self._audit = audit
+        self._is_ready = is_ready
+        self._tasks = TaskSet()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._admission = Admission(settings.limits)
+        self._clients: dict[IPAddress, set[Peer]] = {}
+        self._idle: set[Peer] = set()  # HTTP connections between requests, nothing read
+        self._draining = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(
+        self, bound: Sequence[tuple[Listener, socket.socket]]
+    ) -> list[tuple[Listener, tuple[str, int]]]:
+        """Serve each listener on its bound socket; returns where each listens."""
+        loop = asyncio.get_running_loop()
+        serving: list[tuple[Listener, tuple[str, int]]] = []
+        for listener, sock in bound:
+            on_accept = functools.partial(self._on_accept, listener)
+            server = await loop.create_server(
+                lambda accept=on_accept: _ClientPeer(accept),  # type: ignore[misc]
+                sock=sock,
+                backlog=LISTEN_BACKLOG,
+            )
+            self._servers.append(server)
+            name = sock.getsockname()
+            serving.append((listener, (str(name[0]), int(name[1]))))
+        return serving
+
+    def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """As the proxy listener's: stop accepting, close idle connections, let busy ones
+        finish for up to `timeout`, cancel the rest (close records say `drained`)."""
+        self.stop_accepting()
+        self._draining = True
+        for client in list(self._idle):
+            client.close()
+        if not await self._tasks.wait(timeout):
+            await self._tasks.cancel_all()
+        for server in self._servers:
+            await server.wait_closed()
+
+    def close_connections_from(self, source: IPAddress, reason: Reason) -> int:
+        """Close every connection from `source` now (its pod left); records carry `reason`."""
+        peers = list(self._clients.get(unmap_ipv4(source), ()))
+        for peer in peers:
+            peer.close_reason = reason
+            peer.abort()
+        return len(peers)
+
+    # -- accept -------------------------------------------------------------------------------
+    def _on_accept(self, listener: Listener, client: Peer) -> None:
+        transport = client.transport
+        assert transport is not None
+        peername = transport.get_extra_info("peername")
+        src_ip = unmap_ipv4(parse_ip_address(str(peername[0]).split("%")[0]))
+        src_port = int(peername[1])
+        original = None
+        if listener.kind is not ListenerKind.PORT_MAP:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                original = original_destination(sock)
+        metrics.CONNECTIONS_ACCEPTED.inc()
+        metrics.TRANSPARENT_CONNECTIONS.labels(listener=str(listener.kind)).inc()
+        self._tasks.spawn(
+            self._serve(listener, client, src_ip, src_port, original),
+            name=f"{listener.kind} client {src_ip}:{src_port}",
+        )
+
+    async def _serve(
+        self,
+        listener: Listener,
+        client: Peer,
+        src_ip: IPAddress,
+        src_port: int,
+        original: tuple[IPAddress, int] | None,
+    ) -> None:
+        self._admission.connection_opened(src_ip)
+        self._clients.setdefault(src_ip, set()).add(client)
+        metrics.ACTIVE_CONNECTIONS.labels(kind=str(listener.kind)).inc()
+        try:
+            if self._audit.congested:
+                # Audit backpressure: serve nothing new until the records are written.
+                drained = asyncio.Event()
+                self._audit.call_when_drained(drained.set)
+                await drained.wait()
+            ex = self._log.open(ClientSource(ip=src_ip, port=src_port), str(listener.kind))
+            try:
+                self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
+            except TooManyRequests as exc:
+                if listener.kind is ListenerKind.HTTP:
+                    self._log.refuse(client, ex, exc, keep_alive=False)
+                else:
+                    self._log.drop(client, ex, exc)
+                return
+            port = original[1] if original is not None else listener.port
+            if listener.kind is ListenerKind.TLS:
+                await self._serve_tls(client, ex, src_ip, port)
+            elif listener.kind is ListenerKind.HTTP:
+                await self._serve_http(client, ex, src_ip, src_port, port)
+            else:
+                assert listener.to is not None
+                await self._tunnel(client, ex, src_ip, listener.to, listener.port)
+        finally:
+            client.close()
+            self._admission.connection_closed(src_ip)
+            clients = self._clients.get(src_ip)
+            if clients is not None:
+                clients.discard(client)
+                if not clients:
+                    del self._clients[src_ip]
+            metrics.ACTIVE_CONNECTIONS.labels(kind=str(listener.kind)).dec()
+
+    def _check_ready(self, ex: Exchange) -> None:
+        if not self._is_ready():
+            raise ServiceUnavailable("the proxy is not ready: policy or identity not loaded")
+        if ex.workload.kind is WorkloadKind.AMBIGUOUS:
+            raise PolicyDenied(
+                "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE
+            )
+
+    # -- TLS by SNI, and port maps: a tunnel without a CONNECT ----------------------------------
+    async def _serve_tls(self, client: Peer, ex: Exchange, src_ip: IPAddress, port: int) -> None:
+        try:
+            hello = await read_first_bytes(
+                client, protocol=TunnelProtocol.TLS, timeouts=self._settings.timeouts
+            )
+            assert hello is not None  # the TLS check returns its hello
+            ex.server_name, ex.ech, ex.alpn = hello.server_name, hello.encrypted, hello.alpn
+            host = sni_destination(hello)
+        except TunnelViolation as exc:
+            ex.destination_port = port
+            record_violation(ex, client, exc)
+            self._log.drop(client, ex, exc)
+            return
+        await self._tunnel(client, ex, src_ip, host, port)
+
+    async def _tunnel(
+        self, client: Peer, ex: Exchange, src_ip: IPAddress, host: Host, port: int
+    ) -> None:
+        """Decide, route and dial `host:port` like a CONNECT to it, then the tunnel relay's
+        checks (the rule's `protocol`, SNI, `inspect`) and splice, with no 200."""
+        if host.ip is None:
+            ex.destination_domain = host.name
+        else:
+            ex.destination_ip = host.name
+        ex.destination_port = port
+        held: str | None = None
+        try:
+            self._check_ready(ex)
+            key = workload_key(ex.workload, src_ip)
+            self._admission.open_tunnel(key)
+            held = key
+            route = await self._router.route(ex.workload, host, port)
+            self._log.routed(ex, route)
+            refusal = route.refusal()
+            if refusal is not None:
+                raise refusal
+            upstream = await self._dialer.dial(route, tunnel=True)
+        except OutgateError as exc:
+            if held is not None:
+                self._admission.close_tunnel(held)
+            self._log.drop(client, ex, exc)
+            return
+        try:
+            await self._tunnels.run(client, upstream, ex, route, announce=False)
+        finally:
+            self._admission.close_tunnel(held)
+
+    # -- plain HTTP by Host -------------------------------------------------------------------
+    async def _serve_http(
+        self, client: Peer, first_ex: Exchange, src_ip: IPAddress, src_port: int, port: int
+    ) -> None:
+        """The proxy listener's request loop, in origin form: every request decided again."""
+        timeouts = self._settings.timeouts
+        pool = UpstreamPool()
+        first = True
+        try:
+            while not self._draining:
+                idle = not client.buffer
+                if idle:
+                    self._idle.add(client)
+                try:
+                    head = await read_request_head(
+                        client,
+                        idle=None if first else timeouts.idle,
+                        header=timeouts.header,
+                        max_head_bytes=self._settings.limits.max_header_bytes,
+                    )
+                except OutgateError as error:
+                    ex = (
+                        first_ex
+                        if first
+                        else self._log.open(ClientSource(ip=src_ip, port=src_port), first_ex.kind)
+                    )
+                    self._log.refuse(client, ex, error, keep_alive=False)
+                    return
+                finally:
+                    if idle:
+                        self._idle.discard(client)
+                if head is None:
+                    return
+                ex = (
+                    first_ex
+                    if first
+                    else self._log.open(ClientSource(ip=src_ip, port=src_port), first_ex.kind)
+                )
+                first = False
+                if not await self._handle_request(client, ex, head, port, pool):
+                    return
+        finally:
+            pool.close()
+
+    async def _handle_request(
+        self, client: Peer, ex: Exchange, head: bytes, port: int, pool: UpstreamPool
+    ) -> bool:
+        """Serve one request; True when the client connection may carry another."""
+        req: RequestHead | None = None
+        try:
+            req = parse_request_head(head, form=RequestForm.ORIGIN, authority=None)
+            ex.method, ex.path = req.method, req.path
+            if req.host.ip is None:
+                ex.destination_domain = req.host.name
+            else:
+                ex.destination_ip = req.host.name
+            port = origin_form_port(req, port)
+            ex.destination_port = port
+            self._check_ready(ex)
+            route = await self._router.route(ex.workload, req.host, port)
+            self._log.routed(ex, route)
+            refusal = route.refusal()
+            if refusal is not None:
+                raise refusal
+            upstream = pool.take(route)
+            if upstream is None:
+                upstream = await self._dialer.dial(route, tunnel=False)
+        except OutgateError as exc:
+            keep = keeps_connection_after_refusal(req)
+            self._log.refuse(client, ex, exc, keep_alive=keep)
+            return keep
+        if req.port != port:
+            # The Host field named no port: the destination's is the original one.
+            req = _with_port(req, port)
+        return await self._relay.forward(client, upstream, ex, req, pool)
+
+
+def _with_port(req: RequestHead, port: int) -> RequestHead:
+    return dataclasses.replace(req, port=port)
