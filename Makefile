@@ -57,6 +57,13 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	mkdir -p $(VENV)/node-clients
 	cp $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json $(VENV)/node-clients/
 	npm ci --prefix $(VENV)/node-clients --silent --no-audit --no-fund
+	@# tests/netns/test_transparent_redirect.py: an iptables REDIRECT rule (issue 13).
+	@command -v iptables >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables)
+	@# tests/netns/test_port_map_postgres.py: a real PostgreSQL server and psql (issue 13).
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v psql >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends postgresql)
 	touch $(RUN_STAMP) $@
 
 install: $(RUN_STAMP)

@@ -1,0 +1,144 @@
+"""iptables REDIRECT in front of the transparent TLS listener (issue 13): the kernel sends the
+client's connection to the listener, and SO_ORIGINAL_DST tells the proxy the port the client
+dialled, so the request is decided on that port. The address the client dialled is never used:
+the proxy dials what it resolved for the SNI's name."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.support.clients import curl
+from tests.support.dnsserver import ScriptedDNSServer
+from tests.support.origin import OriginServer
+from tests.support.pki import OriginPKI, make_pki
+from tests.support.proxyproc import ProxyProcess
+
+pytestmark = pytest.mark.netns
+
+ORIGIN = "11.0.0.1"  # api.allowed.example's real address
+CANARY = "11.0.0.5"  # the address the client dials (its DNS answer): never reached
+LISTEN_PORT = 9443  # REDIRECT in OUTPUT sends locally made connections to 127.0.0.1:this
+
+POLICIES = """
+apiVersion: outgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: redirected, namespace: tests}
+spec:
+  podSelector: {}
+  rules:
+    - name: api-on-8443
+      action: Allow
+      to: [{fqdn: api.allowed.example}]
+      ports: [8443]
+"""
+
+
+@dataclass
+class Redirected:
+    proxy: ProxyProcess
+    pki: OriginPKI
+    origin: OriginServer
+    canaries: list[OriginServer]
+
+
+def _nat(action: str, port: int) -> None:
+    subprocess.run(
+        ["iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY,
+         "--dport", str(port), "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]:
+    workdir = tmp_path_factory.mktemp("redirect")
+    pki = make_pki(workdir / "pki", ["api.allowed.example"])
+    with contextlib.ExitStack() as stack:
+        dns = stack.enter_context(ScriptedDNSServer())
+        dns.addresses("api.allowed.example", ORIGIN, ttl=0)
+        origin = stack.enter_context(
+            OriginServer(host=ORIGIN, port=8443, ssl_context=pki.server_context())
+        )
+        canaries = [
+            stack.enter_context(
+                OriginServer(host=CANARY, port=port, ssl_context=pki.server_context())
+            )
+            for port in (443, 8443)
+        ]
+        proxy = stack.enter_context(
+            ProxyProcess(
+                workdir / "proxy",
+                policies=POLICIES,
+                nameserver=dns.nameserver,
+                config={
+                    "identity": {
+                        "static": [
+                            {
+                                "name": "redirected-client",
+                                "namespace": "tests",
+                                "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
+                                "labels": {"app": "client"},
+                            }
+                        ]
+                    },
+                    "transparent": {"tls": f"127.0.0.1:{LISTEN_PORT}", "tlsPort": 443},
+                },
+            )
+        )
+        for port in (443, 8443):
+            _nat("-A", port)
+            stack.callback(_nat, "-D", port)
+        yield Redirected(proxy=proxy, pki=pki, origin=origin, canaries=canaries)
+
+
+def _get(redirected: Redirected, port: int) -> subprocess.CompletedProcess[str]:
+    return curl(
+        "--resolve",
+        f"api.allowed.example:{port}:{CANARY}",
+        "--cacert",
+        str(redirected.pki.ca_pem),
+        f"https://api.allowed.example:{port}/hello",
+    )
+
+
+def test_redirected_request_is_decided_on_the_port_the_client_dialled(
+    redirected: Redirected,
+) -> None:
+    result = _get(redirected, 8443)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from origin\n"
+    assert redirected.origin.paths_seen() == ["/hello"]
+    decision, close = redirected.proxy.wait_records(
+        lambda r: (
+            r["outgate"]["connection"] == "transparent-tls" and r["destination"]["port"] == 8443
+        ),
+        2,
+    )
+    assert decision["outgate"]["decision"] == "allow"
+    assert decision["rule"]["name"] == "api-on-8443"
+    assert close["destination"]["ip"] == ORIGIN  # what it resolved, not the dialled canary
+    for canary in redirected.canaries:
+        assert canary.seen == []
+
+
+def test_redirected_port_the_rule_does_not_allow_is_refused(redirected: Redirected) -> None:
+    """The same name dialled on 443: the rule allows 8443 only, so the original port decides."""
+    result = _get(redirected, 443)
+    assert result.returncode != 0
+    decision, close = redirected.proxy.wait_records(
+        lambda r: (
+            r["outgate"]["connection"] == "transparent-tls" and r["destination"]["port"] == 443
+        ),
+        2,
+    )
+    assert decision["outgate"]["decision"] == "deny"
+    assert decision["outgate"]["reason"] == "namespace_isolation"
+    assert close["event"]["id"] == decision["event"]["id"]
+    for canary in redirected.canaries:
+        assert canary.seen == []
