@@ -179,7 +179,7 @@ ACTIVE_CONNECTIONS = Gauge(
 )
 CONNECTIONS_ACCEPTED = Counter(
     "outgate_connections_accepted_total",
-    "Client connections accepted on the proxy listener.",
+    "Client connections accepted on the proxy listener and the transparent listeners.",
     registry=REGISTRY,
 )
 TRANSPARENT_CONNECTIONS = Counter(

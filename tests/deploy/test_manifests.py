@@ -73,6 +73,10 @@ def test_the_proxy_objects_live_in_outgate_system(overlay: str) -> None:
             "ClusterRole",
             "ClusterRoleBinding",
         ):
+            if (obj["kind"], obj["metadata"]["name"]) == ("ConfigMap", "outgate-coredns-steering"):
+                # components/transparent: CoreDNS's own namespace, where its config lives.
+                assert obj["metadata"]["namespace"] == "kube-system"
+                continue
             assert obj["metadata"].get("namespace") == "outgate-system", kube.describe(obj)
 
 
@@ -149,7 +153,7 @@ def test_the_container_is_locked_down(overlay: str) -> None:
 def test_probes_use_the_admin_endpoints(overlay: str) -> None:
     container = _container(kube.render(overlay))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"proxy": 3128, "admin": 9090}
+    assert ports == {"proxy": 3128, "admin": 9090} | TRANSPARENT_PORTS.get(overlay, {})
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
 
@@ -224,6 +228,21 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 CONFIG_CHANGES = {
     "overlays/production": {"guard.clusterCIDRs"},
     "overlays/interception": {"tls.caCert", "tls.caKey"},
+    "overlays/transparent": {
+        "transparent.tls",
+        "transparent.tlsPort",
+        "transparent.http",
+        "transparent.httpPort",
+        "transparent.ports",
+    },
+}
+# Container ports an overlay adds to the proxy's two (components/transparent).
+TRANSPARENT_PORTS = {
+    "overlays/transparent": {
+        "transparent-tls": 8443,
+        "transparent-http": 8080,
+        "pm-ledger-db": 15432,
+    }
 }
 
 
