@@ -21,6 +21,7 @@ OWN_DOCS = [
     "metrics.md",
     "operations.md",
     "threat-model.md",
+    "transparent-mode.md",
 ]
 PATH = re.compile(r"(?<![\w/.-])((?:manifests|config|docs|proxy|tests)/[\w./-]*[\w/])")
 
