@@ -12,10 +12,12 @@ import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.tls.ca import init_ca
 from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
@@ -44,6 +46,10 @@ spec:
       action: Allow
       to: [{fqdn: api.allowed.example}, {fqdn: meta.allowed.example}, {fqdn: self.allowed.example}]
       ports: [80, 443]
+    - name: inspected
+      action: Allow
+      to: [{fqdn: inspect.allowed.example}]
+      inspect: {methods: [GET], paths: ["/hello"]}
     - name: no-denied
       action: Deny
       to: [{fqdn: "*.denied.example"}]
@@ -55,6 +61,7 @@ class Transparent:
     proxy: ProxyProcess
     dns: ScriptedDNSServer
     pki: OriginPKI
+    outgate_ca: Path  # the interception CA's certificate, for `inspect` rules
     https: OriginServer  # api.allowed.example's real server, 11.0.0.1:443
     http: OriginServer  # and 11.0.0.1:80
     canaries: list[OriginServer]  # 11.0.0.5 and the metadata address: never reached
@@ -80,11 +87,13 @@ class Transparent:
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transparent]:
     workdir = tmp_path_factory.mktemp("transparent")
-    pki = make_pki(workdir / "pki", ["api.allowed.example"])
+    pki = make_pki(workdir / "pki", ["api.allowed.example", "inspect.allowed.example"])
+    outgate_ca = init_ca(workdir / "outgate-ca")
     with contextlib.ExitStack() as stack:
         dns = stack.enter_context(ScriptedDNSServer())
         dns.addresses("api.allowed.example", ORIGIN, ttl=0)
         dns.addresses("meta.allowed.example", METADATA, ttl=0)
+        dns.addresses("inspect.allowed.example", ORIGIN, ttl=0)
         dns.addresses("x.denied.example", CANARY, ttl=0)
         dns.addresses("self.allowed.example", LISTENER, ttl=0)  # a loop back into the proxy
         https = stack.enter_context(
@@ -116,10 +125,23 @@ def steered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transparent]:
                     },
                     "transparent": {"tls": f"{LISTENER}:443", "http": f"{LISTENER}:80"},
                     "timeouts": {"sniPeek": SNI_PEEK},
+                    "tls": {
+                        "caCert": str(outgate_ca[0]),
+                        "caKey": str(outgate_ca[1]),
+                        "upstreamCABundle": str(pki.ca_pem),
+                    },
                 },
             )
         )
-        yield Transparent(proxy=proxy, dns=dns, pki=pki, https=https, http=http, canaries=canaries)
+        yield Transparent(
+            proxy=proxy,
+            dns=dns,
+            pki=pki,
+            outgate_ca=outgate_ca[0],
+            https=https,
+            http=http,
+            canaries=canaries,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +232,42 @@ def test_forged_sni_reaches_only_the_real_server_of_the_allowed_name(
         response = https_get(sock, server_hostname="api.allowed.example", cafile=steered.pki.ca_pem)
     assert response.startswith(b"HTTP/1.1 200")
     assert steered.https.paths_seen() == ["/hello"]
+    steered.nothing_reached_a_canary()
+
+
+def test_an_inspect_rule_intercepts_the_transparent_connection_as_it_does_a_connect(
+    steered: Transparent,
+) -> None:
+    """The client trusts the cluster CA: each request inside is checked against the rule."""
+    responses = []
+    for path in ("/hello", "/headers"):
+        with steered.connect_tls_listener() as sock:
+            responses.append(
+                https_get(
+                    sock,
+                    server_hostname="inspect.allowed.example",
+                    cafile=steered.outgate_ca,
+                    path=path,
+                )
+            )
+    assert responses[0].startswith(b"HTTP/1.1 200")
+    assert responses[0].endswith(b"hello from origin\n")
+    assert responses[1].startswith(b"HTTP/1.1 403")
+    assert steered.https.paths_seen() == ["/hello"]  # the refused path never left the proxy
+    inner = steered.proxy.wait_records(
+        lambda r: r["outgate"]["connection"] == "intercept" and r["event"]["action"] == "close",
+        2,
+    )
+    tunnels = steered.proxy.wait_records(
+        lambda r: (
+            r["outgate"]["connection"] == "transparent-tls"
+            and r["destination"]["domain"] == "inspect.allowed.example"
+            and r["event"]["action"] == "decision"
+        ),
+        2,
+    )
+    assert {r["outgate"]["tunnel_id"] for r in inner} == {t["event"]["id"] for t in tunnels}
+    assert sorted(r["http"]["response"]["status_code"] for r in inner) == [200, 403]
     steered.nothing_reached_a_canary()
 
 
