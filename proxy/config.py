@@ -928,7 +928,13 @@ def _check_listeners_distinct(settings: Settings, reader: _Reader) -> None:
         for i, m in enumerate(settings.transparent.ports)
     ]
     for path, endpoint in named:
-        if endpoint is None or endpoint.port == 0:
+        if endpoint is None:
+            continue
+        if endpoint.port == 0:
+            if settings.workers > 1 and path.startswith("transparent"):
+                # Each worker would pick its own port: only listen and admin are held by the
+                # supervisor (proxy.supervisor), so every worker shares theirs.
+                reader.issue(path, "port 0 with workers above 1", fix="give a fixed port")
             continue
         key = (endpoint.host, endpoint.port)
         if key in seen:

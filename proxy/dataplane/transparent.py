@@ -59,6 +59,7 @@ from proxy.dataplane.proxy_header import ClientSource
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay, read_first_bytes, record_violation
 from proxy.errors import (
+    BadRequest,
     OutgateError,
     PolicyDenied,
     Reason,
@@ -427,6 +428,12 @@ class TransparentServer:
         try:
             req = parse_request_head(head, form=RequestForm.ORIGIN, authority=None)
             ex.method, ex.path = req.method, req.path
+            if req.scheme == "https":
+                # This listener speaks plain HTTP; the request would leave in plaintext.
+                raise BadRequest(
+                    "an https:// target on the plain-HTTP listener: send HTTPS to the TLS one",
+                    reason=Reason.UNSUPPORTED_SCHEME,
+                )
             if req.host.ip is None:
                 ex.destination_domain = req.host.name
             else:

@@ -402,12 +402,23 @@ def test_every_request_on_a_kept_alive_connection_is_decided_again(
     steered.nothing_reached_a_canary()
 
 
-def test_request_without_host_is_a_400(steered: Transparent) -> None:
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /hello HTTP/1.0\r\n\r\n",  # no Host: nothing names a destination
+        b"GET https://api.allowed.example/hello HTTP/1.1\r\nHost: api.allowed.example\r\n\r\n",
+    ],
+    ids=["no-host", "https-target"],
+)
+def test_a_request_naming_no_plain_http_destination_is_a_400(
+    steered: Transparent, head: bytes
+) -> None:
     with socket.create_connection((LISTENER, 80), timeout=10) as sock:
-        sock.sendall(b"GET /hello HTTP/1.0\r\n\r\n")
+        sock.sendall(head)
         status, _, _ = read_response(sock)
     assert status == 400
     assert steered.dns.queries == []
+    assert steered.https.seen == [] and steered.http.seen == []
 
 
 def test_listening_line_names_the_transparent_listeners(steered: Transparent) -> None:

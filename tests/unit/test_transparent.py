@@ -94,6 +94,12 @@ def test_a_bad_transparent_config_names_the_field_and_the_fix(
     assert fix_says in issues[0][1]
 
 
+def test_a_transparent_listener_needs_a_fixed_port_with_several_workers() -> None:
+    issues = _issues({"tls": "0.0.0.0:0"}, workers=2)
+    assert issues == [("transparent.tls", "give a fixed port")]
+    assert _settings({"tls": "0.0.0.0:0"}).transparent.tls == Endpoint(host="0.0.0.0", port=0)
+
+
 # -- the destination a ClientHello names -------------------------------------------------------
 def _hello(server_name: str | None, *, ech: bool = False, esni: bool = False) -> ClientHello:
     return ClientHello(
