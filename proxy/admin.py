@@ -49,16 +49,20 @@ def build_admin_app(
         if not source or not url:
             return web.Response(
                 status=400,
-                text="usage: /explain?source=IP&url=URL[&user=NAME][&resolve=1][&format=json]\n",
+                text="usage: /explain?source=IP&url=URL"
+                "[&user=NAME][&resolve=1][&listener=KIND][&format=json]\n",
             )
         resolve = request.query.get("resolve", "") in ("1", "true", "yes")
+        listener = request.query.get("listener") or None
         # A source in auth.basic.sources is explained as the user it logs in as (&user=NAME).
         as_user = LoggedInIdentity(identity, login, request.query.get("user") or None)
         try:
             if resolve:
-                text, data = await explain_route(router, as_user, source=source, url=url)
+                text, data = await explain_route(
+                    router, as_user, source=source, url=url, listener=listener
+                )
             else:
-                text, data = explain(router, as_user, source=source, url=url)
+                text, data = explain(router, as_user, source=source, url=url, listener=listener)
         except OutgateError as exc:
             return web.Response(status=400, text=f"{exc.message} ({exc.reason})\n")
         if request.query.get("format") == "json":

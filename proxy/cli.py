@@ -143,6 +143,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from proxy.control.policy_source import PolicyStore
     from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope
     from proxy.dataplane.router import Router
+    from proxy.dataplane.transparent import transparent_listeners
     from proxy.explainer import explain, explain_route
 
     try:
@@ -156,15 +157,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     store = PolicyStore()
     store.install(engine)
     # The configured ports stand in for bound ones (0 means "any": nothing to exclude).
-    guard = build_guard(settings, proxy_port=settings.listen.port, admin_port=settings.admin.port)
+    guard = build_guard(
+        settings,
+        proxy_port=settings.listen.port,
+        admin_port=settings.admin.port,
+        transparent=[
+            (listener.host, listener.bind_port)
+            for listener in transparent_listeners(settings.transparent)
+        ],
+    )
     resolver = build_resolver(settings)
     router = Router(policy=store, resolver=resolver, guard=guard, routes=settings.routes)
 
     async def run() -> tuple[str, dict[str, object]]:
         try:
             if args.resolve:
-                return await explain_route(router, identity, source=args.source, url=args.url)
-            return explain(router, identity, source=args.source, url=args.url)
+                return await explain_route(
+                    router, identity, source=args.source, url=args.url, listener=args.listener
+                )
+            return explain(
+                router, identity, source=args.source, url=args.url, listener=args.listener
+            )
         finally:
             await resolver.close()
 
@@ -329,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also resolve the name (the config's dns.nameservers) and show the decision per "
         "address and what the address guard drops",
+    )
+    exp.add_argument(
+        "--listener",
+        choices=["proxy", "transparent-tls", "transparent-http", "port-map"],
+        help="the listener the connection arrives on (docs/transparent-mode.md): shown, with "
+        "what it changes (the TLS listener refuses an IP literal before any decision)",
     )
     exp.set_defaults(func=_cmd_explain)
 

@@ -20,6 +20,7 @@ from proxy.core.policy.engine import Decider, Destination
 from proxy.core.policy.explain import decision_as_dict, describe_outcome, render_explanation
 from proxy.core.upstreams import DIRECT
 from proxy.dataplane.router import Route, Router
+from proxy.dataplane.transparent import ListenerKind
 from proxy.errors import BadRequest, Reason
 
 
@@ -38,12 +39,41 @@ def destination_from_url(url: str) -> tuple[Destination, bool]:
     return Destination(host=host, port=port, ip=host.ip), scheme != "http"
 
 
+LISTENERS = ("proxy", *(str(kind) for kind in ListenerKind))
+
+
+def listener_lines(listener: str | None, destination: Destination) -> tuple[list[str], Any]:
+    """What the listener a connection arrives on changes (issue 13): the text lines and the
+    JSON value for `listener`. Every listener is decided by the same Router; only the TLS one
+    refuses an IP literal before any decision (the SNI names the destination and must be a
+    name: proxy.core.tunnel_protocols.sni_destination)."""
+    if listener is None:
+        return [], None
+    if listener not in LISTENERS:
+        raise BadRequest(f"unknown listener {listener!r}: one of {', '.join(LISTENERS)}")
+    if listener == ListenerKind.TLS and destination.host.ip is not None:
+        return [
+            f"listener:    {listener}: refused before any decision ({Reason.SNI_IP_LITERAL}): "
+            "the SNI names the destination and cannot be an IP address"
+        ], {"kind": listener, "refused": str(Reason.SNI_IP_LITERAL)}
+    door = "a CONNECT" if listener in (ListenerKind.TLS, ListenerKind.PORT_MAP) else "a request"
+    where = f"{destination.host.name}:{destination.port}"
+    return [f"listener:    {listener}, decided as {door} to {where}"], {"kind": listener}
+
+
 def explain(
-    decider: Decider, identity: IdentityLookup, *, source: str, url: str
+    decider: Decider,
+    identity: IdentityLookup,
+    *,
+    source: str,
+    url: str,
+    listener: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Step 1, the name decision: text for a person and a JSON-safe dict for tools. `decider`
-    is the Router (or an Engine: the Router asks the Engine in force)."""
+    is the Router (or an Engine: the Router asks the Engine in force). `listener`: the
+    connection's listener kind (LISTENERS), shown with what it changes."""
     workload, destination, tunnel = _parse(identity, source, url)
+    door, door_data = listener_lines(listener, destination)
     decision = decider.decide(workload, destination, explain=True)
     text = render_explanation(workload, destination, decision, tunnel=tunnel)
     data = decision_as_dict(workload, destination, decision, tunnel=tunnel)
@@ -59,18 +89,31 @@ def explain(
         )
         text += f"\nroute:       {_describe_via(via)}{note}"
         data["upstream"] = {"name": via, "final": not undecided}
+    if door_data is not None:
+        text += "\n" + "\n".join(door)
+        data["listener"] = door_data
     return text, data
 
 
 async def explain_route(
-    router: Router, identity: IdentityLookup, *, source: str, url: str
+    router: Router,
+    identity: IdentityLookup,
+    *,
+    source: str,
+    url: str,
+    listener: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Every step, the DNS answer and the address guard included, as the data plane runs them."""
     workload, destination, tunnel = _parse(identity, source, url)
+    door, door_data = listener_lines(listener, destination)
     route = await router.route(workload, destination.host, destination.port, explain=True)
     text = render_explanation(workload, destination, route.decision, tunnel=tunnel)
     data = decision_as_dict(workload, destination, route.decision, tunnel=tunnel)
-    return text + "\n" + "\n".join(_route_lines(route)), {**data, "route": _route_dict(route)}
+    lines = _route_lines(route) + door
+    extra = {"route": _route_dict(route)}
+    if door_data is not None:
+        extra["listener"] = door_data
+    return text + "\n" + "\n".join(lines), {**data, **extra}
 
 
 def _parse(identity: IdentityLookup, source: str, url: str) -> tuple[Workload, Destination, bool]:
