@@ -34,9 +34,12 @@ spec:
 """
 
 
-def write_config(tmp_path: Path, dns: ScriptedDNSServer) -> Path:
+def write_config(
+    tmp_path: Path, dns: ScriptedDNSServer, *, policy: str = POLICY, extra: str = ""
+) -> Path:
+    """A config for `outgate explain` with `policy`; `extra` is more YAML for the config."""
     (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "tests.yaml").write_text(POLICY)
+    (tmp_path / "policies" / "tests.yaml").write_text(policy)
     config = tmp_path / "outgate.yaml"
     config.write_text(
         f"""
@@ -46,7 +49,7 @@ policies: {{paths: [policies/]}}
 identity:
   static: [{{name: client, namespace: tests, cidrs: [127.0.0.1/32], labels: {{app: client}}}}]
 dns: {{nameservers: ["{dns.nameserver}"], timeout: 2s}}
-"""
+{extra}"""
     )
     return config
 

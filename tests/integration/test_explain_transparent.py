@@ -16,7 +16,7 @@ from proxy.core.policy.engine import Engine
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import Action
 from proxy.dataplane.router import Router
-from tests.integration.test_explain_resolve import explain
+from tests.integration.test_explain_resolve import explain, write_config
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.inprocess import STATIC_CLIENT, FakeResolver
 
@@ -37,21 +37,8 @@ spec:
 
 
 def _config(tmp_path: Path, dns: ScriptedDNSServer) -> Path:
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "tests.yaml").write_text(POLICY)
-    config = tmp_path / "outgate.yaml"
-    config.write_text(
-        f"""
-listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-policies: {{paths: [policies/]}}
-identity:
-  static: [{{name: client, namespace: tests, cidrs: [127.0.0.1/32], labels: {{app: client}}}}]
-dns: {{nameservers: ["{dns.nameserver}"], timeout: 2s}}
-transparent: {{tls: 127.0.0.1:{LISTENER_PORT}}}
-"""
-    )
-    return config
+    extra = f"transparent: {{tls: 127.0.0.1:{LISTENER_PORT}}}\n"
+    return write_config(tmp_path, dns, policy=POLICY, extra=extra)
 
 
 def test_explain_refuses_a_name_that_leads_back_into_a_transparent_listener(

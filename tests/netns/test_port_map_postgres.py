@@ -14,12 +14,12 @@ import pytest
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.postgres import PostgresServer
 from tests.support.proxyproc import ProxyProcess
+from tests.support.transparent import LISTENER, ORIGIN, steered_identity
 from tests.tls.hello import hello_record
 
 pytestmark = pytest.mark.netns
 
-DATABASE = "11.0.0.1"  # ledger.db.corp.example's real address, in this namespace
-LISTENER = "11.0.0.4"
+DATABASE = ORIGIN  # ledger.db.corp.example's real address, in this namespace
 MAPPED_PORT = 15432
 DENIED_PORT = 15433
 
@@ -51,16 +51,7 @@ def mapped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
             policies=POLICIES,
             nameserver=dns.nameserver,
             config={
-                "identity": {
-                    "static": [
-                        {
-                            "name": "ledger-client",
-                            "namespace": "tests",
-                            "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
-                            "labels": {"app": "client"},
-                        }
-                    ]
-                },
+                "identity": steered_identity("ledger-client"),
                 "transparent": {
                     "ports": [
                         {

@@ -24,13 +24,11 @@ from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
 from tests.support.tlsclient import https_get
+from tests.support.transparent import CANARY, LISTENER, ORIGIN, steered_identity
 from tests.tls.hello import client_hello, hello_record, records
 
 pytestmark = pytest.mark.netns
 
-ORIGIN = "11.0.0.1"
-LISTENER = "11.0.0.4"
-CANARY = "11.0.0.5"
 METADATA = "169.254.169.254"
 ECH_EXTENSION = 0xFE0D
 SNI_PEEK = "2s"
@@ -113,16 +111,7 @@ def steered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transparent]:
                 policies=POLICIES,
                 nameserver=dns.nameserver,
                 config={
-                    "identity": {
-                        "static": [
-                            {
-                                "name": "steered-client",
-                                "namespace": "tests",
-                                "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
-                                "labels": {"app": "client"},
-                            }
-                        ]
-                    },
+                    "identity": steered_identity("steered-client"),
                     "transparent": {"tls": f"{LISTENER}:443", "http": f"{LISTENER}:80"},
                     "timeouts": {"sniPeek": SNI_PEEK},
                     "tls": {

@@ -17,11 +17,10 @@ from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess
+from tests.support.transparent import CANARY, ORIGIN, steered_identity
 
 pytestmark = pytest.mark.netns
 
-ORIGIN = "11.0.0.1"  # api.allowed.example's real address
-CANARY = "11.0.0.5"  # the address the client dials (its DNS answer): never reached
 LISTEN_PORT = 9443  # REDIRECT in OUTPUT sends locally made connections to 127.0.0.1:this
 
 POLICIES = """
@@ -77,16 +76,7 @@ def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]
                 policies=POLICIES,
                 nameserver=dns.nameserver,
                 config={
-                    "identity": {
-                        "static": [
-                            {
-                                "name": "redirected-client",
-                                "namespace": "tests",
-                                "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
-                                "labels": {"app": "client"},
-                            }
-                        ]
-                    },
+                    "identity": steered_identity("redirected-client"),
                     "transparent": {"tls": f"127.0.0.1:{LISTEN_PORT}", "tlsPort": 443},
                 },
             )

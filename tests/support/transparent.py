@@ -1,0 +1,25 @@
+"""Shared setup of the transparent-mode tests in the network namespace (tests/netns/enter.sh
+binds these addresses on the namespace's loopback)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+ORIGIN: Final = "11.0.0.1"  # the real server of the allowed names
+LISTENER: Final = "11.0.0.4"  # the proxy's transparent listeners
+CANARY: Final = "11.0.0.5"  # an address clients "mean": the proxy must never reach it
+
+
+def steered_identity(name: str) -> dict[str, Any]:
+    """`identity` config for a client that connects from anywhere in this namespace (a client
+    dialling 11.0.0.x on loopback has that address as its source), labelled app=client."""
+    return {
+        "static": [
+            {
+                "name": name,
+                "namespace": "tests",
+                "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
+                "labels": {"app": "client"},
+            }
+        ]
+    }
