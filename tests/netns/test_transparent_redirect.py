@@ -6,6 +6,7 @@ the proxy dials what it resolved for the SNI's name."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
-from tests.support.proxyproc import ProxyProcess
+from tests.support.proxyproc import ProxyProcess, read_response
 from tests.support.transparent import CANARY, ORIGIN, steered_identity
 
 pytestmark = pytest.mark.netns
 
 LISTEN_PORT = 9443  # REDIRECT in OUTPUT sends locally made connections to 127.0.0.1:this
+HTTP_LISTEN_PORT = 9080
 
 POLICIES = """
 apiVersion: outgate.dev/v1alpha1
@@ -33,7 +35,7 @@ spec:
     - name: api-on-8443
       action: Allow
       to: [{fqdn: api.allowed.example}]
-      ports: [8443]
+      ports: [8443, 8080]
 """
 
 
@@ -42,13 +44,14 @@ class Redirected:
     proxy: ProxyProcess
     pki: OriginPKI
     origin: OriginServer
+    http_origin: OriginServer  # api.allowed.example:8080
     canaries: list[OriginServer]
 
 
-def _nat(action: str, port: int) -> None:
+def _nat(action: str, port: int, to_port: int = LISTEN_PORT) -> None:
     subprocess.run(
         ["iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY,
-         "--dport", str(port), "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT)],
+         "--dport", str(port), "-j", "REDIRECT", "--to-ports", str(to_port)],
         check=True,
         capture_output=True,
     )  # fmt: skip
@@ -70,6 +73,8 @@ def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]
             )
             for port in (443, 8443)
         ]
+        canaries.append(stack.enter_context(OriginServer(host=CANARY, port=8080)))
+        http_origin = stack.enter_context(OriginServer(host=ORIGIN, port=8080))
         proxy = stack.enter_context(
             ProxyProcess(
                 workdir / "proxy",
@@ -77,14 +82,23 @@ def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]
                 nameserver=dns.nameserver,
                 config={
                     "identity": steered_identity("redirected-client"),
-                    "transparent": {"tls": f"127.0.0.1:{LISTEN_PORT}", "tlsPort": 443},
+                    "transparent": {
+                        "tls": f"127.0.0.1:{LISTEN_PORT}",
+                        "tlsPort": 443,
+                        "http": f"127.0.0.1:{HTTP_LISTEN_PORT}",
+                        "httpPort": 80,
+                    },
                 },
             )
         )
         for port in (443, 8443):
             _nat("-A", port)
             stack.callback(_nat, "-D", port)
-        yield Redirected(proxy=proxy, pki=pki, origin=origin, canaries=canaries)
+        _nat("-A", 8080, HTTP_LISTEN_PORT)
+        stack.callback(_nat, "-D", 8080, HTTP_LISTEN_PORT)
+        yield Redirected(
+            proxy=proxy, pki=pki, origin=origin, http_origin=http_origin, canaries=canaries
+        )
 
 
 def _get(redirected: Redirected, port: int) -> subprocess.CompletedProcess[str]:
@@ -130,5 +144,27 @@ def test_redirected_port_the_rule_does_not_allow_is_refused(redirected: Redirect
     assert decision["outgate"]["decision"] == "deny"
     assert decision["outgate"]["reason"] == "namespace_isolation"
     assert close["event"]["id"] == decision["event"]["id"]
+    for canary in redirected.canaries:
+        assert canary.seen == []
+
+
+def test_redirected_plain_http_without_a_port_in_host_is_decided_on_the_dialled_port(
+    redirected: Redirected,
+) -> None:
+    """`Host: api.allowed.example` names no port: the kernel's original destination (8080)
+    decides, not `httpPort` (80, which the rule does not allow)."""
+    with socket.create_connection((CANARY, 8080), timeout=10) as sock:
+        sock.sendall(
+            b"GET /hello HTTP/1.1\r\nHost: api.allowed.example\r\nConnection: close\r\n\r\n"
+        )
+        status, _, body = read_response(sock)
+    assert (status, body) == (200, b"hello from origin\n")
+    assert redirected.http_origin.paths_seen() == ["/hello"]
+    decision = redirected.proxy.wait_records(
+        lambda r: (
+            r["outgate"]["connection"] == "transparent-http" and r["event"]["action"] == "decision"
+        )
+    )[0]
+    assert decision["destination"] == {"domain": "api.allowed.example", "ip": ORIGIN, "port": 8080}
     for canary in redirected.canaries:
         assert canary.seen == []
