@@ -237,6 +237,7 @@ def build_data_plane(
         log=log,
         relay=relay,
         tunnels=tunnels,
+        inspector=inspector,
         audit=audit,
         is_ready=is_ready,
     )

@@ -44,7 +44,7 @@ from proxy.core.hosts import Host, IPAddress, parse_ip_address, split_authority,
 from proxy.core.http1 import RequestForm, RequestHead, parse_request_head
 from proxy.core.identity import WorkloadKind
 from proxy.core.policy.model import TunnelProtocol
-from proxy.core.tunnel_protocols import sni_destination
+from proxy.core.tunnel_protocols import sni_destination, starts_http_request
 from proxy.dataplane.dialer import Dialer
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import (
@@ -53,6 +53,7 @@ from proxy.dataplane.http_relay import (
     keeps_connection_after_refusal,
     read_request_head,
 )
+from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.proxy_header import ClientSource
@@ -196,6 +197,7 @@ class TransparentServer:
         log: ExchangeLog,
         relay: HttpRelay,
         tunnels: TunnelRelay,
+        inspector: RequestInspector,
         audit: AuditSink,
         is_ready: Callable[[], bool],
     ) -> None:
@@ -205,6 +207,7 @@ class TransparentServer:
         self._log = log
         self._relay = relay
         self._tunnels = tunnels
+        self._inspector = inspector
         self._audit = audit
         self._is_ready = is_ready
         self._tasks = TaskSet()
@@ -340,7 +343,16 @@ class TransparentServer:
         except TunnelViolation as exc:
             ex.destination_port = port
             record_violation(ex, client, exc)
-            self._log.drop(client, ex, exc)
+            if exc.reason is Reason.PROTOCOL_MISMATCH and starts_http_request(client.buffer):
+                # Plain HTTP sent to the TLS port: the client reads an answer, as in a tunnel.
+                refusal = PolicyDenied(
+                    "this is the transparent TLS listener, and the client sent a plain HTTP "
+                    "request: plain HTTP goes to the transparent HTTP listener (port 80)",
+                    reason=Reason.PROTOCOL_MISMATCH,
+                )
+                self._log.refuse(client, ex, refusal, keep_alive=False)
+            else:
+                self._log.drop(client, ex, exc)
             return
         await self._tunnel(client, ex, src_ip, host, port)
 
@@ -442,6 +454,12 @@ class TransparentServer:
             ex.destination_port = port
             self._check_ready(ex)
             route = await self._router.route(ex.workload, req.host, port)
+            inspect = route.decision.inspect
+            if inspect is not None and route.permitted:
+                # As on the proxy listener: the rule's checks apply to a plain request as to
+                # one inside a tunnel; a refusal is this request's decision.
+                ex.decision = route.deciding
+                self._inspector.check(req, inspect, ex, req.host)
             self._log.routed(ex, route)
             refusal = route.refusal()
             if refusal is not None:

@@ -123,19 +123,38 @@ def test_port_map_to_a_destination_the_workload_may_not_reach_is_closed(
     assert close["event"]["id"] == decision["event"]["id"]
 
 
-@pytest.mark.parametrize(
-    "first_bytes",
-    [hello_record(b"ledger.db.corp.example"), b"GET / HTTP/1.1\r\nHost: ledger\r\n\r\n"],
-    ids=["tls", "http"],
-)
-def test_bytes_that_are_not_postgres_are_refused(mapped: ProxyProcess, first_bytes: bytes) -> None:
+def _refused(first_bytes: bytes) -> tuple[int, bytes]:
+    """Send `first_bytes` to the mapped port; (client port, all the proxy sent until it closed)."""
     with socket.create_connection((LISTENER, MAPPED_PORT), timeout=10) as sock:
         port = sock.getsockname()[1]
         sock.sendall(first_bytes)
         sock.settimeout(10)
-        assert sock.recv(1024) == b""  # closed; nothing relayed either way
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    return port, answer
+
+
+def _refusal_records(mapped: ProxyProcess, port: int, first_bytes: bytes) -> None:
     decision, close = _records(mapped, lambda r: r["source"]["port"] == port)
     assert decision["outgate"]["decision"] == "allow"  # the destination is allowed...
     assert close["outgate"]["reason"] == "protocol_mismatch"  # ...these bytes are not
     assert close["outgate"]["protocol"]["first_bytes"] == first_bytes[:16].hex()
-    assert close["destination"]["bytes"] == 0
+    assert close["destination"]["bytes"] == 0  # nothing relayed either way
+
+
+def test_tls_sent_to_a_postgres_port_map_is_closed(mapped: ProxyProcess) -> None:
+    hello = hello_record(b"ledger.db.corp.example")
+    port, answer = _refused(hello)
+    assert answer == b""
+    _refusal_records(mapped, port, hello)
+
+
+def test_http_sent_to_a_postgres_port_map_is_answered_403_and_closed(
+    mapped: ProxyProcess,
+) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: ledger\r\n\r\n"
+    port, answer = _refused(request)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert b"X-Outgate-Reason: protocol_mismatch" in answer
+    _refusal_records(mapped, port, request)

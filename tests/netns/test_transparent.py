@@ -299,9 +299,8 @@ def test_stalled_clienthello_is_closed_at_the_peek_timeout(steered: Transparent)
             records(client_hello(b"api.allowed.example", more=[(ECH_EXTENSION, b"\x00")])),
             "ech_denied",
         ),
-        (b"GET / HTTP/1.1\r\nHost: api.allowed.example\r\n\r\n", "protocol_mismatch"),
     ],
-    ids=["no-sni", "ip-literal-sni", "ech", "not-tls"],
+    ids=["no-sni", "ip-literal-sni", "ech"],
 )
 def test_hello_naming_no_usable_destination_is_refused_and_audited(
     steered: Transparent, hello: bytes, reason: str
@@ -319,6 +318,22 @@ def test_hello_naming_no_usable_destination_is_refused_and_audited(
     assert steered.dns.queries == []
     assert steered.https.seen == []
     steered.nothing_reached_a_canary()
+
+
+def test_plain_http_sent_to_the_tls_listener_is_answered_403_and_closed(
+    steered: Transparent,
+) -> None:
+    with steered.connect_tls_listener() as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: api.allowed.example\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert _closed_without_answer(sock)
+    assert status == 403
+    assert headers["x-outgate-reason"] == "protocol_mismatch"
+    decision, close = steered.records_of(port)
+    assert decision["outgate"]["reason"] == close["outgate"]["reason"] == "protocol_mismatch"
+    assert steered.dns.queries == []
+    assert steered.https.seen == [] and steered.http.seen == []
 
 
 # -- the HTTP listener ----------------------------------------------------------------------------
@@ -371,6 +386,18 @@ def test_host_naming_a_denied_or_guarded_destination_gets_403(
     assert close["event"]["id"] == decision["event"]["id"]
     steered.nothing_reached_a_canary()
     assert steered.http.seen == []
+
+
+def test_an_inspect_rule_checks_each_request_on_the_http_listener(steered: Transparent) -> None:
+    """As on the proxy listener: a plain request under a rule with `inspect` is checked."""
+    with socket.create_connection((LISTENER, 80), timeout=10) as sock:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: inspect.allowed.example\r\n\r\n")
+        allowed, _, _ = read_response(sock)
+        sock.sendall(b"GET /headers HTTP/1.1\r\nHost: inspect.allowed.example\r\n\r\n")
+        refused, headers, _ = read_response(sock)
+    assert (allowed, refused) == (200, 403)
+    assert headers["x-outgate-reason"] == "path_not_allowed"
+    assert steered.http.paths_seen() == ["/hello"]
 
 
 def test_every_request_on_a_kept_alive_connection_is_decided_again(
