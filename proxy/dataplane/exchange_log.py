@@ -163,10 +163,11 @@ class ExchangeLog:
         the same records (the status is the one an HTTP client would have had, so the
         decision record reads as a refusal), then the connection is closed, no reply."""
         ex.status = error.status
+        reason = settle_reason(error.reason, client)  # e.g. `drained`: closed on purpose
         if not ex.decided:
-            ex.reason = error.reason
+            ex.reason = reason
             self._record_decision(ex)
-        self._audit.close(ex, error.reason)
+        self._audit.close(ex, reason)
         client.close()
 
     def reply(self, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> bytes:

@@ -246,6 +246,7 @@ class TransparentServer:
         self.stop_accepting()
         self._draining = True
         for client in list(self._idle):
+            client.close_reason = Reason.DRAINED  # a TLS client that sent nothing is recorded
             client.close()
         if not await self._tasks.wait(timeout):
             await self._tasks.cancel_all()
@@ -333,6 +334,9 @@ class TransparentServer:
 
     # -- TLS by SNI, and port maps: a tunnel without a CONNECT ----------------------------------
     async def _serve_tls(self, client: Peer, ex: Exchange, src_ip: IPAddress, port: int) -> None:
+        idle = not client.buffer
+        if idle:
+            self._idle.add(client)  # drain closes it at once: nothing of a hello is read
         try:
             hello = await read_first_bytes(
                 client, protocol=TunnelProtocol.TLS, timeouts=self._settings.timeouts
@@ -354,6 +358,9 @@ class TransparentServer:
             else:
                 self._log.drop(client, ex, exc)
             return
+        finally:
+            if idle:
+                self._idle.discard(client)
         await self._tunnel(client, ex, src_ip, host, port)
 
     async def _tunnel(

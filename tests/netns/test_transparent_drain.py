@@ -1,6 +1,7 @@
 """SIGTERM with transparent listeners (issue 13): they stop accepting with the proxy listener, an
-HTTP connection idle between requests is closed at once, and a busy TLS tunnel is closed at the
-drain timeout with a `drained` close record (DESIGN section 7)."""
+HTTP connection idle between requests and a TLS connection that has sent nothing are closed at
+once, and a busy TLS tunnel is closed at the drain timeout; each TLS connection's records say
+`drained` (DESIGN section 7)."""
 
 from __future__ import annotations
 
@@ -73,14 +74,16 @@ def _closed(sock: socket.socket, timeout: float) -> bool:
     return True
 
 
-def test_sigterm_closes_idle_http_at_once_and_drains_a_busy_tls_tunnel(
+def test_sigterm_closes_idle_connections_at_once_and_drains_a_busy_tls_tunnel(
     draining: ProxyProcess,
 ) -> None:
     proxy = draining
     with (
         socket.create_connection((LISTENER, HTTP_PORT), timeout=10) as idle,
+        socket.create_connection((LISTENER, TLS_PORT), timeout=10) as silent,
         socket.create_connection((LISTENER, TLS_PORT), timeout=10) as busy,
     ):
+        silent_port = silent.getsockname()[1]
         idle.sendall(b"GET /hello HTTP/1.1\r\nHost: api.allowed.example\r\n\r\n")
         assert ResponseReader(idle).next()[0] == 200
         busy.sendall(real_client_hello("api.allowed.example"))
@@ -89,6 +92,7 @@ def test_sigterm_closes_idle_http_at_once_and_drains_a_busy_tls_tunnel(
         proxy.signal(signal.SIGTERM)
         proxy.wait_log(lambda e: e.get("event") == "draining")
         assert _closed(idle, timeout=1.5)  # at once, well before the 2s drain
+        assert _closed(silent, timeout=1.5)
         with pytest.raises(OSError):
             socket.create_connection((LISTENER, TLS_PORT), timeout=2).close()
         assert _closed(busy, timeout=10)
@@ -98,3 +102,8 @@ def test_sigterm_closes_idle_http_at_once_and_drains_a_busy_tls_tunnel(
     )
     assert close["outgate"]["connection"] == "transparent-tls"
     assert close["outgate"]["reason"] == "drained"
+    decision, close = sorted(
+        proxy.wait_records(lambda r: r["source"]["port"] == silent_port, 2),
+        key=lambda r: r["event"]["action"] != "decision",
+    )
+    assert decision["outgate"]["reason"] == close["outgate"]["reason"] == "drained"
