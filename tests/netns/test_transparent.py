@@ -199,6 +199,27 @@ def test_denied_name_is_closed_after_the_clienthello_with_a_decision_naming_the_
     steered.nothing_reached_a_canary()
 
 
+def test_curl_to_a_denied_name_fails_at_the_handshake(steered: Transparent) -> None:
+    result = curl(
+        "--resolve",
+        f"curl.denied.example:443:{LISTENER}",
+        "--cacert",
+        str(steered.pki.ca_pem),
+        "https://curl.denied.example/hello",
+    )
+    assert result.returncode == 35, result.stderr  # CURLE_SSL_CONNECT_ERROR: closed mid-handshake
+    (decision,) = steered.proxy.wait_records(
+        lambda r: (
+            r["event"]["action"] == "decision"
+            and r["destination"]["domain"] == "curl.denied.example"
+            and r.get("tls", {}).get("client", {}).get("server_name") == "curl.denied.example"
+        )
+    )
+    assert decision["rule"]["name"] == "no-denied"
+    assert decision["outgate"]["connection"] == "transparent-tls"
+    steered.nothing_reached_a_canary()
+
+
 def test_allowed_name_resolving_to_metadata_is_closed_as_guarded(steered: Transparent) -> None:
     with steered.connect_tls_listener() as sock:
         port = sock.getsockname()[1]
