@@ -146,6 +146,11 @@ _ABORTED_REASONS = frozenset({"client_closed", "drained"})
 _TIMEDOUT_REASONS = frozenset({"idle_timeout", "upstream_timeout"})
 
 
+# Exchange kinds that are a tunnel (a CONNECT, or a transparent TLS connection or port map, issue
+# 13): Squid logs its own intercepted TLS the same way, `TCP_TUNNEL/200 CONNECT host:port`.
+TUNNEL_KINDS = frozenset({"tunnel", "transparent-tls", "port-map"})
+
+
 def result_code(*, kind: str, decided: bool, status: int | None, close_reason: str) -> str:
     """Squid's %Ss for one request: what happened, in the words Squid parsers key on."""
     if not decided:
@@ -155,7 +160,7 @@ def result_code(*, kind: str, decided: bool, status: int | None, close_reason: s
             return "TCP_DENIED"
         # Allowed by policy, then DNS or the upstream failed: Squid calls that a miss.
         return "TCP_MISS"
-    base = "TCP_TUNNEL" if kind == "tunnel" else "TCP_MISS"
+    base = "TCP_TUNNEL" if kind in TUNNEL_KINDS else "TCP_MISS"
     if close_reason in _ABORTED_REASONS:
         return f"{base}_ABORTED"
     if close_reason in _TIMEDOUT_REASONS:
@@ -174,17 +179,18 @@ def access_entry(
     the clock."""
     host = ex.destination_domain or ex.destination_ip or ""
     port = ex.destination_port
-    method = ex.method or "NONE"
+    tunnel = ex.kind in TUNNEL_KINDS
+    method = ex.method or ("CONNECT" if tunnel else "NONE")
     if not host or port is None:
         url, scheme, path = "error:invalid-request", "-", "-"
-    elif ex.kind == "tunnel":
+    elif tunnel:
         url, scheme, path = f"{_url_host(host)}:{port}", "-", "-"
     else:
         path = (ex.path or "/").split("?", 1)[0].split("#", 1)[0]
         authority = _url_host(host) if port == 80 else f"{_url_host(host)}:{port}"
         url, scheme = f"http://{authority}{path}", "http"
     status = ex.status
-    if status is None and ex.decided and ex.kind == "tunnel":
+    if status is None and ex.decided and tunnel:
         status = 200  # the CONNECT was answered 200; later failures close the tunnel
     direct = ex.decided and ex.destination_ip is not None
     workload = ex.workload

@@ -102,6 +102,19 @@ def test_a_tunnel_is_tcp_tunnel_200_with_the_authority_as_url() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["transparent-tls", "port-map"])
+def test_a_transparent_tunnel_is_logged_as_squid_logs_its_intercepted_tls(kind: str) -> None:
+    ex = exchange(
+        kind=kind, method=None, path=None, destination_port=443, decided=True,
+        destination_ip="93.184.216.34", destination_bytes=5000,
+    )  # fmt: skip
+    fields = SQUID_NATIVE.match(format_entry(entry_for(ex), parse_logformat("squid")))
+    assert fields is not None
+    assert (fields["code"], fields["status"], fields["method"], fields["url"]) == (
+        "TCP_TUNNEL", "200", "CONNECT", "api.example.com:443",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("kind", "decided", "status", "close_reason", "expected"),
     [
@@ -114,6 +127,9 @@ def test_a_tunnel_is_tcp_tunnel_200_with_the_authority_as_url() -> None:
         ("forward", True, 200, "client_closed", "TCP_MISS_ABORTED"),
         ("tunnel", True, None, "idle_timeout", "TCP_TUNNEL_TIMEDOUT"),
         ("tunnel", True, None, "completed", "TCP_TUNNEL"),
+        ("transparent-tls", False, 403, "sni_missing", "TCP_DENIED"),
+        ("port-map", True, None, "completed", "TCP_TUNNEL"),
+        ("transparent-http", True, 200, "completed", "TCP_MISS"),
     ],
 )
 def test_result_codes_use_squids_vocabulary(
