@@ -6,12 +6,14 @@ Three kinds, each named in the audit record's `outgate.connection` and in metric
   transparent-tls   the first bytes must be a TLS ClientHello (read like a tunnel's, bounded by
                     `timeouts.sniPeek`); its SNI is the destination and is required: no SNI, an
                     IP-literal SNI or ECH is refused and closed (proxy.core.tunnel_protocols
-                    `sni_destination`). The port is the original destination's when the kernel
-                    reports one (SO_ORIGINAL_DST after a REDIRECT), else `transparent.tlsPort`.
+                    `sni_destination`); plain HTTP sent there gets a 403 first. The port is the
+                    original destination's when the kernel reports one (SO_ORIGINAL_DST after a
+                    REDIRECT), else `transparent.tlsPort`.
   transparent-http  origin-form requests (absolute form too) routed by their Host; every request
-                    on a kept-alive connection is decided again. The port: the target's or the
-                    Host field's when it names one, else the original destination's, else
-                    `transparent.httpPort`. A refusal is the proxy listener's 403.
+                    on a kept-alive connection is decided again, and checked by its rule's
+                    `inspect`. The port: the target's or the Host field's when it names one,
+                    else the original destination's, else `transparent.httpPort`. A refusal is
+                    the proxy listener's 403; an https:// target is a 400.
   port-map          every connection goes to one fixed `to` (HOST:PORT), decided for the source
                     workload against it; the rule's `protocol` check applies.
 
@@ -23,7 +25,9 @@ listener with no HTTP to answer in closes the connection; its records are the sa
 (`ExchangeLog.drop`).
 
 Admission (caps, rates, tunnels per workload) is counted for these listeners together, apart
-from the proxy listener's.
+from the proxy listener's. Shutdown (`drain`) is the proxy listener's: a connection that has
+sent nothing (TLS) or is idle between requests (HTTP) is closed at once, busy ones get the drain
+timeout.
 """
 
 from __future__ import annotations
