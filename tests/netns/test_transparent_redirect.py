@@ -18,7 +18,7 @@ from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
-from tests.support.transparent import CANARY, ORIGIN, steered_identity
+from tests.support.transparent import CANARY, CANARY_V6, ORIGIN, steered_identity
 
 pytestmark = pytest.mark.netns
 
@@ -42,6 +42,7 @@ spec:
 @dataclass
 class Redirected:
     proxy: ProxyProcess
+    dns: ScriptedDNSServer
     pki: OriginPKI
     origin: OriginServer
     http_origin: OriginServer  # api.allowed.example:8080
@@ -97,7 +98,12 @@ def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]
         _nat("-A", 8080, HTTP_LISTEN_PORT)
         stack.callback(_nat, "-D", 8080, HTTP_LISTEN_PORT)
         yield Redirected(
-            proxy=proxy, pki=pki, origin=origin, http_origin=http_origin, canaries=canaries
+            proxy=proxy,
+            dns=dns,
+            pki=pki,
+            origin=origin,
+            http_origin=http_origin,
+            canaries=canaries,
         )
 
 
@@ -168,3 +174,60 @@ def test_redirected_plain_http_without_a_port_in_host_is_decided_on_the_dialled_
     assert decision["destination"] == {"domain": "api.allowed.example", "ip": ORIGIN, "port": 8080}
     for canary in redirected.canaries:
         assert canary.seen == []
+
+
+# -- IPv6: SO_ORIGINAL_DST at the IPv6 level (a sockaddr_in6) ------------------------------------
+V6_LISTEN_PORT = 9444
+
+
+def _nat6(action: str) -> None:
+    subprocess.run(
+        ["ip6tables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY_V6,
+         "--dport", "8443", "-j", "REDIRECT", "--to-ports", str(V6_LISTEN_PORT)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def redirected_v6(
+    redirected: Redirected, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """A proxy whose TLS listener is IPv6 ([::1], where REDIRECT sends IPv6 connections), with
+    the module's DNS, origins and canaries."""
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(
+            ProxyProcess(
+                tmp_path_factory.mktemp("redirect-v6"),
+                policies=POLICIES,
+                nameserver=redirected.dns.nameserver,
+                config={
+                    "identity": steered_identity("redirected-client"),
+                    "transparent": {"tls": f"[::1]:{V6_LISTEN_PORT}"},
+                },
+            )
+        )
+        _nat6("-A")
+        stack.callback(_nat6, "-D")
+        yield proxy
+
+
+def test_an_ipv6_redirected_request_is_decided_on_the_port_the_client_dialled(
+    redirected: Redirected, redirected_v6: ProxyProcess
+) -> None:
+    result = curl(
+        "--resolve",
+        f"api.allowed.example:8443:[{CANARY_V6}]",
+        "--cacert",
+        str(redirected.pki.ca_pem),
+        "https://api.allowed.example:8443/hello",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from origin\n"
+    decision, close = redirected_v6.wait_records(
+        lambda r: r["outgate"]["connection"] == "transparent-tls", 2
+    )
+    assert decision["source"]["ip"] == CANARY_V6
+    assert decision["destination"]["port"] == 8443  # not tlsPort (443): the rule allows 8443 only
+    assert decision["outgate"]["decision"] == "allow"
+    assert close["destination"]["ip"] == ORIGIN

@@ -8,17 +8,19 @@ from typing import Any, Final
 ORIGIN: Final = "11.0.0.1"  # the real server of the allowed names
 LISTENER: Final = "11.0.0.4"  # the proxy's transparent listeners
 CANARY: Final = "11.0.0.5"  # an address clients "mean": the proxy must never reach it
+CANARY_V6: Final = "2001:4860::1"  # the same, over IPv6
 
 
 def steered_identity(name: str) -> dict[str, Any]:
     """`identity` config for a client that connects from anywhere in this namespace (a client
-    dialling 11.0.0.x on loopback has that address as its source), labelled app=client."""
+    dialling 11.0.0.x or 2001:4860::1 on loopback has that address as its source), labelled
+    app=client."""
     return {
         "static": [
             {
                 "name": name,
                 "namespace": "tests",
-                "cidrs": ["127.0.0.1/32", "11.0.0.0/24"],
+                "cidrs": ["127.0.0.1/32", "11.0.0.0/24", "::1/128", f"{CANARY_V6}/128"],
                 "labels": {"app": "client"},
             }
         ]
