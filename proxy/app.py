@@ -201,6 +201,10 @@ def build_data_plane(
     upgrades = UpgradeRelay(timeouts=settings.timeouts, log=log)
     relay = HttpRelay(settings=settings, log=log, upgrades=upgrades)
     inspector = RequestInspector(settings=settings)
+    # The same trusted balancers may front every listener (docs/transparent-mode.md).
+    proxy_header = ProxyHeaderAdmission(
+        trusted=settings.proxy_protocol_trusted_cidrs, timeout=settings.timeouts.header
+    )
     interceptor = Interceptor(
         settings=settings,
         certs=certs,
@@ -223,9 +227,7 @@ def build_data_plane(
         inspector=inspector,
         audit=audit,
         is_ready=is_ready,
-        proxy_header=ProxyHeaderAdmission(
-            trusted=settings.proxy_protocol_trusted_cidrs, timeout=settings.timeouts.header
-        ),
+        proxy_header=proxy_header,
         auth=None
         if settings.auth_basic is None or passwords is None
         else ProxyAuth(settings.auth_basic, passwords),
@@ -238,6 +240,8 @@ def build_data_plane(
         relay=relay,
         tunnels=tunnels,
         inspector=inspector,
+        proxy_header=proxy_header,
+        login=None if settings.auth_basic is None else LoginScope(settings.auth_basic),
         audit=audit,
         is_ready=is_ready,
     )

@@ -24,6 +24,10 @@ the same relays check and move bytes (TunnelRelay with no 200; HttpRelay). A ref
 listener with no HTTP to answer in closes the connection; its records are the same as ever
 (`ExchangeLog.drop`).
 
+The source is the proxy listener's too: the socket peer, or the client a trusted balancer's
+PROXY header names. A source in `auth.basic.sources` is refused (`auth_required`): it is
+identified by a login, which a transparent client cannot send.
+
 Admission (caps, rates, tunnels per workload) is counted for these listeners together, apart
 from the proxy listener's. Shutdown (`drain`) is the proxy listener's: a connection that has
 sent nothing (TLS) or is idle between requests (HTTP) is closed at once, busy ones get the drain
@@ -60,7 +64,8 @@ from proxy.dataplane.http_relay import (
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.limits import Admission, workload_key
 from proxy.dataplane.peer import Peer
-from proxy.dataplane.proxy_header import ClientSource
+from proxy.dataplane.proxy_auth import LoginScope
+from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay, read_first_bytes, record_violation
 from proxy.errors import (
@@ -202,6 +207,8 @@ class TransparentServer:
         relay: HttpRelay,
         tunnels: TunnelRelay,
         inspector: RequestInspector,
+        proxy_header: ProxyHeaderAdmission,
+        login: LoginScope | None,
         audit: AuditSink,
         is_ready: Callable[[], bool],
     ) -> None:
@@ -212,6 +219,8 @@ class TransparentServer:
         self._relay = relay
         self._tunnels = tunnels
         self._inspector = inspector
+        self._proxy_header = proxy_header
+        self._login = login
         self._audit = audit
         self._is_ready = is_ready
         self._tasks = TaskSet()
@@ -270,8 +279,8 @@ class TransparentServer:
         transport = client.transport
         assert transport is not None
         peername = transport.get_extra_info("peername")
-        src_ip = unmap_ipv4(parse_ip_address(str(peername[0]).split("%")[0]))
-        src_port = int(peername[1])
+        peer_ip = unmap_ipv4(parse_ip_address(str(peername[0]).split("%")[0]))
+        peer_port = int(peername[1])
         original = None
         if listener.kind is not ListenerKind.PORT_MAP:
             sock = transport.get_extra_info("socket")
@@ -280,18 +289,42 @@ class TransparentServer:
         metrics.CONNECTIONS_ACCEPTED.inc()
         metrics.TRANSPARENT_CONNECTIONS.labels(listener=str(listener.kind)).inc()
         self._tasks.spawn(
-            self._serve(listener, client, src_ip, src_port, original),
-            name=f"{listener.kind} client {src_ip}:{src_port}",
+            self._admit(listener, client, peer_ip, peer_port, original),
+            name=f"{listener.kind} client {peer_ip}:{peer_port}",
         )
+
+    async def _admit(
+        self,
+        listener: Listener,
+        client: Peer,
+        peer_ip: IPAddress,
+        peer_port: int,
+        original: tuple[IPAddress, int] | None,
+    ) -> None:
+        """The source, as on the proxy listener: the socket peer, or the client a trusted load
+        balancer names in a PROXY header (`proxyProtocol.trustedCIDRs`) read before anything."""
+        try:
+            source = await self._proxy_header.admit(client, peer_ip, peer_port)
+        except OutgateError as error:
+            ex = self._log.open(ClientSource(ip=peer_ip, port=peer_port), str(listener.kind))
+            if listener.kind is ListenerKind.HTTP:
+                self._log.refuse(client, ex, error, keep_alive=False)
+            else:
+                self._log.drop(client, ex, error)
+            return
+        if source is None:  # closed before sending anything (a health check)
+            client.close()
+            return
+        await self._serve(listener, client, source, original)
 
     async def _serve(
         self,
         listener: Listener,
         client: Peer,
-        src_ip: IPAddress,
-        src_port: int,
+        source: ClientSource,
         original: tuple[IPAddress, int] | None,
     ) -> None:
+        src_ip = source.ip
         self._admission.connection_opened(src_ip)
         self._clients.setdefault(src_ip, set()).add(client)
         metrics.ACTIVE_CONNECTIONS.labels(kind=str(listener.kind)).inc()
@@ -301,7 +334,7 @@ class TransparentServer:
                 drained = asyncio.Event()
                 self._audit.call_when_drained(drained.set)
                 await drained.wait()
-            ex = self._log.open(ClientSource(ip=src_ip, port=src_port), str(listener.kind))
+            ex = self._log.open(source, str(listener.kind))
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
             except TooManyRequests as exc:
@@ -314,7 +347,7 @@ class TransparentServer:
             if listener.kind is ListenerKind.TLS:
                 await self._serve_tls(client, ex, src_ip, port)
             elif listener.kind is ListenerKind.HTTP:
-                await self._serve_http(client, ex, src_ip, src_port, port)
+                await self._serve_http(client, ex, source, port)
             else:
                 assert listener.to is not None
                 await self._tunnel(client, ex, src_ip, listener.to, listener.port)
@@ -334,6 +367,15 @@ class TransparentServer:
         if ex.workload.kind is WorkloadKind.AMBIGUOUS:
             raise PolicyDenied(
                 "two live pods claim this source address", reason=Reason.AMBIGUOUS_SOURCE
+            )
+        login = self._login
+        if login is not None and login.applies(parse_ip_address(ex.source_ip), ex.workload):
+            # Fail closed: this source is identified by its login (auth.basic), and a client
+            # that does not know it talks to a proxy cannot send credentials.
+            raise PolicyDenied(
+                "this source must log in to the proxy (auth.basic.sources), which a transparent "
+                "listener cannot ask for: use the proxy listener with credentials",
+                reason=Reason.AUTH_REQUIRED,
             )
 
     # -- TLS by SNI, and port maps: a tunnel without a CONNECT ----------------------------------
@@ -401,7 +443,7 @@ class TransparentServer:
 
     # -- plain HTTP by Host -------------------------------------------------------------------
     async def _serve_http(
-        self, client: Peer, first_ex: Exchange, src_ip: IPAddress, src_port: int, port: int
+        self, client: Peer, first_ex: Exchange, source: ClientSource, port: int
     ) -> None:
         """The proxy listener's request loop, in origin form: every request decided again."""
         timeouts = self._settings.timeouts
@@ -420,11 +462,7 @@ class TransparentServer:
                         max_head_bytes=self._settings.limits.max_header_bytes,
                     )
                 except OutgateError as error:
-                    ex = (
-                        first_ex
-                        if first
-                        else self._log.open(ClientSource(ip=src_ip, port=src_port), first_ex.kind)
-                    )
+                    ex = first_ex if first else self._log.open(source, first_ex.kind)
                     self._log.refuse(client, ex, error, keep_alive=False)
                     return
                 finally:
@@ -432,11 +470,7 @@ class TransparentServer:
                         self._idle.discard(client)
                 if head is None:
                     return
-                ex = (
-                    first_ex
-                    if first
-                    else self._log.open(ClientSource(ip=src_ip, port=src_port), first_ex.kind)
-                )
+                ex = first_ex if first else self._log.open(source, first_ex.kind)
                 first = False
                 if not await self._handle_request(client, ex, head, port, pool):
                     return

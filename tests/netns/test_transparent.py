@@ -20,6 +20,7 @@ import pytest
 from proxy.tls.ca import init_ca
 from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
+from tests.support.htpasswd import proxy_authorization, write_password_file
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.netns
 
 METADATA = "169.254.169.254"
 ECH_EXTENSION = 0xFE0D
+BALANCER = "11.0.0.3"  # a trusted load balancer's address (PROXY protocol)
+LOGIN_SOURCE = "10.9.9.8"  # a source in auth.basic.sources, named by the balancer
 SNI_PEEK = "2s"
 
 POLICIES = """
@@ -114,6 +117,18 @@ def steered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transparent]:
                     "identity": steered_identity("steered-client"),
                     "transparent": {"tls": f"{LISTENER}:443", "http": f"{LISTENER}:80"},
                     "timeouts": {"sniPeek": SNI_PEEK},
+                    # A load balancer in front of the listeners (test_a_proxy_protocol_...).
+                    "proxyProtocol": {"trustedCIDRs": [f"{BALANCER}/32"]},
+                    # Sources that must log in (test_a_source_that_must_log_in_...).
+                    "auth": {
+                        "basic": {
+                            "file": str(
+                                write_password_file(workdir / "htpasswd", {"alice": "s3cret"})
+                            ),
+                            "sources": [f"{LOGIN_SOURCE}/32"],
+                            "users": {"alice": {"identity": "steered-client"}},
+                        }
+                    },
                     "tls": {
                         "caCert": str(outgate_ca[0]),
                         "caKey": str(outgate_ca[1]),
@@ -357,7 +372,62 @@ def test_plain_http_sent_to_the_tls_listener_is_answered_403_and_closed(
     assert steered.https.seen == [] and steered.http.seen == []
 
 
+def test_a_trusted_balancers_proxy_header_names_the_source_on_the_tls_listener(
+    steered: Transparent,
+) -> None:
+    """As on the proxy listener: the client a trusted balancer names is the one decided for,
+    here an unknown source (10.9.9.9), which no namespace policy selects."""
+    with socket.socket() as sock:
+        sock.bind((BALANCER, 0))
+        sock.connect((LISTENER, 443))
+        sock.sendall(b"PROXY TCP4 10.9.9.9 11.0.0.4 40000 443\r\n")
+        sock.sendall(hello_record(b"api.allowed.example"))
+        assert _closed_without_answer(sock)
+    decision, close = steered.records_of(40000)
+    assert decision["source"]["ip"] == "10.9.9.9"
+    assert decision["outgate"]["proxy_protocol"]["version"] == 1
+    assert decision["outgate"]["proxy_protocol"]["peer"]["ip"] == BALANCER
+    assert decision["outgate"]["decision"] == "deny"
+    assert decision["outgate"]["reason"] == "default_deny"
+    assert close["event"]["id"] == decision["event"]["id"]
+    assert steered.https.seen == []
+
+
+def test_a_trusted_balancer_without_a_proxy_header_is_refused(steered: Transparent) -> None:
+    with socket.socket() as sock:
+        sock.bind((BALANCER, 0))
+        sock.connect((LISTENER, 443))
+        port = sock.getsockname()[1]
+        sock.sendall(hello_record(b"api.allowed.example"))
+        assert _closed_without_answer(sock)
+    decision, _ = steered.records_of(port)
+    assert decision["outgate"]["reason"] == "proxy_protocol_missing"
+    assert steered.https.seen == []
+
+
 # -- the HTTP listener ----------------------------------------------------------------------------
+def test_a_source_that_must_log_in_is_refused_even_with_credentials(
+    steered: Transparent,
+) -> None:
+    """Fail closed: a transparent client cannot be asked to log in (no 407 here), and deciding
+    it by its address would skip the login; credentials sent anyway change nothing."""
+    with socket.socket() as sock:
+        sock.bind((BALANCER, 0))
+        sock.connect((LISTENER, 80))
+        sock.sendall(
+            f"PROXY TCP4 {LOGIN_SOURCE} {LISTENER} 40001 80\r\n"
+            "GET /hello HTTP/1.1\r\nHost: api.allowed.example\r\n"
+            f"{proxy_authorization('alice', 's3cret')}Connection: close\r\n\r\n".encode()
+        )
+        status, headers, _ = read_response(sock)
+    assert status == 403
+    assert headers["x-outgate-reason"] == "auth_required"
+    decision, _ = steered.records_of(40001)
+    assert decision["source"]["ip"] == LOGIN_SOURCE
+    assert decision["outgate"]["reason"] == "auth_required"
+    assert steered.http.seen == []
+
+
 def test_client_without_proxy_completes_http_through_the_http_listener(
     steered: Transparent,
 ) -> None:
@@ -371,6 +441,7 @@ def test_client_without_proxy_completes_http_through_the_http_listener(
         lambda r: (
             r["outgate"]["connection"] == "transparent-http"
             and r.get("url", {}).get("path") == "/hello"
+            and r["outgate"].get("decision") == "allow"
         ),
         2,
     )
