@@ -25,7 +25,7 @@ from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
 from tests.support.tlsclient import https_get
-from tests.support.transparent import CANARY, LISTENER, ORIGIN, steered_identity
+from tests.support.transparent import CANARY, LISTENER, ORIGIN, https_via, steered_identity
 from tests.tls.hello import client_hello, hello_record, records
 
 pytestmark = pytest.mark.netns
@@ -167,13 +167,7 @@ def _closed_without_answer(sock: socket.socket) -> bool:
 def test_client_without_proxy_completes_https_through_the_tls_listener(
     steered: Transparent,
 ) -> None:
-    result = curl(
-        "--resolve",
-        f"api.allowed.example:443:{LISTENER}",
-        "--cacert",
-        str(steered.pki.ca_pem),
-        "https://api.allowed.example/hello",
-    )
+    result = https_via("api.allowed.example", LISTENER, steered.pki.ca_pem)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from origin\n"
     assert steered.https.paths_seen() == ["/hello"]
@@ -215,13 +209,7 @@ def test_denied_name_is_closed_after_the_clienthello_with_a_decision_naming_the_
 
 
 def test_curl_to_a_denied_name_fails_at_the_handshake(steered: Transparent) -> None:
-    result = curl(
-        "--resolve",
-        f"curl.denied.example:443:{LISTENER}",
-        "--cacert",
-        str(steered.pki.ca_pem),
-        "https://curl.denied.example/hello",
-    )
+    result = https_via("curl.denied.example", LISTENER, steered.pki.ca_pem)
     assert result.returncode == 35, result.stderr  # CURLE_SSL_CONNECT_ERROR: closed mid-handshake
     (decision,) = steered.proxy.wait_records(
         lambda r: (

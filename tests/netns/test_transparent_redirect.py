@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
-from tests.support.transparent import CANARY, CANARY_V6, ORIGIN, steered_identity
+from tests.support.transparent import CANARY, CANARY_V6, ORIGIN, https_via, steered_identity
 
 pytestmark = pytest.mark.netns
 
@@ -108,13 +107,7 @@ def redirected(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redirected]
 
 
 def _get(redirected: Redirected, port: int) -> subprocess.CompletedProcess[str]:
-    return curl(
-        "--resolve",
-        f"api.allowed.example:{port}:{CANARY}",
-        "--cacert",
-        str(redirected.pki.ca_pem),
-        f"https://api.allowed.example:{port}/hello",
-    )
+    return https_via("api.allowed.example", CANARY, redirected.pki.ca_pem, port=port)
 
 
 def test_redirected_request_is_decided_on_the_port_the_client_dialled(
@@ -215,13 +208,7 @@ def redirected_v6(
 def test_an_ipv6_redirected_request_is_decided_on_the_port_the_client_dialled(
     redirected: Redirected, redirected_v6: ProxyProcess
 ) -> None:
-    result = curl(
-        "--resolve",
-        f"api.allowed.example:8443:[{CANARY_V6}]",
-        "--cacert",
-        str(redirected.pki.ca_pem),
-        "https://api.allowed.example:8443/hello",
-    )
+    result = https_via("api.allowed.example", CANARY_V6, redirected.pki.ca_pem, port=8443)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello from origin\n"
     decision, close = redirected_v6.wait_records(

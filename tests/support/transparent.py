@@ -3,7 +3,11 @@ binds these addresses on the namespace's loopback)."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any, Final
+
+from tests.support.clients import curl
 
 ORIGIN: Final = "11.0.0.1"  # the real server of the allowed names
 LISTENER: Final = "11.0.0.4"  # the proxy's transparent listeners
@@ -25,3 +29,18 @@ def steered_identity(name: str) -> dict[str, Any]:
             }
         ]
     }
+
+
+def https_via(
+    name: str, address: str, cafile: Path, *, port: int = 443
+) -> subprocess.CompletedProcess[str]:
+    """curl `https://name:port/hello` with no proxy setting, its DNS answer for `name` being
+    `address` (the listener, or an address a NAT rule sends to it), verifying with `cafile`."""
+    host = f"[{address}]" if ":" in address else address
+    return curl(
+        "--resolve",
+        f"{name}:{port}:{host}",
+        "--cacert",
+        str(cafile),
+        f"https://{name}:{port}/hello",
+    )
