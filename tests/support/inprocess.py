@@ -37,6 +37,7 @@ from proxy.errors import BadGateway, GatewayTimeout, OutgateError, Reason
 from proxy.tls.ca import init_ca, load_ca
 from proxy.tls.certs import CertCache
 from tests.support.fixtures import policy_allowing
+from tests.support.loops import settle_transports
 from tests.support.origin import OriginServer
 from tests.support.pki import make_pki
 
@@ -196,6 +197,7 @@ async def inprocess_proxy(
     finally:
         await server.drain(5.0)
         audit.stop()
+        await settle_transports(2.0)  # the test's own client sockets too
 
 
 @dataclass

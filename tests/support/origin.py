@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
+from tests.support.loops import settle_transports
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Size of each write when the origin streams a large body.
 STREAM_PIECE = 256 * 1024
 # The first message `/ws` sends, before any echo: shows the upstream-to-client direction alone.
 WS_GREETING = "hello from the websocket origin"
 # Loop iterations given to closing transports at stop (close -> connection_lost -> socket close).
-CLOSE_ITERATIONS = 3
 # Upper bound on waiting for every transport of the origin's loop to close at stop.
 CLOSE_SECONDS = 2.0
 
@@ -177,20 +178,7 @@ class OriginServer:
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        # A transport closed by cleanup (a connection the proxy cut mid-request, a WebSocket)
-        # finishes closing on a later loop iteration: wait until the loop holds none, so no
-        # socket outlives the loop (filterwarnings=error turns the ResourceWarning into a
-        # failure in whichever later test the collector happens to run in). The selector loop
-        # keeps its open transports in `_transports` (a WeakValueDictionary by descriptor).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_SECONDS
-        for _ in range(CLOSE_ITERATIONS):
-            await asyncio.sleep(0)
-        while getattr(loop, "_transports", None) and loop.time() < deadline:
-            for transport in list(loop._transports.values()):  # type: ignore[attr-defined]
-                if not transport.is_closing():
-                    transport.abort()
-            await asyncio.sleep(0)
+        await settle_transports(CLOSE_SECONDS)  # a cut connection or WebSocket closing late
 
     def start(self) -> OriginServer:
         self._thread.start()
