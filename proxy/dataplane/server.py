@@ -29,7 +29,6 @@ timeout; cancel what is left (close records say `drained`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
 from collections.abc import Callable
 from typing import Final
@@ -37,9 +36,15 @@ from typing import Final
 from proxy import metrics
 from proxy.audit import AuditSink, Exchange
 from proxy.config import Settings
-from proxy.core.hosts import Host, IPAddress, parse_ip_address, unmap_ipv4
+from proxy.core.hosts import Host, IPAddress
 from proxy.core.http1 import UnsupportedScheme, parse_request_head
 from proxy.core.identity import WorkloadKind
+from proxy.dataplane.clients import (
+    AcceptedPeer,
+    ClientConnections,
+    peer_address,
+    wait_for_audit_room,
+)
 from proxy.dataplane.dialer import Dialer
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import (
@@ -66,16 +71,6 @@ from proxy.tasks import TaskSet
 
 # Kernel accept queue: absorbs bursts of new connections while the loop is busy.
 LISTEN_BACKLOG: Final = 1024
-
-
-class _ClientPeer(Peer):
-    def __init__(self, on_accept: Callable[[Peer], None]) -> None:
-        super().__init__()
-        self._on_accept = on_accept
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._on_accept(self)
 
 
 class ProxyServer:
@@ -110,7 +105,7 @@ class ProxyServer:
         self._server: asyncio.AbstractServer | None = None
         self._admission = Admission(settings.limits)
         self._proxy_header = proxy_header
-        self._clients: dict[IPAddress, set[Peer]] = {}
+        self._clients = ClientConnections()
         self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
         self._draining = False
         self.bound: tuple[str, int] | None = None
@@ -120,12 +115,12 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         if sock is not None:
             self._server = await loop.create_server(
-                lambda: _ClientPeer(self._on_accept), sock=sock, backlog=LISTEN_BACKLOG
+                lambda: AcceptedPeer(self._on_accept), sock=sock, backlog=LISTEN_BACKLOG
             )
         else:
             listen = self._settings.listen
             self._server = await loop.create_server(
-                lambda: _ClientPeer(self._on_accept),
+                lambda: AcceptedPeer(self._on_accept),
                 host=listen.host,
                 port=listen.port,
                 reuse_address=True,
@@ -153,20 +148,12 @@ class ProxyServer:
             await self._server.wait_closed()
 
     def close_connections_from(self, source: IPAddress, reason: Reason) -> int:
-        """Close every connection from `source` now (its pod left the index: the IP may be
-        handed to another workload). Close records carry `reason`. Returns how many."""
-        peers = list(self._clients.get(unmap_ipv4(source), ()))
-        for peer in peers:
-            peer.close_reason = reason
-            peer.abort()
-        return len(peers)
+        """Close every connection from `source` now; see ClientConnections.close_from."""
+        return self._clients.close_from(source, reason)
 
     # -- accept -------------------------------------------------------------------------------
     def _on_accept(self, client: Peer) -> None:
-        assert client.transport is not None
-        peername = client.transport.get_extra_info("peername")
-        peer_ip = unmap_ipv4(_parse_ip(peername[0].split("%")[0]))
-        peer_port = int(peername[1])
+        peer_ip, peer_port = peer_address(client)
         metrics.CONNECTIONS_ACCEPTED.inc()
         self._tasks.spawn(
             self._serve_client(client, peer_ip, peer_port), name=f"client {peer_ip}:{peer_port}"
@@ -187,15 +174,11 @@ class ProxyServer:
     async def _serve_source(self, client: Peer, source: ClientSource) -> None:
         src_ip = source.ip
         self._admission.connection_opened(src_ip)
-        self._clients.setdefault(src_ip, set()).add(client)
+        self._clients.add(src_ip, client)
         metrics.ACTIVE_CONNECTIONS.labels(kind="client").inc()
         pool = UpstreamPool()
         try:
-            if self._audit.congested:
-                # Audit backpressure: serve nothing new until the records are written.
-                drained = asyncio.Event()
-                self._audit.call_when_drained(drained.set)
-                await drained.wait()
+            await wait_for_audit_room(self._audit)
             ex = self._log.open(source)
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
@@ -214,11 +197,7 @@ class ProxyServer:
             pool.close()
             client.close()
             self._admission.connection_closed(src_ip)
-            clients = self._clients.get(src_ip)
-            if clients is not None:
-                clients.discard(client)
-                if not clients:
-                    del self._clients[src_ip]
+            self._clients.discard(src_ip, client)
             metrics.ACTIVE_CONNECTIONS.labels(kind="client").dec()
 
     async def _read_head(self, client: Peer, source: ClientSource, *, first: bool) -> bytes | None:
@@ -311,10 +290,3 @@ def _name_destination(ex: Exchange, host: Host | None, port: int | None) -> None
         else:
             ex.destination_ip = str(host.ip)
     ex.destination_port = port
-
-
-# Address parsing is memoised: clients come from the same few addresses, and the ipaddress
-# module parses in Python (microseconds a call).
-@functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> IPAddress:
-    return parse_ip_address(text)

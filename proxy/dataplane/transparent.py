@@ -48,11 +48,17 @@ from typing import Final
 from proxy import metrics
 from proxy.audit import AuditSink, Exchange
 from proxy.config import Settings, Transparent
-from proxy.core.hosts import Host, IPAddress, parse_ip_address, split_authority, unmap_ipv4
+from proxy.core.hosts import Host, IPAddress, parse_ip_address, split_authority
 from proxy.core.http1 import RequestForm, RequestHead, parse_request_head
 from proxy.core.identity import WorkloadKind
 from proxy.core.policy.model import TunnelProtocol
 from proxy.core.tunnel_protocols import sni_destination, starts_http_request
+from proxy.dataplane.clients import (
+    AcceptedPeer,
+    ClientConnections,
+    peer_address,
+    wait_for_audit_room,
+)
 from proxy.dataplane.dialer import Dialer
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import (
@@ -184,16 +190,6 @@ def origin_form_port(req: RequestHead, fallback: int) -> int:
     return req.port
 
 
-class _ClientPeer(Peer):
-    def __init__(self, on_accept: Callable[[Peer], None]) -> None:
-        super().__init__()
-        self._on_accept = on_accept
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._on_accept(self)
-
-
 class TransparentServer:
     """Owns the transparent listeners and every connection they accepted."""
 
@@ -226,7 +222,7 @@ class TransparentServer:
         self._tasks = TaskSet()
         self._servers: list[asyncio.AbstractServer] = []
         self._admission = Admission(settings.limits)
-        self._clients: dict[IPAddress, set[Peer]] = {}
+        self._clients = ClientConnections()
         self._idle: set[Peer] = set()  # HTTP connections between requests, nothing read
         self._draining = False
 
@@ -240,7 +236,7 @@ class TransparentServer:
         for listener, sock in bound:
             on_accept = functools.partial(self._on_accept, listener)
             server = await loop.create_server(
-                lambda accept=on_accept: _ClientPeer(accept),  # type: ignore[misc]
+                lambda accept=on_accept: AcceptedPeer(accept),  # type: ignore[misc]
                 sock=sock,
                 backlog=LISTEN_BACKLOG,
             )
@@ -268,19 +264,13 @@ class TransparentServer:
 
     def close_connections_from(self, source: IPAddress, reason: Reason) -> int:
         """Close every connection from `source` now (its pod left); records carry `reason`."""
-        peers = list(self._clients.get(unmap_ipv4(source), ()))
-        for peer in peers:
-            peer.close_reason = reason
-            peer.abort()
-        return len(peers)
+        return self._clients.close_from(source, reason)
 
     # -- accept -------------------------------------------------------------------------------
     def _on_accept(self, listener: Listener, client: Peer) -> None:
         transport = client.transport
         assert transport is not None
-        peername = transport.get_extra_info("peername")
-        peer_ip = unmap_ipv4(parse_ip_address(str(peername[0]).split("%")[0]))
-        peer_port = int(peername[1])
+        peer_ip, peer_port = peer_address(client)
         original = None
         if listener.kind is not ListenerKind.PORT_MAP:
             sock = transport.get_extra_info("socket")
@@ -326,14 +316,10 @@ class TransparentServer:
     ) -> None:
         src_ip = source.ip
         self._admission.connection_opened(src_ip)
-        self._clients.setdefault(src_ip, set()).add(client)
+        self._clients.add(src_ip, client)
         metrics.ACTIVE_CONNECTIONS.labels(kind=str(listener.kind)).inc()
         try:
-            if self._audit.congested:
-                # Audit backpressure: serve nothing new until the records are written.
-                drained = asyncio.Event()
-                self._audit.call_when_drained(drained.set)
-                await drained.wait()
+            await wait_for_audit_room(self._audit)
             ex = self._log.open(source, str(listener.kind))
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
@@ -354,11 +340,7 @@ class TransparentServer:
         finally:
             client.close()
             self._admission.connection_closed(src_ip)
-            clients = self._clients.get(src_ip)
-            if clients is not None:
-                clients.discard(client)
-                if not clients:
-                    del self._clients[src_ip]
+            self._clients.discard(src_ip, client)
             metrics.ACTIVE_CONNECTIONS.labels(kind=str(listener.kind)).dec()
 
     def _check_ready(self, ex: Exchange) -> None:
