@@ -17,6 +17,7 @@ from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI, make_pki
 from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.tools import tool
 from tests.support.transparent import CANARY, CANARY_V6, ORIGIN, https_via, steered_identity
 
 pytestmark = pytest.mark.netns
@@ -50,7 +51,7 @@ class Redirected:
 
 def _nat(action: str, port: int, to_port: int = LISTEN_PORT) -> None:
     subprocess.run(
-        ["iptables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY,
+        [tool("iptables"), "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY,
          "--dport", str(port), "-j", "REDIRECT", "--to-ports", str(to_port)],
         check=True,
         capture_output=True,
@@ -175,7 +176,7 @@ V6_LISTEN_PORT = 9444
 
 def _nat6(action: str) -> None:
     subprocess.run(
-        ["ip6tables", "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY_V6,
+        [tool("ip6tables"), "-t", "nat", action, "OUTPUT", "-p", "tcp", "-d", CANARY_V6,
          "--dport", "8443", "-j", "REDIRECT", "--to-ports", str(V6_LISTEN_PORT)],
         check=True,
         capture_output=True,

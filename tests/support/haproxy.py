@@ -8,14 +8,14 @@ PID is waited for).
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
+from tests.support.tools import tool
 from tests.support.waiting import wait_for
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY = tool("haproxy")
 # Seconds HAProxy gets to start listening and to exit after SIGTERM.
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support.tools import tool
 from tests.support.waiting import wait_for
 
 # Seconds for initdb (a few on a loaded machine) and for the server to accept connections.
@@ -48,7 +49,7 @@ class PostgresServer:
             hba.write("host all all 0.0.0.0/0 trust\n")
         self._proc = subprocess.Popen(
             [
-                "runuser", "-u", "postgres", "--",
+                tool("runuser"), "-u", "postgres", "--",
                 postgres_bin("postgres"), "-D", str(data),
                 "-c", f"listen_addresses={self.host}", "-p", str(self.port),
                 "-c", f"unix_socket_directories={self._dir}",
@@ -72,7 +73,7 @@ class PostgresServer:
 
     def _as_postgres(self, command: list[str], *, timeout: float) -> None:
         subprocess.run(
-            ["runuser", "-u", "postgres", "--", *command],
+            [tool("runuser"), "-u", "postgres", "--", *command],
             capture_output=True,
             check=True,
             timeout=timeout,

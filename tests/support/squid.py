@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 from tests.support.pki import OriginPKI
+from tests.support.tools import tool
 from tests.support.waiting import wait_for
 
-SQUID = "/usr/sbin/squid"
+SQUID = tool("squid")
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 START_TIMEOUT = 30.0
 
