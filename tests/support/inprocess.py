@@ -197,7 +197,7 @@ async def inprocess_proxy(
     finally:
         await server.drain(5.0)
         audit.stop()
-        await settle_transports(2.0)  # the test's own client sockets too
+        await settle_transports()  # the test's own client sockets too
 
 
 @dataclass

@@ -4,7 +4,8 @@ A transport closed in a test's last steps (a client library that gave up after a
 connection the proxy cut) finishes closing on a later loop iteration. If the loop closes first,
 the transport is collected later, in whichever test is running then, and its ResourceWarning
 fails that test (filterwarnings = error). The selector loop keeps its open transports in
-`_transports` (a WeakValueDictionary by descriptor): run the loop until it holds none.
+`_transports` (a WeakValueDictionary by descriptor): abort what is still open there, then run
+the loop until their sockets are closed.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import asyncio
 SETTLE_ITERATIONS = 3
 
 
-async def settle_transports(timeout: float) -> None:
-    """Run the loop until every transport it holds has closed (aborting what is still open),
-    for at most `timeout` seconds."""
+async def settle_transports() -> None:
+    """Let closing transports finish, abort the ones still open, and let those finish too: a
+    transport's socket is closed by its connection_lost callback, one loop iteration after
+    close() or abort()."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
     for _ in range(SETTLE_ITERATIONS):
         await asyncio.sleep(0)
-    while getattr(loop, "_transports", None) and loop.time() < deadline:
-        for transport in list(loop._transports.values()):  # type: ignore[attr-defined]
-            if not transport.is_closing():
-                transport.abort()
+    transports = getattr(loop, "_transports", None) or {}
+    for transport in list(transports.values()):
+        if not transport.is_closing():
+            transport.abort()
+    for _ in range(SETTLE_ITERATIONS):
         await asyncio.sleep(0)

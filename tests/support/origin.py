@@ -24,8 +24,10 @@ STREAM_PIECE = 256 * 1024
 # The first message `/ws` sends, before any echo: shows the upstream-to-client direction alone.
 WS_GREETING = "hello from the websocket origin"
 # Loop iterations given to closing transports at stop (close -> connection_lost -> socket close).
-# Upper bound on waiting for every transport of the origin's loop to close at stop.
-CLOSE_SECONDS = 2.0
+# At stop, handlers still running (a body streamed to a proxy worker that was killed, an open
+# WebSocket) get this long before they are cancelled; aiohttp's default is 60 s, past the 10 s
+# `stop` waits for.
+SHUTDOWN_SECONDS = 2.0
 
 
 @dataclass
@@ -169,7 +171,7 @@ class OriginServer:
                 for r in self.routes
             ]
         )
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
@@ -178,7 +180,7 @@ class OriginServer:
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        await settle_transports(CLOSE_SECONDS)  # a cut connection or WebSocket closing late
+        await settle_transports()  # a cut connection or WebSocket closing late
 
     def start(self) -> OriginServer:
         self._thread.start()
