@@ -17,7 +17,7 @@ from tests.support.fakekube import FakeKube, namespace, pod
 from tests.support.htpasswd import write_password_file
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
-from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.proxyproc import ProxyProcess, explain, get_from, read_response, ready
 from tests.support.waiting import wait_for
 
 PORTS = "[{port: 1024, endPort: 65535}]"
@@ -51,28 +51,6 @@ def api_pod(name: str, ip: str, **kwargs: Any) -> dict[str, Any]:
         service_account="api-sa",
         **kwargs,
     )
-
-
-def ready(proxy: ProxyProcess) -> bool:
-    return proxy.admin("/readyz")[0] == 200
-
-
-def get_from(proxy: ProxyProcess, source: str, url: str) -> tuple[int, dict[str, str], bytes]:
-    """A plain GET through the proxy from `source` (a pod's loopback address)."""
-    sock = socket.create_connection(
-        ("127.0.0.1", proxy.port), timeout=10, source_address=(source, 0)
-    )
-    with sock:
-        host = url.split("/")[2]
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        return read_response(sock)
-
-
-def explain(proxy: ProxyProcess, source: str, url: str) -> dict[str, Any]:
-    status, body = proxy.admin(f"/explain?source={source}&url={url}&format=json")
-    assert status == 200, body
-    result: dict[str, Any] = json.loads(body)
-    return result
 
 
 @pytest.fixture

@@ -311,3 +311,26 @@ class ResponseReader:
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
     """One response on a fresh socket (bytes after it are dropped)."""
     return ResponseReader(sock, timeout).next()
+
+
+def ready(proxy: ProxyProcess) -> bool:
+    """The proxy's /readyz answers 200 (policy loaded, informers synced)."""
+    return proxy.admin("/readyz")[0] == 200
+
+
+def get_from(proxy: ProxyProcess, source: str, url: str) -> tuple[int, dict[str, str], bytes]:
+    """A plain GET through the proxy from `source` (a pod's loopback address)."""
+    sock = socket.create_connection(
+        ("127.0.0.1", proxy.port), timeout=10, source_address=(source, 0)
+    )
+    with sock:
+        host = url.split("/")[2]
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return read_response(sock)
+
+
+def explain(proxy: ProxyProcess, source: str, url: str) -> dict[str, Any]:
+    status, body = proxy.admin(f"/explain?source={source}&url={url}&format=json")
+    assert status == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
