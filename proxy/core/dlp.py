@@ -20,6 +20,13 @@ Detectors (the names a rule lists in `inspect.dlp`):
                           matching a `dlp.credentialHosts` entry whose hosts exclude this one
 Custom detectors (`dlp.custom` in the config) apply to every inspected request: regular
 expressions on header names, header values and the query string.
+
+Patterns an operator writes (`dlp.custom`, `dlp.credentialHosts[].token`) run on RE2, whose
+matching time is linear in the input: a pattern such as `(a+)+$`, which backtracks for longer
+than the universe's age on Python's `re`, cannot stall the event loop and with it every
+connection of the replica. A pattern RE2 cannot run (lookaround, backreferences) is refused when
+the config loads, with the reason. The built-in detectors above stay on `re`: they are fixed,
+bounded patterns, tested here.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import unquote, unquote_plus, urlsplit
+
+import re2
 
 from proxy.core.hosts import normalize_name
 from proxy.errors import BadRequest
@@ -82,6 +91,34 @@ _TEXT_DETECTORS: Final = (
 BUILTIN_DETECTORS: Final = frozenset({name for name, _ in _TEXT_DETECTORS} | {BEARER_TO_OTHER_HOST})
 
 
+class Pattern(Protocol):
+    """A compiled search pattern: Python's `re` for the built-in detectors, RE2 for an
+    operator's."""
+
+    def search(self, text: str) -> object | None: ...
+
+
+# RE2's compile errors go to the caller as exceptions, not to stderr (the operational log is
+# JSON lines); 8 MiB bounds the memory one compiled pattern may take.
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+_RE2_OPTIONS.max_mem = 8 << 20
+
+
+def compile_operator_pattern(pattern: str) -> Pattern:
+    """An operator's regular expression on the linear-time engine; ValueError says why RE2
+    cannot run it and how to rewrite it."""
+    try:
+        compiled: Pattern = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args else str(exc)
+        raise ValueError(
+            f"RE2, the linear-time engine operator patterns run on, cannot run it ({reason}); "
+            "rewrite it without lookaround ((?=, (?!, (?<=, (?<!) and backreferences (\\1)"
+        ) from None
+    return compiled
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DlpHit:
     """Which detector fired and where: `header:<name>`, `header-name[<index>]` (a name may itself
@@ -96,9 +133,9 @@ class CustomDetector:
     """`dlp.custom` entry: at least one pattern; each is searched (not anchored)."""
 
     name: str
-    header_name: re.Pattern[str] | None = None
-    header_value: re.Pattern[str] | None = None
-    query: re.Pattern[str] | None = None
+    header_name: Pattern | None = None
+    header_value: Pattern | None = None
+    query: Pattern | None = None
 
     def __post_init__(self) -> None:
         if self.header_name is None and self.header_value is None and self.query is None:
@@ -113,7 +150,7 @@ class CredentialHosts:
 
     name: str
     hosts: tuple[str, ...]
-    token: re.Pattern[str] | None = None
+    token: Pattern | None = None
     audiences: tuple[str, ...] = ()  # exact, or `*` as the leading label ("*.svc.id.goog")
 
     def __post_init__(self) -> None:
@@ -462,16 +499,16 @@ def _entry_name(entry: dict[str, object], index: int) -> str:
     return name
 
 
-def _pattern(entry: dict[str, object], key: str, index: int) -> re.Pattern[str] | None:
+def _pattern(entry: dict[str, object], key: str, index: int) -> Pattern | None:
     raw = entry.get(key)
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw:
         raise ValueError(f"[{index}].{key} must be a regular expression string")
     try:
-        return re.compile(raw)
-    except re.error as exc:
-        raise ValueError(f"[{index}].{key} is not a valid regular expression: {exc}") from None
+        return compile_operator_pattern(raw)
+    except ValueError as exc:
+        raise ValueError(f"[{index}].{key}: {exc}") from None
 
 
 def _string_list(raw: object, where: str) -> list[str]:

@@ -117,6 +117,9 @@ def proxy_config(outgate_ca: tuple[Path, Path], origin_ca: OriginCA, **timeouts:
                 {"name": "internal-header", "headerName": "(?i)^x-internal-"},
                 {"name": "ticket-ids", "headerValue": "TICKET-[0-9]{6}"},
                 {"name": "customer-email", "query": "[a-z]+@corp\\.example"},
+                # Catastrophic backtracking on a backtracking engine: 2^n steps for n a's
+                # followed by anything else (test_intercept.py sends one).
+                {"name": "backtracking-trap", "headerValue": "(a+)+$"},
             ]
         },
     }

@@ -248,7 +248,9 @@ def test_custom_detectors_on_header_names_values_and_the_query() -> None:
         ("nope", "list"),
         ([{"name": "x"}], "no pattern"),
         ([{"name": "Bad_Name", "query": "a"}], "DNS-1123"),
-        ([{"name": "x", "query": "("}], "not a valid regular expression"),
+        ([{"name": "x", "query": "("}], r"\[0\]\.query: RE2.*cannot run it \(missing \)"),
+        ([{"name": "x", "headerValue": "(?<!x)key"}], "rewrite it without lookaround"),
+        ([{"name": "x", "query": "(a)\\1"}], "backreferences"),
         ([{"name": "aws-access-key", "query": "a"}], "built-in"),
         ([{"name": "x", "query": "a", "color": "red"}], "unknown keys"),
         ([{"name": "x", "query": "a"}, {"name": "x", "query": "b"}], "twice"),
@@ -266,6 +268,7 @@ def test_bad_custom_detectors_are_refused_with_the_reason(raw: object, message: 
         ([{"name": "x", "token": "^a", "hosts": []}], "no hosts"),
         ([{"name": "x", "token": "^a", "hosts": ["a.*.example"]}], r"\*"),
         ([{"name": "x", "token": "^a", "hosts": "a.example"}], "list of strings"),
+        ([{"name": "x", "token": "(?=a)", "hosts": ["a.example"]}], r"\[0\]\.token: RE2"),
     ],
 )
 def test_bad_credential_hosts_are_refused_with_the_reason(raw: object, message: str) -> None:

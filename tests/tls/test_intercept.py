@@ -294,6 +294,26 @@ def test_each_dlp_detector_refuses_a_planted_secret_and_audits_it_without_the_se
     assert f'outgate_dlp_hits_total{{detector="{detector}"}}' in metrics
 
 
+def test_a_pathological_pattern_and_input_do_not_stall_the_proxy_for_other_clients(
+    tls_proxy: ProxyProcess, https_origin: OriginServer, outgate_ca: tuple[Path, Path]
+) -> None:
+    """`(a+)+$` against 64 a's and a `!` takes about 2^64 steps on Python's `re`, which would
+    hold the event loop, and every connection of the replica, for good. Operator patterns run
+    on RE2, linear in the input: the trap request is answered, and a second client's request,
+    sent while the first is in flight, is too, each within the socket's 10 s timeout."""
+    trap = intercepted(tls_proxy, outgate_ca, "inspect.test", https_origin.port)
+    other = intercepted(tls_proxy, outgate_ca, "inspect.test", https_origin.port)
+    trap.request("GET", "/hello?case=trap", headers={"X-Note": "a" * 64 + "!"})
+    other.request("GET", "/hello?case=other")
+    assert other.getresponse().status == 200
+    assert trap.getresponse().status == 200
+    trap.close()
+    other.close()
+    decision, close = inner_records(tls_proxy, "case=trap")
+    assert decision["outgate"]["decision"] == "allow"
+    assert close["outgate"]["reason"] == "completed"
+
+
 def test_a_detector_hit_in_the_header_never_puts_the_secret_in_the_audit_line(
     tls_proxy: ProxyProcess, https_origin: OriginServer, outgate_ca: tuple[Path, Path]
 ) -> None:
