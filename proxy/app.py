@@ -459,6 +459,7 @@ class App:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.audit.reopen)
         await self.start()
         await stop.wait()
         await self.stop()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 
 from proxy import metrics
 from proxy.adoption.squid_log import LogFormat, parse_logformat, squid_line
@@ -36,6 +37,8 @@ from proxy.core.identity import Workload, WorkloadKind
 from proxy.core.policy.engine import Decision
 from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.fdio import write_all
+
+log = structlog.get_logger(__name__)
 
 # Raw client strings (paths, methods) are cut here: a record must stay one bounded line.
 MAX_RAW_FIELD_CHARS = 1024
@@ -273,6 +276,10 @@ def render(record: dict[str, Any]) -> bytes:
     return json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
+def _open_log(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+
 class AuditSink:
     """Ordered, lossless, non-blocking for the event loop; a thread does the blocking writes."""
 
@@ -281,7 +288,11 @@ class AuditSink:
         self._json = True
         self._squid: LogFormat | None = None  # set by configure() when Squid lines are wanted
         self._squid_fd = fd
+        self._squid_path: str | None = None  # the file Squid lines go to, reopened on SIGUSR1
         self._owned_fds: list[int] = []
+        # Descriptors replaced by reopen(): closed by the writer once the lines queued for them
+        # before the swap are written.
+        self._retired_fds: list[int] = []
         self._lines: deque[tuple[int, bytes]] = deque()  # (fd, line), written in this order
         self._pending = 0
         # The condition's lock, taken directly (a C-level context manager) where no wait or
@@ -311,7 +322,7 @@ class AuditSink:
         if squid and settings.audit_squid_output != "stdout":
             path = settings.audit_squid_output
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                fd = _open_log(path)
             except OSError as exc:
                 issue = ConfigIssue(
                     file=settings.source,
@@ -322,10 +333,33 @@ class AuditSink:
                 )
                 raise ConfigError([issue]) from None
             self._owned_fds.append(fd)
+            self._squid_path = path
         with self._cond:
             self._json = settings.audit_format in ("json", "both")
             self._squid = parse_logformat(settings.audit_squid_logformat) if squid else None
             self._squid_fd = fd
+
+    def reopen(self) -> bool:
+        """Open the Squid-format file again by its path (after logrotate renamed it; SIGUSR1,
+        as Squid's `-k rotate`). Lines queued before this call go to the old file, every later
+        line to the new one, and none is lost. If the path cannot be opened, lines keep going
+        to the open file and the error is logged. False when there is no file to reopen."""
+        path = self._squid_path
+        if path is None:
+            return False
+        try:
+            fd = _open_log(path)
+        except OSError as exc:
+            log.error("audit_reopen_failed", path=path, error=exc.strerror)
+            return False
+        with self._cond:
+            old, self._squid_fd = self._squid_fd, fd
+            self._owned_fds.append(fd)
+            self._owned_fds.remove(old)
+            self._retired_fds.append(old)
+            self._cond.notify()
+        log.info("audit_files_reopened", path=path)
+        return True
 
     @property
     def congested(self) -> bool:
@@ -373,19 +407,24 @@ class AuditSink:
     def _write_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._lines and not self._closing:
+                while not self._lines and not self._closing and not self._retired_fds:
                     self._cond.wait()
                 if not self._lines and self._closing:
+                    self._close_retired(self._take_retired())
                     return
                 by_fd: dict[int, list[bytes]] = {}
                 for fd, line in self._lines:
                     by_fd.setdefault(fd, []).append(line)
                 self._lines.clear()
+                retired = self._take_retired()
             size = 0
             for fd, lines in by_fd.items():
                 batch = b"".join(lines)
                 size += len(batch)
                 self._write_all(fd, batch)
+            # Every line for a retired descriptor was queued before it was retired, so it was
+            # in this batch or an earlier one.
+            self._close_retired(retired)
             with self._cond:
                 self._pending -= size
                 drained = self._pending <= LOW_WATER_BYTES and self._congested_since is not None
@@ -394,6 +433,15 @@ class AuditSink:
                     self._congested_since = None
             if drained and self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._wake_drain_waiters)
+
+    def _take_retired(self) -> list[int]:
+        retired, self._retired_fds = self._retired_fds, []
+        return retired
+
+    @staticmethod
+    def _close_retired(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
 
     @staticmethod
     def _write_all(fd: int, batch: bytes) -> None:

@@ -145,6 +145,7 @@ class Supervisor:
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        self._reopen = False
         self._locks = {1: threading.Lock(), 2: threading.Lock()}  # per output fd
         self._metrics_dir = ""
         self._held: list[socket.socket] = []
@@ -165,7 +166,7 @@ class Supervisor:
         self._held = [listen, admin]
         self._listen_port = listen.getsockname()[1]
         self._admin_port = admin.getsockname()[1]
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
         log.info(
             "supervisor_started",
@@ -179,6 +180,9 @@ class Supervisor:
                 if self._reload:
                     self._reload = False
                     self._signal_all(signal.SIGHUP)
+                if self._reopen:
+                    self._reopen = False
+                    self._signal_all(signal.SIGUSR1)
                 self._wake.wait(POLL_INTERVAL)
                 self._wake.clear()
         finally:
@@ -188,6 +192,8 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self._reload = True
+        elif signum == signal.SIGUSR1:
+            self._reopen = True
         else:
             self._stop = True
         self._wake.set()

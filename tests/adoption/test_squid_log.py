@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -273,6 +274,71 @@ def test_an_unwritable_squid_output_is_a_config_error(tmp_path: Path) -> None:
         sink.flush_and_stop()
 
 
+def squid_numbers(path: Path) -> list[int]:
+    """The request numbers (/n/<number>) of a Squid log's lines, in file order."""
+    return [int(line.split()[6].rsplit("/", 1)[1]) for line in path.read_text().splitlines()]
+
+
+def test_reopen_after_a_rename_loses_no_line_and_puts_none_in_the_old_file(
+    tmp_path: Path,
+) -> None:
+    """logrotate's way: rename the file, then signal. Each reopen happens while the writer
+    thread is busy with earlier lines; lines emitted before a reopen are in the renamed file,
+    every later one in the new file, each exactly once."""
+    live = tmp_path / "access.log"
+    sink = AuditSink(os.open(os.devnull, os.O_WRONLY))
+    sink.configure(settings({"format": "squid", "squidOutput": str(live)}, tmp_path))
+    reopened_at: list[int] = []
+    number = 0
+    for rotation in range(1, 6):
+        for _ in range(3000):
+            ex = exchange(path=f"/n/{number}", decided=True, destination_ip="10.0.0.1", status=200)
+            sink.close(ex, Reason.COMPLETED)
+            number += 1
+        live.rename(tmp_path / f"access.log.{rotation}")
+        assert sink.reopen()
+        reopened_at.append(number)
+    for _ in range(500):
+        ex = exchange(path=f"/n/{number}", decided=True, destination_ip="10.0.0.1", status=200)
+        sink.close(ex, Reason.COMPLETED)
+        number += 1
+    sink.flush_and_stop()
+
+    starts = [0, *reopened_at]
+    files = [tmp_path / f"access.log.{rotation}" for rotation in range(1, 6)] + [live]
+    for path, first, end in zip(files, starts, [*reopened_at, number], strict=True):
+        assert squid_numbers(path) == list(range(first, end)), path.name
+    # Only descriptors still in use stay open: the five replaced ones were closed.
+    open_logs = [
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    ]
+    assert not any("access.log" in target for target in open_logs)
+
+
+def test_reopen_without_a_file_does_nothing_and_a_failed_reopen_keeps_writing(
+    tmp_path: Path,
+) -> None:
+    stdout_only = AuditSink(os.open(os.devnull, os.O_WRONLY))
+    stdout_only.configure(settings({"format": "squid"}, tmp_path))
+    assert not stdout_only.reopen()
+    stdout_only.flush_and_stop()
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "access.log"
+    sink = AuditSink(os.open(os.devnull, os.O_WRONLY))
+    sink.configure(settings({"format": "squid", "squidOutput": str(live)}, tmp_path))
+    sink.close(exchange(path="/n/0", decided=True, status=200), Reason.COMPLETED)
+    live.rename(tmp_path / "access.log.1")
+    logs.rmdir()  # the directory is gone: the reopen cannot create the file
+    assert not sink.reopen()
+    sink.close(exchange(path="/n/1", decided=True, status=200), Reason.COMPLETED)
+    sink.flush_and_stop()
+    assert squid_numbers(tmp_path / "access.log.1") == [0, 1]
+
+
 # -- a proxy started as the CLI does ---------------------------------------------------------------
 
 
@@ -353,3 +419,32 @@ def test_squid_format_alone_writes_no_json_records(
     assert SQUID_NATIVE.match(line)
     proxy.stop()  # flushes the audit writer: anything it would write is written by now
     assert proxy.raw_stdout == []
+
+
+def test_sigusr1_reopens_the_squid_log_in_every_worker(
+    start_proxy: StartProxy, origin: OriginServer, dns_server: ScriptedDNSServer
+) -> None:
+    dns_server.addresses("origin.test", "127.0.0.1")
+    proxy = start_proxy(
+        policy_allowing("origin.test"),
+        nameserver=dns_server.nameserver,
+        config={"workers": 2, "audit": {"format": "both", "squidOutput": "access.log"}},
+    )
+    live, rotated = proxy.workdir / "access.log", proxy.workdir / "access.log.1"
+    for number in range(20):
+        assert curl("-x", proxy.url, f"http://origin.test:{origin.port}/hello?n={number}").stdout
+    wait_lines(live, 20)
+    live.rename(rotated)
+    proxy.signal(signal.SIGUSR1)
+    wait_for(
+        lambda: sum(e.get("event") == "audit_files_reopened" for e in proxy.logs) == 2,
+        what="both workers reopened the file",
+    )
+    for number in range(20, 40):
+        assert curl("-x", proxy.url, f"http://origin.test:{origin.port}/hello?n={number}").stdout
+    after = wait_lines(live, 20)
+    assert len(rotated.read_text().splitlines()) == 20
+    assert len(after) == 20
+    assert proxy.stop() == 0
+    closes = [r for r in proxy.records if r["event"]["action"] == "close"]
+    assert len(closes) == 40
