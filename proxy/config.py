@@ -135,6 +135,12 @@ class Settings:
     default_action: str = "deny"
     policy_paths: tuple[Path, ...] = ()
     policy_kubernetes: bool = False
+    # Issue 18: `.status` of policy objects, written by the replica holding a Lease in
+    # `policy_status_lease_namespace` (None: $POD_NAMESPACE, else outgate-system).
+    policy_status_write: bool = True
+    policy_status_lease_name: str = "outgate-policy-status"
+    policy_status_lease_namespace: str | None = None
+    policy_status_writes_per_second: float = 5.0
     identity_kubernetes: bool = False
     kubeconfig: str | None = None
     # Issue 3: watch Jobs so a CronJob's pods name the CronJob as their owner (needs list/watch
@@ -181,7 +187,16 @@ _SHAPE: dict[str, Any] = {
     "admin": None,
     "workers": None,
     "defaultAction": None,
-    "policies": {"paths": None, "kubernetes": None},
+    "policies": {
+        "paths": None,
+        "kubernetes": None,
+        "status": {
+            "write": None,
+            "leaseName": None,
+            "leaseNamespace": None,
+            "writesPerSecond": None,
+        },
+    },
     "identity": {"kubernetes": None, "kubeconfig": None, "watchJobs": None, "static": None},
     "dns": {
         "nameservers": None,
@@ -294,6 +309,25 @@ def parse_endpoint(value: Any) -> Endpoint:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("expected a whole number >= 1")
+    return value
+
+
+# Kubernetes object names: a Lease's name is a DNS subdomain, a namespace's a DNS label.
+_DNS_SUBDOMAIN = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z"
+)
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+
+
+def _object_name(value: Any) -> str:
+    if not isinstance(value, str) or not _DNS_SUBDOMAIN.match(value):
+        raise ValueError("not a DNS subdomain name (lowercase letters, digits, '-' and '.')")
+    return value
+
+
+def _namespace_name(value: Any) -> str:
+    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+        raise ValueError("not a namespace name (a DNS label: lowercase letters, digits, '-')")
     return value
 
 
@@ -494,6 +528,25 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
         ),
         policy_paths=tuple((base_dir / p) for p in paths),
         policy_kubernetes=reader.get("policies.kubernetes", False, _bool, "true or false"),
+        policy_status_write=reader.get("policies.status.write", True, _bool, "true or false"),
+        policy_status_lease_name=reader.get(
+            "policies.status.leaseName",
+            d.policy_status_lease_name,
+            _object_name,
+            "a Kubernetes object name, e.g. outgate-policy-status",
+        ),
+        policy_status_lease_namespace=reader.get(
+            "policies.status.leaseNamespace",
+            None,
+            _namespace_name,
+            "the proxy's own namespace, e.g. outgate-system (null: $POD_NAMESPACE)",
+        ),
+        policy_status_writes_per_second=reader.get(
+            "policies.status.writesPerSecond",
+            d.policy_status_writes_per_second,
+            _positive_number,
+            "a rate, e.g. 5",
+        ),
         identity_kubernetes=reader.get("identity.kubernetes", False, _bool, "true or false"),
         kubeconfig=reader.get(
             "identity.kubeconfig",

@@ -379,6 +379,20 @@ KUBE_EVENTS_POSTED = Counter(
     ["result"],
     registry=REGISTRY,
 )
+POLICY_STATUS_LEADER = Gauge(
+    "outgate_policy_status_leader",
+    "1 while this proxy holds the policy-status Lease and so writes .status of policy objects, "
+    "else 0 (the sum over all replicas is 1 when status is being written).",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+POLICY_STATUS_WRITES = Counter(
+    "outgate_policy_status_writes_total",
+    "Status patches of policy objects by result (written, conflict = the object changed since "
+    "it was read, gone = deleted, failed).",
+    ["result"],
+    registry=REGISTRY,
+)
 
 # -- TLS: tunnel checks, interception, DLP (issue 4) ---------------------------------------------
 TUNNEL_VIOLATIONS = Counter(

@@ -10,6 +10,7 @@ refused (kubectl's default `--validate=strict`).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import subprocess
@@ -215,6 +216,16 @@ def _is_cidr(value: object) -> bool:
     # The API server's "cidr" format is Go's net.ParseCIDR: host bits may be set.
     if isinstance(value, str):
         ipaddress.ip_network(value, strict=False)
+    return True
+
+
+@_FORMATS.checks("date-time", raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    # The API server checks RFC 3339 (metav1.Time in a condition's lastTransitionTime).
+    if isinstance(value, str):
+        if "T" not in value.upper():
+            raise ValueError("not RFC 3339")
+        datetime.datetime.fromisoformat(value)
     return True
 
 

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.control.kube import status
+from proxy.control.kube.policies import policy_from_object
 from proxy.core.policy.engine import Engine
 from proxy.core.policy.loader import load_text
-from proxy.core.policy.model import API_VERSION, Action
+from proxy.core.policy.model import API_VERSION, Action, PolicyKind
 from proxy.errors import ConfigError
 from tests.deploy import kube
 
@@ -249,3 +251,66 @@ def test_the_structural_check_catches_a_type_inside_a_junctor() -> None:
     errors = kube.structural_errors(bad)
     assert any("sets type" in e for e in errors)
     assert any("property b is not specified outside" in e for e in errors)
+
+
+# --- status and printer columns (issue 18) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("crd", kube.outgate_crds(), ids=lambda c: c["metadata"]["name"])
+def test_the_crds_have_a_status_subresource_and_an_accepted_column(crd: kube.Obj) -> None:
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    expected = ["Mode", "Accepted", "Age"]
+    if crd["spec"]["scope"] == "Cluster":
+        expected = ["Tier", "Priority", *expected]
+    assert list(columns) == expected
+    assert columns["Accepted"]["jsonPath"] == (
+        f'.status.conditions[?(@.type=="{status.ACCEPTED}")].status'
+    )
+    assert columns["Age"] == {
+        "name": "Age",
+        "type": "date",
+        "jsonPath": ".metadata.creationTimestamp",
+    }
+
+
+def _with_status(base: dict[str, Any], verdict: status.Verdict) -> dict[str, Any]:
+    document = copy.deepcopy(base)
+    written = status.desired_status(None, verdict, 3, status.utc_now())
+    assert written is not None
+    document["status"] = written
+    return document
+
+
+@pytest.mark.parametrize("base", [CLUSTER, NAMESPACED], ids=["cluster", "namespaced"])
+def test_the_status_the_proxy_writes_fits_the_schema(
+    schemas: kube.CustomResourceSchemas, base: dict[str, Any]
+) -> None:
+    _, issues = policy_from_object(
+        PolicyKind(base["kind"]), _with(base, "spec.rules.0.to", [{"fqdn": "*.com"}])
+    )
+    assert issues
+    for verdict in (
+        status.Verdict.valid(),
+        status.Verdict.refused(status.AcceptedReason.INVALID, issues),
+        status.Verdict.refused(status.AcceptedReason.NAME_CONFLICT, issues),
+    ):
+        assert schemas.errors(_with_status(base, verdict)) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("status", "Yes"),
+        ("reason", "not camel case"),
+        ("lastTransitionTime", "yesterday"),
+        ("message", "x" * 32769),
+    ],
+)
+def test_the_status_schema_refuses_a_malformed_condition(
+    schemas: kube.CustomResourceSchemas, field: str, value: str
+) -> None:
+    document = _with_status(NAMESPACED, status.Verdict.valid())
+    document["status"]["conditions"][0][field] = value
+    assert schemas.errors(document) != []

@@ -105,12 +105,19 @@ def kube_proxy(realkube: RealKube, tmp_path: Path) -> Iterator[Callable[..., Pro
     started: list[ProxyProcess] = []
 
     def start(
-        policies: str = "", *, name: str = "proxy", nameserver: str | None = None, **config: Any
+        policies: str = "",
+        *,
+        name: str = "proxy",
+        nameserver: str | None = None,
+        account: str = PROXY_ACCOUNT,
+        **config: Any,
     ) -> ProxyProcess:
+        """`account`: another ServiceAccount of PROXY_NAMESPACE, bound to the same roles, so
+        that the audit log tells two proxies apart."""
         workdir = tmp_path / name
         workdir.mkdir()
         kubeconfig = realkube.service_account_kubeconfig(
-            PROXY_NAMESPACE, PROXY_ACCOUNT, workdir / "kubeconfig"
+            PROXY_NAMESPACE, account, workdir / "kubeconfig"
         )
         settings: dict[str, Any] = {
             "identity": {"kubernetes": True, "kubeconfig": str(kubeconfig), "static": []},

@@ -9,7 +9,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from proxy.control.kube.access import CLUSTER_GRANTS
+from proxy.control.kube.access import CLUSTER_GRANTS, LEASE_GRANTS
 from tests.realkube.conftest import CRDS, PROXY_ACCOUNT, PROXY_NAMESPACE
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
@@ -70,12 +70,14 @@ def test_the_project_manifests_install_and_the_proxy_runs_on_its_service_account
     proxy = kube_proxy()
     wait_for(lambda: ready(proxy), what="the proxy synced with the real API server")
     assert api_errors_in(proxy) == []
-    documented = {(g.group, g.resource, v) for g in CLUSTER_GRANTS for v in g.verbs}
+    documented = {
+        (g.group, g.resource, v) for g in (*CLUSTER_GRANTS, *LEASE_GRANTS) for v in g.verbs
+    }
     informers = {(g, r, v) for g, r, v in documented if v in ("list", "watch")}
 
     def used() -> set[tuple[str, str, str]]:
         return {
-            (e["objectRef"].get("apiGroup", ""), e["objectRef"]["resource"], e["verb"])
+            (e["objectRef"].get("apiGroup", ""), _resource(e["objectRef"]), e["verb"])
             for e in realkube.audit_events(user=PROXY_USER)
         }
 
@@ -169,3 +171,9 @@ def test_pods_are_attributed_deleted_pods_lose_their_tunnels_and_a_reused_ip_is_
     assert reused["outgate"]["decision"] == "deny"
     assert reused["status"] == 403
     assert api_errors_in(proxy) == []
+
+
+def _resource(ref: dict[str, str]) -> str:
+    """As RBAC names it: a subresource is `resource/subresource` (egresspolicies/status)."""
+    sub = ref.get("subresource")
+    return f"{ref['resource']}/{sub}" if sub else ref["resource"]

@@ -9,7 +9,12 @@ What it speaks, as the real API server does:
 - compaction: a watch from a version older than the compaction point gets an ERROR event with
   code 410 (or, if `compaction_error == "http"`, an HTTP 410);
 - resourceVersions that are *not* numbers (`rv.00002a.x`): a client must treat them as opaque;
-- bearer-token auth (401 for a wrong token), and Events created with POST (409 on a name clash).
+- bearer-token auth (401 for a wrong token; more tokens, each a user, with `add_token`), and
+  Events created with POST (409 on a name clash);
+- GET and PUT of one object (PUT with a stale resourceVersion: 409 Conflict, as a Lease update
+  racing another replica's gets), Leases (coordination.k8s.io/v1), and merge PATCH of the
+  `status` subresource of the policy kinds (only `.status` changes, the generation stays; 404
+  for a deleted object; 409 when `metadata.resourceVersion` in the patch is not the stored one).
 
 Faults to inject: queued error answers (401/403/429 with Retry-After/500), a watch aborted in
 the middle of an event, a stalled watch, an event split into many chunks (one cut inside a
@@ -67,7 +72,11 @@ RESOURCES: dict[str, ResourceInfo] = {
     "egresspolicies": ResourceInfo(
         "/apis/outgate.dev/v1alpha1", True, "EgressPolicy", "outgate.dev/v1alpha1"
     ),
+    "leases": ResourceInfo("/apis/coordination.k8s.io/v1", True, "Lease", "coordination.k8s.io/v1"),
 }
+# Resources with a status subresource (PATCH .../NAME/status).
+STATUS_SUBRESOURCE = frozenset({"clusteregresspolicies", "egresspolicies"})
+MERGE_PATCH = "application/merge-patch+json"
 _PREFIXES = sorted({info.prefix for info in RESOURCES.values()}, key=len, reverse=True)
 _RV = re.compile(r"rv\.([0-9a-f]+)\.x\Z")
 
@@ -102,9 +111,12 @@ class RequestRecord:
     at: float
     method: str
     resource: str
-    verb: str  # list | watch | create | other
+    verb: str  # list | watch | create | get | update | patch | other
     params: dict[str, str]
     status: int = 0
+    user: str = ""
+    name: str = ""
+    subresource: str = ""
 
 
 @dataclass
@@ -145,6 +157,7 @@ class FakeKube:
         directory.mkdir(parents=True, exist_ok=True)
         self.pki: OriginPKI = make_pki(directory / "pki", ["127.0.0.1", "localhost"])
         self.token = token
+        self.users: dict[str, str] = {}  # more tokens (add_token): token -> user
         self.port = 0
         self.compaction_error = "event"  # or "http"
         self.watch_max_seconds: float | None = None
@@ -222,13 +235,24 @@ class FakeKube:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def kubeconfig(self, *, token_file: Path | None = None, name: str = "kubeconfig") -> Path:
+    def add_token(self, token: str, user: str) -> None:
+        """Accept `token` as well, as `user` (RequestRecord.user): two clients told apart."""
+        with self._lock:
+            self.users[token] = user
+
+    def kubeconfig(
+        self,
+        *,
+        token_file: Path | None = None,
+        name: str = "kubeconfig",
+        token: str | None = None,
+    ) -> Path:
         """A kubeconfig for this server: the test CA, and the token (or a token file)."""
         user: dict[str, Any] = {}
         if token_file is not None:
             user["tokenFile"] = str(token_file)
-        elif self.token is not None:
-            user["token"] = self.token
+        elif (token or self.token) is not None:
+            user["token"] = token or self.token
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -411,6 +435,11 @@ class FakeKube:
     def open_watches(self, resource: str) -> int:
         return self._run(lambda: len(self._collections[resource].watchers))
 
+    def objects(self, resource: str) -> list[dict[str, Any]]:
+        return self._run(
+            lambda: [copy.deepcopy(s.obj) for s in self._collections[resource].objects.values()]
+        )
+
     def requests_for(self, resource: str, verb: str | None = None) -> list[RequestRecord]:
         with self._lock:
             return [
@@ -489,25 +518,37 @@ class FakeKube:
             return web.json_response(_status(404, "NotFound", path), status=404)
         parts = path[len(prefix) + 1 :].split("/")
         namespace: str | None = None
-        if len(parts) == 3 and parts[0] == "namespaces":
-            namespace, resource = parts[1], parts[2]
-        elif len(parts) == 1:
-            resource = parts[0]
-        else:
+        # namespaces/NS/RESOURCE[/NAME[/SUB]]; else RESOURCE[/NAME[/SUB]] (/api/v1/namespaces/X
+        # is the namespace X itself).
+        if parts[0] == "namespaces" and len(parts) >= 3:
+            namespace, parts = parts[1], parts[2:]
+        if len(parts) > 3:
             return web.json_response(_status(404, "NotFound", path), status=404)
+        resource, name, subresource = [*parts, "", ""][:3]
         info = RESOURCES.get(resource)
-        if info is None or info.prefix != prefix:
+        if (
+            info is None
+            or info.prefix != prefix
+            or (namespace is not None and not info.namespaced)
+            or (subresource and (subresource != "status" or resource not in STATUS_SUBRESOURCE))
+        ):
             return web.json_response(_status(404, "NotFound", path), status=404)
-        record.resource = resource
+        record.resource, record.name, record.subresource = resource, name, subresource
         watching = params.get("watch") in ("1", "true")
-        if request.method == "POST":
+        if request.method == "POST" and not name:
             record.verb = "create"
         elif request.method == "GET":
-            record.verb = "watch" if watching else "list"
-        if self.token is not None and request.headers.get("Authorization") != (
-            f"Bearer {self.token}"
-        ):
+            record.verb = "get" if name else "watch" if watching else "list"
+        elif request.method == "PUT" and name:
+            record.verb = "update"
+        elif request.method == "PATCH" and name:
+            record.verb = "patch"
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        with self._lock:
+            user = "tester" if bearer == self.token else self.users.get(bearer)
+        if self.token is not None and user is None:
             return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+        record.user = user or ""
         fault = self._take_fault(resource, record.verb)
         if fault is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
@@ -518,6 +559,8 @@ class FakeKube:
             )
         if record.verb == "create":
             return await self._create(request, resource, namespace)
+        if record.verb in ("get", "update", "patch"):
+            return await self._one(request, record.verb, resource, namespace or "", name)
         if record.verb == "list":
             held = self._held_lists.get(resource)
             if held is not None:
@@ -544,6 +587,40 @@ class FakeKube:
             with self._lock:
                 self.events_posted.append(stored)
         return web.json_response(stored, status=201)
+
+    async def _one(
+        self, request: web.Request, verb: str, resource: str, namespace: str, name: str
+    ) -> web.Response:
+        """GET, PUT (whole object, optimistic concurrency) or merge PATCH of `.status`."""
+        collection = self._collections[resource]
+        stored = collection.objects.get((namespace, name))
+        if stored is None:
+            message = f'{resource} "{name}" not found'
+            return web.json_response(_status(404, "NotFound", message), status=404)
+        if verb == "get":
+            return web.Response(text=stored.text, content_type="application/json")
+        if verb == "patch" and request.content_type != MERGE_PATCH:
+            return web.json_response(
+                _status(415, "UnsupportedMediaType", request.content_type), status=415
+            )
+        body = await request.json()
+        sent = (body.get("metadata") or {}).get("resourceVersion")
+        current = stored.obj["metadata"]["resourceVersion"]
+        if (verb == "update" or sent is not None) and sent != current:
+            message = (
+                f'Operation cannot be fulfilled on {resource} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again"
+            )
+            return web.json_response(_status(409, "Conflict", message), status=409)
+        if verb == "update":
+            body.setdefault("metadata", {}).update(name=name)
+            if collection.info.namespaced:
+                body["metadata"]["namespace"] = namespace
+            obj = body
+        else:  # the status subresource: only .status changes
+            obj = copy.deepcopy(stored.obj)
+            obj["status"] = _merge_patch(obj.get("status"), body.get("status"))
+        return web.json_response(self._put(resource, obj, "MODIFIED", False))
 
     def _list(self, resource: str, namespace: str | None, params: dict[str, str]) -> web.Response:
         collection = self._collections[resource]
@@ -715,6 +792,19 @@ class FakeKube:
         transport = request.transport
         if transport is not None:
             transport.abort()
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
 
 
 def _split_inside_utf8(data: bytes, pieces: int = 40) -> list[bytes]:

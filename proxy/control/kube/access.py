@@ -22,6 +22,7 @@ class Grant:
     resource: str
     verbs: tuple[str, ...]
     why: str
+    names: tuple[str, ...] = ()  # resourceNames: only these objects
 
 
 INFORMER_VERBS: Final = ("list", "watch")
@@ -33,4 +34,38 @@ CLUSTER_GRANTS: Final = (
     Grant("outgate.dev", "clusteregresspolicies", INFORMER_VERBS, "cluster policies"),
     Grant("outgate.dev", "egresspolicies", INFORMER_VERBS, "namespace policies"),
     Grant("", "events", ("create",), "an InvalidPolicy Event on an invalid policy object"),
+    # Issue 18: the Accepted condition, by merge patch of the status subresource only (never
+    # the object: the proxy cannot change a policy's spec).
+    Grant(
+        "outgate.dev",
+        "clusteregresspolicies/status",
+        ("patch",),
+        "the Accepted condition of cluster policies (the Lease holder)",
+    ),
+    Grant(
+        "outgate.dev",
+        "egresspolicies/status",
+        ("patch",),
+        "the Accepted condition of namespace policies (the Lease holder)",
+    ),
+)
+
+# The Role in the proxy's own namespace: the one Lease that elects the status writer
+# (proxy.control.kube.lease). A create cannot be limited by resourceNames: its URL names no
+# object (the name is in the body), so the authorizer has no name to match.
+STATUS_LEASE_NAME: Final = "outgate-policy-status"  # proxy.config's policies.status.leaseName
+LEASE_GRANTS: Final = (
+    Grant(
+        "coordination.k8s.io",
+        "leases",
+        ("get", "update"),
+        "read, renew and take over the Lease that elects the one status writer",
+        names=(STATUS_LEASE_NAME,),
+    ),
+    Grant(
+        "coordination.k8s.io",
+        "leases",
+        ("create",),
+        "create that Lease the first time (a create names no object the authorizer could match)",
+    ),
 )

@@ -198,17 +198,22 @@ class KubeClient:
         *,
         params: Mapping[str, str] | None = None,
         body: object = None,
+        content_type: str = "application/json",
         timeout: aiohttp.ClientTimeout,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         url = self.config.server + path
         token = self.config.token
+        data = None if body is None else json.dumps(body).encode()
         for attempt in (1, 2):
+            headers = self._headers()
+            if data is not None:
+                headers["Content-Type"] = content_type
             response = await self._session().request(
                 method,
                 url,
                 params=params,
-                json=body,
-                headers=self._headers(),
+                data=data,
+                headers=headers,
                 timeout=timeout,
                 server_hostname=self.config.tls_server_name,
             )
@@ -232,12 +237,17 @@ class KubeClient:
         *,
         params: Mapping[str, str] | None = None,
         body: object = None,
+        content_type: str = "application/json",
     ) -> Any:
-        """The JSON answer of one request; ApiError for an error status."""
+        """The JSON answer of one request; ApiError for an error status. `content_type` says how
+        the body is meant (a PATCH: application/merge-patch+json)."""
         timeout = aiohttp.ClientTimeout(
             total=self._request_timeout, sock_connect=CONNECT_TIMEOUT_SECONDS
         )
-        async with self._request(method, path, params=params, body=body, timeout=timeout) as resp:
+        request = self._request(
+            method, path, params=params, body=body, content_type=content_type, timeout=timeout
+        )
+        async with request as resp:
             data = bytearray()
             try:
                 async for chunk in resp.content.iter_any():

@@ -12,6 +12,11 @@ would silently change the decision. The person who applied it sees why on the ob
 issues; the log and `outgate_kube_invalid_policies` say it too, and /readyz lists it. The
 Event's name is derived from the object's UID, generation and message, so every replica
 posting the same finding collides on one name (409) instead of piling up copies.
+
+Each object also carries the finding in `.status` (condition `Accepted`, reason and message
+as above, `observedGeneration`), written by the replica holding the policy-status Lease:
+proxy.control.kube.status. This module says what each object's verdict is, once the set it
+belongs to is installed.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import asyncio
 import hashlib
 import json
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -29,6 +34,7 @@ import structlog
 
 from proxy.control.kube.client import ApiError, KubeClient
 from proxy.control.kube.reflector import DEFAULT_TUNING, Reflector, ReflectorTuning, Resource
+from proxy.control.kube.status import AcceptedReason, StatusTarget, Verdict
 from proxy.control.policy_source import KUBERNETES_SOURCE, PolicyStore
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import API_VERSION, Policy, PolicyKind
@@ -84,12 +90,19 @@ class ObjectRef:
             else (f"{self.kind} {self.name}")
         )
 
+    @property
+    def status_path(self) -> str:
+        resource = CLUSTER_POLICIES if self.kind is PolicyKind.CLUSTER else NAMESPACED_POLICIES
+        where = f"/namespaces/{self.namespace}" if self.namespace else ""
+        return f"{_GROUP_PATH}{where}/{resource.name}/{self.name}/status"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Entry:
     ref: ObjectRef
     policy: Policy | None
     issues: tuple[ConfigIssue, ...] = ()
+    status: Any = None  # the object's .status as last read (or written)
 
 
 def policy_from_object(
@@ -242,6 +255,10 @@ class KubePolicySource:
         self._dirty = asyncio.Event()
         self._installed = False
         self._shadow_reported: set[tuple[str, str]] = set()
+        # uid -> (generation, verdict) as of the last install; the status writer's input.
+        self._verdicts: dict[str, tuple[str, Verdict]] = {}
+        # Told the uid of every object applied or installed (the status writer's `changed`).
+        self.status_changed: Callable[[str], None] = lambda uid: None
         self.reflectors = [
             Reflector(
                 client,
@@ -272,19 +289,59 @@ class KubePolicySource:
     def apply(self, kind: PolicyKind, obj: dict[str, Any]) -> None:
         ref = object_ref(kind, obj)
         previous = self.entries.get(ref.uid)
+        status = obj.get("status")
         if previous is not None and previous.ref.generation == ref.generation:
             # Only metadata or status changed (labels, annotations): the spec is the same.
-            self.entries[ref.uid] = _Entry(ref=ref, policy=previous.policy, issues=previous.issues)
+            self.entries[ref.uid] = replace(previous, ref=ref, status=status)
+            self.status_changed(ref.uid)  # a status someone else changed is put right
             return
         policy, issues = policy_from_object(kind, obj)
-        self.entries[ref.uid] = _Entry(ref=ref, policy=policy, issues=tuple(issues))
+        self.entries[ref.uid] = _Entry(ref=ref, policy=policy, issues=tuple(issues), status=status)
         if policy is None:
             self._report(ref, issues)
         self._dirty.set()
 
     def remove(self, uid: str) -> None:
+        self._verdicts.pop(uid, None)
         if self.entries.pop(uid, None) is not None:
             self._dirty.set()
+
+    # -- status (proxy.control.kube.status.StatusSubjects) -----------------------------------
+    def status_keys(self) -> Iterable[str]:
+        return list(self._verdicts)
+
+    def status_target(self, uid: str) -> StatusTarget | None:
+        """None until the object's current generation is installed (the verdict is about the
+        set in force), and for an object whose generation is not a number."""
+        entry, found = self.entries.get(uid), self._verdicts.get(uid)
+        if entry is None or found is None or found[0] != entry.ref.generation:
+            return None
+        generation, verdict = found
+        if not generation.isdigit():
+            return None
+        return StatusTarget(
+            describe=entry.ref.describe(),
+            status_path=entry.ref.status_path,
+            resource_version=entry.ref.resource_version,
+            generation=int(generation),
+            verdict=verdict,
+            status=entry.status,
+        )
+
+    def status_written(self, uid: str, sent_version: str, obj: dict[str, Any]) -> None:
+        """Our own write, as the server answered it. Kept only if no newer event came
+        meanwhile (the entry still has the version we wrote on)."""
+        entry = self.entries.get(uid)
+        if entry is None or entry.ref.resource_version != sent_version:
+            return
+        metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        assert isinstance(metadata, dict)
+        version = str(metadata.get("resourceVersion") or entry.ref.resource_version)
+        self.entries[uid] = replace(
+            entry,
+            ref=replace(entry.ref, resource_version=version),
+            status=obj.get("status"),
+        )
 
     def _report(self, ref: ObjectRef, issues: Iterable[ConfigIssue]) -> None:
         rendered = [issue.render() for issue in issues]
@@ -312,21 +369,39 @@ class KubePolicySource:
             KUBE_INVALID_POLICIES.labels(kind=kind.value).set(
                 sum(1 for e in self.entries.values() if e.ref.kind is kind and e.policy is None)
             )
+        verdicts = {
+            uid: (
+                entry.ref.generation,
+                Verdict.valid()
+                if entry.policy is not None
+                else Verdict.refused(AcceptedReason.INVALID, entry.issues),
+            )
+            for uid, entry in self.entries.items()
+        }
+        by_policy = {id(e.policy): e for e in self.entries.values() if e.policy is not None}
         for left_out, first in shadowed:
-            entry = next((e for e in self.entries.values() if e.policy is left_out), None)
-            if entry is not None and (entry.ref.uid, entry.ref.generation) not in (
-                self._shadow_reported
-            ):
-                self._shadow_reported.add((entry.ref.uid, entry.ref.generation))
-                issue = ConfigIssue(
-                    file=entry.ref.describe(),
-                    document=None,
-                    path="metadata.name",
-                    message=f"a policy of this name is already defined in {first.origin}, "
-                    "which takes precedence; this object is left out",
-                    fix="rename the object, or remove the policy from the proxy's files",
-                )
-                self._report(entry.ref, [issue])
+            found = by_policy.get(id(left_out))
+            if found is None:
+                continue
+            ref = found.ref
+            issue = ConfigIssue(
+                file=ref.describe(),
+                document=None,
+                path="metadata.name",
+                message=f"a policy of this name is already defined in {first.origin}, "
+                "which takes precedence; this object is left out",
+                fix="rename the object, or remove the policy from the proxy's files",
+            )
+            verdicts[ref.uid] = (
+                ref.generation,
+                Verdict.refused(AcceptedReason.NAME_CONFLICT, [issue]),
+            )
+            if (ref.uid, ref.generation) not in self._shadow_reported:
+                self._shadow_reported.add((ref.uid, ref.generation))
+                self._report(ref, [issue])
+        self._verdicts = verdicts
+        for uid in verdicts:
+            self.status_changed(uid)
         log.info(
             "kube_policies_installed",
             revision=engine.revision,

@@ -5,11 +5,18 @@ Readiness: the pod and namespace informers have listed once (decisions need both
 without its namespace's labels could match the wrong policies), and, when policies come from
 the cluster, both policy kinds are listed and installed. The Job informer only refines owner
 names (Job -> CronJob) and is not waited for: a cluster without RBAC for Jobs still runs.
+
+Policy status (issue 18): with policies from the cluster and `policies.status.write`, every
+process takes part in the election of one status writer (proxy.control.kube.lease); the one
+holding the Lease writes `.status` (proxy.control.kube.status), and releases the Lease when
+it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.config import Settings
@@ -25,8 +32,10 @@ from proxy.control.kube.informers import (
     PodSink,
     SourceGone,
 )
+from proxy.control.kube.lease import LeaseElector, holder_identity
 from proxy.control.kube.policies import EventReporter, KubePolicySource
 from proxy.control.kube.reflector import DEFAULT_TUNING, Reflector, ReflectorTuning
+from proxy.control.kube.status import DEFAULT_WRITES_PER_SECOND, PolicyStatusWriter
 from proxy.control.policy_source import PolicyStore
 from proxy.core.identity import IdentityLookup
 from proxy.core.podindex import PodIndex
@@ -35,6 +44,37 @@ from proxy.tasks import TaskSet
 
 # How often the gauges that are ages or counts over the whole index are written.
 METRICS_TICK_SECONDS: Final = 1.0
+# Where the Lease lives when neither the config nor $POD_NAMESPACE says: the manifests' namespace.
+DEFAULT_LEASE_NAMESPACE: Final = "outgate-system"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusWriting:
+    """Who writes policy status: the holder of Lease `namespace/name`, as `identity`."""
+
+    lease_namespace: str
+    lease_name: str
+    identity: str
+    writes_per_second: float = DEFAULT_WRITES_PER_SECOND
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, environ: dict[str, str] | None = None
+    ) -> StatusWriting | None:
+        if not (settings.policy_kubernetes and settings.policy_status_write):
+            return None
+        env = dict(os.environ) if environ is None else environ
+        namespace = (
+            settings.policy_status_lease_namespace
+            or env.get("POD_NAMESPACE")
+            or DEFAULT_LEASE_NAMESPACE
+        )
+        return cls(
+            lease_namespace=namespace,
+            lease_name=settings.policy_status_lease_name,
+            identity=holder_identity(env),
+            writes_per_second=settings.policy_status_writes_per_second,
+        )
 
 
 def cluster_config(settings: Settings) -> ClusterConfig:
@@ -56,6 +96,8 @@ class KubeControlPlane:
         on_source_gone: SourceGone,
         watch_jobs: bool = True,
         tuning: ReflectorTuning = DEFAULT_TUNING,
+        status: StatusWriting | None = None,
+        elector_options: dict[str, Any] | None = None,
     ) -> None:
         self.client = KubeClient(config)
         self.index = PodIndex()
@@ -79,6 +121,21 @@ class KubeControlPlane:
             self.policy_source = KubePolicySource(
                 self.client, store, reporter=self.reporter, tuning=tuning
             )
+        self.status_writer: PolicyStatusWriter | None = None
+        self.elector: LeaseElector | None = None
+        if self.policy_source is not None and status is not None:
+            self.status_writer = PolicyStatusWriter(
+                self.client, self.policy_source, writes_per_second=status.writes_per_second
+            )
+            self.policy_source.status_changed = self.status_writer.changed
+            self.elector = LeaseElector(
+                self.client,
+                namespace=status.lease_namespace,
+                name=status.lease_name,
+                identity=status.identity,
+                on_change=self.status_writer.set_active,
+                **(elector_options or {}),
+            )
 
     @classmethod
     def from_settings(
@@ -97,6 +154,7 @@ class KubeControlPlane:
             store=store,
             on_source_gone=on_source_gone,
             watch_jobs=settings.identity_watch_jobs,
+            status=StatusWriting.from_settings(settings),
         )
 
     @property
@@ -120,6 +178,9 @@ class KubeControlPlane:
             tasks.spawn(self.policy_source.run(), name="kube policy installer")
         if self.reporter is not None:
             tasks.spawn(self.reporter.run(), name="kube event reporter")
+        if self.elector is not None and self.status_writer is not None:
+            tasks.spawn(self.elector.run(), name="kube policy-status lease")
+            tasks.spawn(self.status_writer.run(), name="kube policy-status writer")
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -139,7 +200,12 @@ class KubeControlPlane:
         if self.policy_source is not None:
             detail["policies_installed"] = self.policy_source.synced
             detail["invalid_policies"] = self.policy_source.invalid()
+        if self.elector is not None:
+            detail["policy_status_writer"] = self.elector.holding
         return detail
 
     async def close(self) -> None:
+        """After the tasks are cancelled: give the Lease up, then close the client."""
+        if self.elector is not None:
+            await self.elector.release()
         await self.client.close()
