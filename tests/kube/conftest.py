@@ -12,7 +12,7 @@ import pytest
 
 from proxy.control.kube.config import load_kubeconfig
 from proxy.control.kube.reflector import Reflector, ReflectorTuning
-from proxy.control.kube.runtime import KubeControlPlane
+from proxy.control.kube.runtime import KubeControlPlane, StatusWriting
 from proxy.control.policy_source import PolicyStore
 from proxy.core.hosts import IPAddress
 from proxy.core.identity import StaticIdentityIndex, Workload
@@ -26,6 +26,10 @@ from tests.support.waiting import eventually
 FAST = ReflectorTuning(
     backoff_initial=0.05, backoff_max=0.4, inactivity_timeout=10.0, watch_timeout_seconds=120
 )
+
+
+# A Lease that lapses in 2 s, renewed every 0.2 s: take-overs within a test's patience.
+FAST_LEASE = {"duration_seconds": 2, "renew_deadline": 1.5, "renew_period": 0.2}
 
 
 @pytest.fixture
@@ -51,6 +55,7 @@ class Informers:
         policies: bool = False,
         identity: bool = True,
         kubeconfig: Path | None = None,
+        status: StatusWriting | None = None,
     ) -> None:
         self.fake = fake
         self.gone: list[tuple[IPAddress, str]] = []
@@ -63,6 +68,8 @@ class Informers:
             store=self.store,
             on_source_gone=lambda ip, pod: self.gone.append((ip, pod)),
             tuning=tuning,
+            status=status,
+            elector_options=FAST_LEASE,
         )
         self.tasks = TaskSet()
 
