@@ -232,6 +232,33 @@ async def test_two_replicas_taking_over_at_once_leave_one_holder(fake: FakeKube)
             await client.close()
 
 
+async def test_a_holder_paused_past_its_renew_deadline_may_not_act_until_it_renews(
+    fake: FakeKube,
+) -> None:
+    now = [100.0]
+    client = KubeClient(load_kubeconfig(fake.kubeconfig()))
+    elector = LeaseElector(
+        client,
+        namespace=LEASE_NAMESPACE,
+        name=LEASE_NAME,
+        identity="a",
+        clock=lambda: now[0],
+        duration_seconds=15,
+        renew_deadline=10.0,
+        renew_period=5.0,
+    )
+    try:
+        assert not elector.may_act()
+        await elector.attempt()  # creates the Lease, holding it
+        assert elector.holding and elector.may_act()
+        now[0] += 10.5  # a SIGSTOP, a starved node: another replica may hold it by now
+        assert elector.holding and not elector.may_act()
+        await elector.attempt()  # renewed: ours again
+        assert elector.may_act()
+    finally:
+        await client.close()
+
+
 async def test_a_conflicting_lease_renewal_keeps_the_holder_until_its_deadline(
     fake: FakeKube,
 ) -> None:

@@ -9,12 +9,16 @@ from typing import Any
 import pytest
 
 from proxy.config import settings_from_mapping
+from proxy.control.kube.client import KubeClient
+from proxy.control.kube.config import ClusterConfig
 from proxy.control.kube.lease import LeaseRecord, Step, holder_identity, next_step
 from proxy.control.kube.runtime import DEFAULT_LEASE_NAMESPACE, StatusWriting
 from proxy.control.kube.status import (
     ACCEPTED,
     MAX_CONDITION_MESSAGE_CHARS,
     AcceptedReason,
+    PolicyStatusWriter,
+    StatusTarget,
     Verdict,
     desired_status,
 )
@@ -229,3 +233,39 @@ def test_bad_status_keys_are_refused_with_the_field_and_a_fix(
     (issue,) = caught.value.issues
     assert issue.path == f"policies.status.{key}"
     assert fix_mentions in issue.fix
+
+
+# --- the writer's queue and the holder's right to act ------------------------------------------
+
+
+class Subjects:
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def status_keys(self) -> list[str]:
+        return self.keys
+
+    def status_target(self, key: str) -> StatusTarget | None:
+        return None
+
+    def status_written(self, key: str, sent_version: str, obj: dict[str, Any]) -> None:
+        raise AssertionError("nothing is written here")
+
+
+def writer(keys: list[str]) -> PolicyStatusWriter:
+    client = KubeClient(ClusterConfig(server="https://127.0.0.1:1", ssl_context=None))
+    return PolicyStatusWriter(client, Subjects(keys))
+
+
+def test_the_queue_holds_each_object_once_however_often_it_changes() -> None:
+    queue = writer(["a", "b"])
+    queue.changed("a")
+    assert queue.pending == 0  # not the holder: nothing is queued
+    queue.set_active(True)
+    assert queue.pending == 2  # the new holder looks at every object once
+    for _ in range(10):
+        queue.changed("a")
+        queue.changed("c")
+    assert queue.pending == 3
+    queue.set_active(False)
+    assert queue.pending == 0

@@ -135,7 +135,7 @@ class LeaseElector:
         self.name = name
         self.identity = identity
         self._client = client
-        self._on_change = on_change
+        self.on_change = on_change
         self._duration = duration_seconds
         self._renew_deadline = renew_deadline
         self._renew_period = renew_period
@@ -144,6 +144,12 @@ class LeaseElector:
         self._renewed_at = float("-inf")
         self._seen: tuple[str, str] | None = None  # (holder, renewTime) last read
         self._seen_since = 0.0
+
+    def may_act(self) -> bool:
+        """Holding, and renewed within the deadline *now*: a process that was paused (SIGSTOP,
+        a long GC, a starved node) may still think it holds a Lease that another replica has
+        taken over meanwhile; it must not act before it has renewed again."""
+        return self.holding and self._clock() - self._renewed_at <= self._renew_deadline
 
     @property
     def _path(self) -> str:
@@ -271,7 +277,7 @@ class LeaseElector:
             return
         self.holding = holding
         POLICY_STATUS_LEADER.set(1 if holding else 0)
-        self._on_change(holding)
+        self.on_change(holding)
 
     def _describe(self) -> str:
         return f"{self.namespace}/{self.name}"

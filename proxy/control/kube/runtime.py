@@ -124,18 +124,21 @@ class KubeControlPlane:
         self.status_writer: PolicyStatusWriter | None = None
         self.elector: LeaseElector | None = None
         if self.policy_source is not None and status is not None:
-            self.status_writer = PolicyStatusWriter(
-                self.client, self.policy_source, writes_per_second=status.writes_per_second
-            )
-            self.policy_source.status_changed = self.status_writer.changed
             self.elector = LeaseElector(
                 self.client,
                 namespace=status.lease_namespace,
                 name=status.lease_name,
                 identity=status.identity,
-                on_change=self.status_writer.set_active,
                 **(elector_options or {}),
             )
+            self.status_writer = PolicyStatusWriter(
+                self.client,
+                self.policy_source,
+                writes_per_second=status.writes_per_second,
+                may_write=self.elector.may_act,
+            )
+            self.policy_source.status_changed = self.status_writer.changed
+            self.elector.on_change = self.status_writer.set_active
 
     @classmethod
     def from_settings(

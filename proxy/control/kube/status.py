@@ -57,6 +57,8 @@ MAX_CONDITION_MESSAGE_CHARS: Final = 32768
 VALID_MESSAGE: Final = "the policy is valid and in force"
 # A write that failed (connection, 5xx, 403 until RBAC is fixed) is tried again this much later.
 RETRY_SECONDS: Final = 10.0
+# How soon a holder that may not act yet (not renewed since a pause) looks at an object again.
+RENEWAL_WAIT_SECONDS: Final = 1.0
 # A thousand objects rewritten by a new holder take 200 s at this pace: slow enough that the
 # API server never notices, fast enough for the one object a person just applied.
 DEFAULT_WRITES_PER_SECOND: Final = 5.0
@@ -164,12 +166,16 @@ class PolicyStatusWriter:
         writes_per_second: float = DEFAULT_WRITES_PER_SECOND,
         retry_seconds: float = RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`may_write` is asked before every write (LeaseElector.may_act): being `active` is
+        not enough after the process was paused."""
         self._client = client
         self._subjects = subjects
         self._interval = 1.0 / writes_per_second
         self._retry_seconds = retry_seconds
         self._clock = clock
+        self._may_write = may_write
         self.active = False
         self._ready: dict[str, None] = {}  # keys to look at, in order, each once
         self._retries: list[tuple[float, int, str]] = []  # (due, tie-break, key)
@@ -212,6 +218,9 @@ class PolicyStatusWriter:
             # Look again after the wait: the Lease may have gone or the object changed.
             found = self._out_of_date(key) if self.active else None
             if found is None:
+                continue
+            if not self._may_write():  # paused past the renew deadline: wait for a renewal
+                self._retry(key, RENEWAL_WAIT_SECONDS)
                 continue
             self._next_write = self._clock() + self._interval
             await self._write(key, *found)
@@ -277,5 +286,7 @@ class PolicyStatusWriter:
     def _failed(self, key: str, target: StatusTarget, error: str) -> None:
         POLICY_STATUS_WRITES.labels(result="failed").inc()
         log.warning("policy_status_write_failed", object=target.describe, error=error)
-        due = self._clock() + self._retry_seconds
-        heapq.heappush(self._retries, (due, next(self._sequence), key))
+        self._retry(key, self._retry_seconds)
+
+    def _retry(self, key: str, after: float) -> None:
+        heapq.heappush(self._retries, (self._clock() + after, next(self._sequence), key))
