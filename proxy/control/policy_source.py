@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -59,6 +59,13 @@ class PolicyStore:
         self._default_action = Action.DENY
         # The file watcher reloads in a worker thread, the cluster source on the event loop.
         self._lock = threading.Lock()
+        self._merge_listeners: list[Callable[[str], None]] = []
+
+    def on_merge(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(source)` after every `set_source`, on the caller's thread: a source
+        whose policies another source shadows learns that the set of shadowed ones may have
+        changed (the cluster source re-judges its objects when the files change)."""
+        self._merge_listeners.append(listener)
 
     @property
     def engine(self) -> Engine:
@@ -113,6 +120,8 @@ class PolicyStore:
             self._loaded = True
             if source == FILE_SOURCE:
                 self._last_error = None
+        for listener in self._merge_listeners:
+            listener(source)
         return engine, shadowed
 
     def decide(

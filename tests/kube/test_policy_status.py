@@ -14,6 +14,8 @@ from proxy.control.kube.lease import LeaseElector
 from proxy.control.kube.policies import policy_from_object
 from proxy.control.kube.runtime import StatusWriting
 from proxy.control.kube.status import ACCEPTED
+from proxy.control.policy_source import FILE_SOURCE
+from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import PolicyKind
 from tests.kube.conftest import FAST_LEASE, Informers, metric
 from tests.support.fakekube import FakeKube
@@ -319,3 +321,25 @@ async def test_status_writes_are_paced(fake: FakeKube) -> None:
         # 10 a second: the fifth is sent 0.4 s after the first (arrival times jitter a little;
         # unpaced, all five arrive within a few milliseconds).
         assert times[-1] - times[0] >= 0.3
+
+
+async def test_a_policy_file_of_the_same_name_makes_the_object_a_name_conflict_until_removed(
+    fake: FakeKube,
+) -> None:
+    fake.create("egresspolicies", egress("web", "api.example.com"))
+    async with Informers(fake, identity=False, policies=True, status=writing("a")) as informers:
+        await eventually(lambda: accepted(fake, "web") == "True")
+        same_name = load_text(
+            "apiVersion: outgate.dev/v1alpha1\nkind: EgressPolicy\n"
+            "metadata: {name: web, namespace: tests}\n"
+            "spec: {rules: [{name: r, action: Deny, to: [{fqdn: a.example}]}]}\n",
+            file="/etc/outgate/policies/web.yaml",
+        )
+        # As the file watcher does, from its own thread.
+        await asyncio.to_thread(informers.store.set_source, FILE_SOURCE, same_name)
+        await eventually(lambda: accepted(fake, "web") == "False")
+        conflict = condition(fake, "web")
+        assert conflict is not None and conflict["reason"] == "NameConflict"
+        assert "already defined in /etc/outgate/policies/web.yaml" in conflict["message"]
+        await asyncio.to_thread(informers.store.set_source, FILE_SOURCE, [])
+        await eventually(lambda: accepted(fake, "web") == "True")

@@ -22,6 +22,7 @@ belongs to is installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -259,6 +260,8 @@ class KubePolicySource:
         self._verdicts: dict[str, tuple[str, Verdict]] = {}
         # Told the uid of every object applied or installed (the status writer's `changed`).
         self.status_changed: Callable[[str], None] = lambda uid: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        store.on_merge(self._merged)
         self.reflectors = [
             Reflector(
                 client,
@@ -350,8 +353,19 @@ class KubePolicySource:
             self.reporter.invalid_policy(ref, "\n".join(rendered))
 
     # -- install -------------------------------------------------------------------------
+    def _merged(self, source: str) -> None:
+        """The files changed (on the watcher's thread): an object a file policy shadowed may
+        be in force now, or the other way round. Install again, so that verdicts, status and
+        Events say so."""
+        loop = self._loop
+        if source == KUBERNETES_SOURCE or loop is None or not self._installed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: the proxy is stopping
+            loop.call_soon_threadsafe(self._dirty.set)
+
     async def run(self) -> None:
         """Recompile after changes, once both kinds have synced. Runs until cancelled."""
+        self._loop = asyncio.get_running_loop()
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self._debounce)
