@@ -170,7 +170,14 @@ class LeaseElector:
         try:
             step = await self._attempt()
         except (ApiError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("lease_attempt_failed", lease=self._describe(), error=_brief(exc))
+            fix = None
+            if isinstance(exc, ApiError) and exc.status == 403:
+                fix = (
+                    "apply the Role and RoleBinding outgate-policy-status of "
+                    "manifests/base/rbac.yaml in this namespace, "
+                    "or set policies.status.write: false"
+                )
+            log.warning("lease_attempt_failed", lease=self._describe(), error=_brief(exc), fix=fix)
             step = None
         if self.holding and self._clock() - self._renewed_at > self._renew_deadline:
             log.warning(
