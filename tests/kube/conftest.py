@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.control.kube.config import load_kubeconfig
+from proxy.control.kube.lease import LeaseTiming
 from proxy.control.kube.reflector import Reflector, ReflectorTuning
 from proxy.control.kube.runtime import KubeControlPlane, StatusWriting
 from proxy.control.policy_source import PolicyStore
@@ -29,7 +30,7 @@ FAST = ReflectorTuning(
 
 
 # A Lease that lapses in 2 s, renewed every 0.2 s: take-overs within a test's patience.
-FAST_LEASE = {"duration_seconds": 2, "renew_deadline": 1.5, "renew_period": 0.2}
+FAST_LEASE = LeaseTiming(duration_seconds=2, renew_deadline=1.5, renew_period=0.2)
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ class Informers:
             on_source_gone=lambda ip, pod: self.gone.append((ip, pod)),
             tuning=tuning,
             status=status,
-            elector_options=FAST_LEASE,
+            lease_timing=FAST_LEASE,
         )
         self.tasks = TaskSet()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from proxy.control.kube.client import KubeClient
 from proxy.control.kube.config import load_kubeconfig
-from proxy.control.kube.lease import LeaseElector
+from proxy.control.kube.lease import LeaseElector, LeaseTiming
 from proxy.control.kube.policies import policy_from_object
 from proxy.control.kube.runtime import StatusWriting
 from proxy.control.kube.status import ACCEPTED
@@ -203,7 +203,7 @@ async def test_a_holder_that_vanished_is_taken_over_after_a_whole_lease_duration
         updates = [r for r in updates if r.verb in ("create", "update")]
         last_renewal = max(r.at for r in updates if r.user == "tester")
         take_over = min(r.at for r in updates if r.user == "proxy-b")
-        assert take_over - last_renewal >= FAST_LEASE["duration_seconds"]
+        assert take_over - last_renewal >= FAST_LEASE.duration_seconds
     finally:
         await first.__aexit__(None, None, None)
         await second.__aexit__(None, None, None)
@@ -218,7 +218,7 @@ async def test_two_replicas_taking_over_at_once_leave_one_holder(fake: FakeKube)
     clients = [KubeClient(load_kubeconfig(fake.kubeconfig())) for _ in range(2)]
     electors = [
         LeaseElector(
-            client, namespace=LEASE_NAMESPACE, name=LEASE_NAME, identity=name, **FAST_LEASE
+            client, namespace=LEASE_NAMESPACE, name=LEASE_NAME, identity=name, timing=FAST_LEASE
         )
         for client, name in zip(clients, ("a", "b"), strict=True)
     ]
@@ -245,9 +245,7 @@ async def test_a_holder_paused_past_its_renew_deadline_may_not_act_until_it_rene
         name=LEASE_NAME,
         identity="a",
         clock=lambda: now[0],
-        duration_seconds=15,
-        renew_deadline=10.0,
-        renew_period=5.0,
+        timing=LeaseTiming(duration_seconds=15, renew_deadline=10.0, renew_period=5.0),
     )
     try:
         assert not elector.may_act()

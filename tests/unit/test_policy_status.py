@@ -11,7 +11,7 @@ import pytest
 from proxy.config import settings_from_mapping
 from proxy.control.kube.client import KubeClient
 from proxy.control.kube.config import ClusterConfig
-from proxy.control.kube.lease import LeaseRecord, Step, holder_identity, next_step
+from proxy.control.kube.lease import LeaseRecord, LeaseTiming, Step, holder_identity, next_step
 from proxy.control.kube.runtime import DEFAULT_LEASE_NAMESPACE, StatusWriting
 from proxy.control.kube.status import (
     ACCEPTED,
@@ -269,3 +269,16 @@ def test_the_queue_holds_each_object_once_however_often_it_changes() -> None:
     assert queue.pending == 3
     queue.set_active(False)
     assert queue.pending == 0
+
+
+@pytest.mark.parametrize(
+    "timing",
+    [
+        {"renew_deadline": 15.0},  # a holder could act after another took over
+        {"renew_period": 10.0},  # no second try before the deadline
+        {"renew_period": 0.0},
+    ],
+)
+def test_lease_timing_keeps_period_below_deadline_below_duration(timing: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="renew deadline < lease duration"):
+        LeaseTiming(**timing)  # type: ignore[arg-type]

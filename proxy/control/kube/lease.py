@@ -56,6 +56,20 @@ RELEASE_TIMEOUT_SECONDS: Final = 2.0
 RELEASED_DURATION_SECONDS: Final = 1
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseTiming:
+    duration_seconds: int = LEASE_DURATION_SECONDS  # leaseDurationSeconds: whole seconds
+    renew_deadline: float = RENEW_DEADLINE_SECONDS
+    renew_period: float = RENEW_PERIOD_SECONDS
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_period < self.renew_deadline < self.duration_seconds:
+            raise ValueError("0 < renew period < renew deadline < lease duration")
+
+
+DEFAULT_LEASE_TIMING: Final = LeaseTiming()
+
+
 class Step(StrEnum):
     CREATE = "create"
     RENEW = "renew"
@@ -124,21 +138,17 @@ class LeaseElector:
         name: str,
         identity: str,
         on_change: Callable[[bool], None] = lambda holding: None,
-        duration_seconds: int = LEASE_DURATION_SECONDS,
-        renew_deadline: float = RENEW_DEADLINE_SECONDS,
-        renew_period: float = RENEW_PERIOD_SECONDS,
+        timing: LeaseTiming = DEFAULT_LEASE_TIMING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not renew_period < renew_deadline < duration_seconds:
-            raise ValueError("renew period < renew deadline < lease duration")
         self.namespace = namespace
         self.name = name
         self.identity = identity
         self._client = client
         self.on_change = on_change
-        self._duration = duration_seconds
-        self._renew_deadline = renew_deadline
-        self._renew_period = renew_period
+        self._duration = timing.duration_seconds
+        self._renew_deadline = timing.renew_deadline
+        self._renew_period = timing.renew_period
         self._clock = clock
         self.holding = False
         self._renewed_at = float("-inf")

@@ -32,7 +32,12 @@ from proxy.control.kube.informers import (
     PodSink,
     SourceGone,
 )
-from proxy.control.kube.lease import LeaseElector, holder_identity
+from proxy.control.kube.lease import (
+    DEFAULT_LEASE_TIMING,
+    LeaseElector,
+    LeaseTiming,
+    holder_identity,
+)
 from proxy.control.kube.policies import EventReporter, KubePolicySource
 from proxy.control.kube.reflector import DEFAULT_TUNING, Reflector, ReflectorTuning
 from proxy.control.kube.status import DEFAULT_WRITES_PER_SECOND, PolicyStatusWriter
@@ -97,7 +102,7 @@ class KubeControlPlane:
         watch_jobs: bool = True,
         tuning: ReflectorTuning = DEFAULT_TUNING,
         status: StatusWriting | None = None,
-        elector_options: dict[str, Any] | None = None,
+        lease_timing: LeaseTiming = DEFAULT_LEASE_TIMING,
     ) -> None:
         self.client = KubeClient(config)
         self.index = PodIndex()
@@ -129,7 +134,7 @@ class KubeControlPlane:
                 namespace=status.lease_namespace,
                 name=status.lease_name,
                 identity=status.identity,
-                **(elector_options or {}),
+                timing=lease_timing,
             )
             self.status_writer = PolicyStatusWriter(
                 self.client,
