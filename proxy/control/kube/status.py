@@ -264,6 +264,12 @@ class PolicyStatusWriter:
         except ApiError as exc:
             if exc.status == 404:
                 POLICY_STATUS_WRITES.labels(result="gone").inc()
+                log.info(
+                    "policy_status_gone",
+                    object=target.describe,
+                    note="deleted since it was read; if the object exists, its CRD lacks the "
+                    "status subresource: apply manifests/base/crds",
+                )
             elif exc.status == 409:
                 POLICY_STATUS_WRITES.labels(result="conflict").inc()
             else:
