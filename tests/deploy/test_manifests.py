@@ -211,6 +211,40 @@ def test_the_deployment_is_highly_available(overlay: str) -> None:
     )
 
 
+def test_the_production_overlay_autoscales_the_deployment_on_cpu() -> None:
+    """Validated against the autoscaling/v2 schema with every rendered object; here, what it
+    means: it scales the proxy's Deployment, never below what the PodDisruptionBudget needs,
+    on an absolute CPU value under one worker's core, and scales in one drained pod at a time."""
+    objects = kube.render("overlays/production")
+    hpa = kube.one(objects, "HorizontalPodAutoscaler", "outgate")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    deployment = _deployment(objects)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert hpa["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    pdb = kube.one(objects, "PodDisruptionBudget", "outgate")
+    assert hpa["spec"]["minReplicas"] >= 2 + pdb["spec"].get("maxUnavailable", 1) - 1
+    assert hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    target = metric["resource"]["target"]
+    assert target["type"] == "AverageValue"
+    millicores = int(target["averageValue"].removesuffix("m"))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert millicores < 1000  # one worker process uses at most one core
+    assert millicores > parse_cpu(container["resources"]["requests"]["cpu"])
+    (scale_down,) = hpa["spec"]["behavior"]["scaleDown"]["policies"]
+    assert (scale_down["type"], scale_down["value"]) == ("Pods", 1)
+
+
+def parse_cpu(quantity: str) -> int:
+    """Millicores of a CPU quantity ("250m", "2")."""
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
 @pytest.mark.parametrize("overlay", PROXY_OVERLAYS)
 def test_the_container_is_locked_down(overlay: str) -> None:
     objects = kube.render(overlay)
