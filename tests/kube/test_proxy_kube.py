@@ -351,3 +351,44 @@ def test_an_invalid_crd_is_left_out_with_a_visible_reason_and_spares_valid_ones(
     fake.update("egresspolicies", fixed)
     wait_for(lambda: json.loads(proxy.admin("/readyz")[1])["kubernetes"]["invalid_policies"] == [])
     assert decision_for(proxy, url) == ("allow", "tests/good")
+
+
+def test_the_proxy_writes_policy_status_releases_its_lease_and_can_be_told_not_to(
+    start_proxy: StartProxy, fake: FakeKube
+) -> None:
+    too_wide = {
+        "metadata": {"name": "too-wide", "namespace": "payments"},
+        "spec": {"rules": [{"name": "r", "action": "Allow", "to": [{"fqdn": "*.com"}]}]},
+    }
+    fake.create("egresspolicies", too_wide)
+
+    def accepted() -> tuple[str, int] | None:
+        status = fake.get("egresspolicies", "payments", "too-wide").get("status") or {}
+        found = [c for c in status.get("conditions", []) if c["type"] == "Accepted"]
+        return (found[0]["status"], found[0]["observedGeneration"]) if found else None
+
+    writer = start_with_kube(start_proxy, fake, "", identity=False, cluster_policies=True)
+    wait_for(lambda: accepted() == ("False", 1))
+    (lease,) = fake.objects("leases")
+    assert lease["metadata"]["namespace"] == "outgate-system"  # no POD_NAMESPACE here
+    assert lease["spec"]["holderIdentity"].startswith(socket.gethostname() + "_")
+    assert writer.stop() == 0
+    (lease,) = fake.objects("leases")
+    assert lease["spec"]["holderIdentity"] == ""  # released on a clean stop
+
+    fake.patch("egresspolicies", "payments", "too-wide", lambda o: o["spec"].update(mode="audit"))
+    requests = len(fake.requests)
+    silent = start_with_kube(
+        start_proxy,
+        fake,
+        "",
+        identity=False,
+        config={
+            "policies": {"paths": ["policies"], "kubernetes": True, "status": {"write": False}}
+        },
+    )
+    silent.wait_log(lambda e: e.get("event") == "kube_policies_installed")
+    assert silent.stop() == 0
+    assert accepted() == ("False", 1)  # generation 2 was never written
+    later = fake.requests[requests:]
+    assert not [r for r in later if r.resource == "leases" or r.verb == "patch"]
