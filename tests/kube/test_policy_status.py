@@ -341,3 +341,20 @@ async def test_a_policy_file_of_the_same_name_makes_the_object_a_name_conflict_u
         assert "already defined in /etc/outgate/policies/web.yaml" in conflict["message"]
         await asyncio.to_thread(informers.store.set_source, FILE_SOURCE, [])
         await eventually(lambda: accepted(fake, "web") == "True")
+
+
+async def test_many_objects_are_each_written_once_and_a_relist_writes_none_again(
+    fake: FakeKube,
+) -> None:
+    count = 200
+    for index in range(count):
+        fake.create("egresspolicies", egress(f"p{index}", "*.com" if index % 2 else "a.example"))
+    async with Informers(fake, identity=False, policies=True, status=writing("a", 1000.0)):
+        await eventually(lambda: len(status_patches(fake)) == count, timeout=30)
+        # The whole set again, as after an API-server restart: nothing is out of date.
+        fake.compact()
+        fake.abort_watches("egresspolicies")
+        fake.create("egresspolicies", egress("last", "b.example"))
+        await eventually(lambda: accepted(fake, "last") == "True")
+        assert len(status_patches(fake)) == count + 1
+        assert len({r.name for r in status_patches(fake)}) == count + 1
