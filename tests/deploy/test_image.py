@@ -25,18 +25,11 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.kube import REPO
+from tests.support.image import LIST_DISTRIBUTIONS, distributions, locked_runtime_packages
 
 DOCKERFILE = REPO / "Dockerfile"
 WHEELHOUSE = REPO / ".venv" / "wheelhouse"
 CONFIG_IN_IMAGE = "/etc/outgate/config.yaml"
-# Needed to build the image, not to run it: pip, the build backend from pyproject.toml's
-# build-system.requires, and packaging (the lock installs it only for wheel).
-BUILD_ONLY = frozenset({"pip", "setuptools", "wheel", "packaging"})
-# Every distribution a Python environment holds, as name==version lines.
-LIST_DISTRIBUTIONS = (
-    "import importlib.metadata as m\n"
-    "for d in m.distributions(): print(f\"{d.metadata['Name']}=={d.version}\")"
-)
 
 
 @dataclass(frozen=True)
@@ -319,23 +312,11 @@ def test_the_image_holds_exactly_the_locked_runtime_packages(
     root, env = built_image
     python = root / "opt" / "outgate" / "bin" / "python"
     listed = subprocess.run(
-        [str(python), "-c", LIST_DISTRIBUTIONS],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+        [str(python), "-c", LIST_DISTRIBUTIONS], env=env, capture_output=True, text=True, check=True
     )
-    installed = {
-        name.lower().replace("_", "-"): version
-        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", listed.stdout, re.M)
-    }
-    lock = dict(
-        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements.lock").read_text(), re.M)
-    )
-    locked = {name.lower().replace("_", "-"): version for name, version in lock.items()}
-    assert locked.keys() | {"pip"} >= BUILD_ONLY
+    installed = distributions(listed.stdout)
     assert installed.pop("outgate")
-    assert installed == {name: v for name, v in locked.items() if name not in BUILD_ONLY}
+    assert installed == locked_runtime_packages()
     assert not (root / "opt" / "outgate" / "bin" / "pip").exists()
 
 

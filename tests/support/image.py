@@ -64,7 +64,7 @@ def normalise(name: str) -> str:
 
 
 def distributions(listing: str) -> dict[str, str]:
-    """name -> version from LIST_DISTRIBUTIONS' output (or `pip freeze`)."""
+    """name -> version from LIST_DISTRIBUTIONS' output."""
     return {
         normalise(name): version
         for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", listing, re.M)
