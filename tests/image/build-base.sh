@@ -43,9 +43,10 @@ deb $mirror bookworm main
 deb $mirror bookworm-updates main
 deb $security bookworm-security main
 EOF
-    chroot "$rootfs" apt-get update -qq
-    chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq >/dev/null
-    chroot "$rootfs" apt-get clean
+    { chroot "$rootfs" apt-get update -qq &&
+      chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq &&
+      chroot "$rootfs" apt-get clean; } >"$cache/upgrade.log" 2>&1 \
+        || { tail -n 5 "$cache/upgrade.log" >&2; exit 1; }
     # What slim images leave out too: documentation, manuals and translations (45 MB).
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/log/* \
         "$rootfs"/tmp/* "$rootfs"/etc/resolv.conf "$rootfs"/etc/hostname \
