@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.image.conftest import Contained
 from tests.support.clients import curl
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
@@ -24,6 +23,7 @@ from tests.support.image import (
     NON_ROOT,
     REPO,
     VIRTUAL_ENV,
+    Contained,
     Engine,
     distributions,
     locked_runtime_packages,
@@ -86,11 +86,13 @@ def served(
 
 
 def test_the_runtime_virtualenv_holds_the_locked_packages_and_no_build_tools(
-    engine: Engine, image: str
+    container_engine: Engine, outgate_image: str
 ) -> None:
+    engine = container_engine
+
     def python(code: str) -> str:
         return engine.checked(
-            "run", "--rm", *engine.hardened(), "--entrypoint", PYTHON, image, "-c", code
+            "run", "--rm", *engine.hardened(), "--entrypoint", PYTHON, outgate_image, "-c", code
         )
 
     installed = distributions(python(LIST_DISTRIBUTIONS))
@@ -162,15 +164,15 @@ def test_the_deployments_pre_stop_hook_runs_in_the_image_then_sigterm_stops_it_c
 
 
 def test_workers_above_1_without_a_writable_tmp_stop_with_a_one_line_error(
-    engine: Engine, image: str, tmp_path: Path
+    container_engine: Engine, outgate_image: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "config"
     config.mkdir(mode=0o755)
     settings = {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "workers": 2}
     (config / "outgate.yaml").write_text(yaml.safe_dump(settings))
-    done = engine(
-        "run", "--rm", *engine.hardened(), "-v", f"{config}:{CONFIG_DIR}:ro",
-        image, "run", "--config", f"{CONFIG_DIR}/outgate.yaml",
+    done = container_engine(
+        "run", "--rm", *container_engine.hardened(), "-v", f"{config}:{CONFIG_DIR}:ro",
+        outgate_image, "run", "--config", f"{CONFIG_DIR}/outgate.yaml",
         timeout=60,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr

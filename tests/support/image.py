@@ -6,6 +6,10 @@ the tier's own (CONTAINERS_CONF, CONTAINERS_CONF below). podman builds on Debian
 made from Debian packages (tests/image/build-base.sh, once per machine), so the tier needs no
 image registry; docker builds on the Dockerfile's default base, pulled as usual.
 OUTGATE_IMAGE_BASE names another base for either.
+
+Fixtures (a pytest plugin, tests/conftest.py), skipped with the reason where no engine can run
+(failed under CI=true): `container_engine`, `outgate_image` (built once per run) and
+`start_container`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from tests.support.proxyproc import ProxyProcess
+from tests.support.tiers import tier_unavailable
 from tests.support.tools import tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,3 +214,68 @@ def find_engine() -> Engine:
         part.write_text(text)
         part.replace(conf)  # whole, for a test run reading it at the same moment
     return Engine("podman", podman, dict(os.environ) | {"CONTAINERS_CONF": str(conf)})
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contained:
+    """A proxy running in a container of the image: its output, and commands run inside it."""
+
+    proxy: ProxyProcess
+    name: str
+    engine: Engine
+
+    def exec(self, *argv: str) -> str:
+        return self.engine.checked("exec", self.name, *argv)
+
+
+@pytest.fixture(scope="session")
+def container_engine() -> Engine:
+    try:
+        return find_engine()
+    except Unavailable as exc:
+        tier_unavailable("image", str(exc))
+
+
+@pytest.fixture(scope="session")
+def outgate_image(
+    container_engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The image built from this checkout, tagged for this test run only."""
+    engine = container_engine
+    try:
+        base = engine.base_image()
+    except Unavailable as exc:
+        tier_unavailable("image", str(exc))
+    # One tag per test run: test runs of two checkouts on one machine never share an image.
+    tag = f"localhost/outgate-test:{os.getpid()}"
+    engine.build(tag, base=base, scratch=tmp_path_factory.mktemp("image-build"))
+    yield tag
+    engine("rmi", tag)
+
+
+@pytest.fixture
+def start_container(
+    container_engine: Engine, outgate_image: str, tmp_path: Path
+) -> Iterator[Callable[..., Contained]]:
+    """start(policies, *run_options, **ProxyProcess options): a proxy in a hardened container
+    (Engine.hardened), ready to serve; stopped with SIGTERM at the end of the test."""
+    engine, image = container_engine, outgate_image
+    started: list[Contained] = []
+
+    def start(policies: str, *options: str, **kwargs: Any) -> Contained:
+        name = f"outgate-test-{os.getpid()}-{len(started)}"
+        workdir = tmp_path / f"proxy{len(started)}"
+        workdir.mkdir(mode=0o755)  # read by the container's user
+        command = engine.proxy_command(image, name, *options)
+        proxy = ProxyProcess(workdir, policies=policies, command=command, env=engine.env, **kwargs)
+        started.append(Contained(proxy, name, engine))
+        proxy.start()
+        return started[-1]
+
+    yield start
+    for contained in started:
+        contained.proxy.stop()
+        engine("rm", "--force", contained.name)  # only if SIGTERM did not end it
