@@ -1,12 +1,14 @@
-# syntax=docker/dockerfile:1
 # Outgate container image.
 #   docker build -t outgate:0.1.0 .
 # Two stages: `build` installs the pinned dependencies (requirements.lock, hash-checked, wheels
-# only) and the project into a virtualenv; `runtime` copies that virtualenv onto a clean slim
-# base and runs it as an unprivileged numeric user. Nothing is written at run time outside /tmp,
+# only) and the project into a virtualenv, then removes the build tools from it; `runtime` copies
+# that virtualenv onto a clean slim base and runs it as an unprivileged numeric user. Nothing is
+# written at run time (with `workers` above 1, only under /tmp: mount an emptyDir or tmpfs there),
 # so the container runs with a read-only root filesystem.
+# No `# syntax=` line: it would make BuildKit fetch a frontend image, and nothing here needs one.
 # tests/deploy/test_image.py runs these build steps in a clean virtualenv and checks the
-# properties above; requirements.lock says how to regenerate it.
+# properties above; tests/image/ builds and runs the image with a real container engine.
+# requirements.lock says how to regenerate the lock.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -21,7 +23,11 @@ RUN "$VIRTUAL_ENV/bin/pip" install --no-deps --require-hashes --only-binary=:all
 COPY pyproject.toml README.md ./
 COPY proxy/ ./proxy/
 # The build backend (setuptools, wheel) comes from the lock too: no unpinned build isolation.
-RUN "$VIRTUAL_ENV/bin/pip" install --no-deps --no-build-isolation --no-index .
+# Then the tools only a build needs (about 25 MB) leave the virtualenv the runtime stage copies:
+# the build backend, what it alone depends on (packaging), and pip itself.
+RUN "$VIRTUAL_ENV/bin/pip" install --no-deps --no-build-isolation --no-index . \
+ && "$VIRTUAL_ENV/bin/pip" uninstall --yes setuptools wheel packaging \
+ && "$VIRTUAL_ENV/bin/python" -m pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="outgate" \

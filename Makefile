@@ -65,6 +65,13 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v psql >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		--no-install-recommends postgresql)
+	@# tests/image, the image tier: docker when its daemon answers, else podman (with buildah and
+	@# runc), and debootstrap to make podman's base image from Debian packages. Where none can be
+	@# installed the tier says why and is skipped (it fails under CI=true).
+	@docker info >/dev/null 2>&1 || (command -v podman >/dev/null && test -x /usr/sbin/runc && \
+		test -x /usr/sbin/debootstrap) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends podman buildah debootstrap runc) || \
+		echo "no container engine installed: tests/image will say why it is skipped" >&2
 	touch $(RUN_STAMP) $@
 
 install: $(RUN_STAMP)

@@ -10,10 +10,13 @@ adds, in the order `run` sets it up:
    4-tuple hash: no accept thundering herd, each loop sees only its share. When a worker dies,
    the connections waiting in its accept queue are reset (Linux moves them only with
    net.ipv4.tcp_migrate_req); the other workers serve on.
-2. Metrics. prometheus-client's multiprocess mode, in a directory made for this run (removed at
-   exit): every worker writes its samples to memory-mapped files there, and /metrics on the
-   admin port, whichever worker answers, merges them (proxy.admin). Gauges say how to merge
-   (proxy.metrics); a dead worker's live gauges are dropped, its counters kept.
+2. Metrics. prometheus-client's multiprocess mode, in a directory made for this run under
+   $TMPDIR, else /tmp (removed at exit): every worker writes its samples to memory-mapped files
+   there, and /metrics on the admin port, whichever worker answers, merges them (proxy.admin).
+   Gauges say how to merge (proxy.metrics); a dead worker's live gauges are dropped, its counters
+   kept. This is the only place the proxy writes files: with a read-only root filesystem,
+   `workers` above 1 needs a writable /tmp (an emptyDir or tmpfs, docs/install.md), and without
+   one `run` stops with a one-line config error that says so.
 3. Lines. Each worker's stdout (audit records) and stderr (operational log) are pipes read
    here; whole lines go on to the supervisor's own, so lines of two workers never interleave
    (a log line can leave a worker in two writes), and a stdout that blocks blocks the workers'
@@ -46,6 +49,7 @@ from typing import TextIO, cast
 import structlog
 
 from proxy.config import Endpoint, Settings
+from proxy.errors import ConfigError, ConfigIssue
 from proxy.fdio import write_all
 
 log = structlog.get_logger(__name__)
@@ -70,6 +74,34 @@ POLL_INTERVAL = 0.2
 # Bytes read from a worker's stdout at a time.
 RELAY_CHUNK = 1 << 16
 PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def temp_root() -> str:
+    """Where the metrics directory goes: $TMPDIR, else /tmp. Not tempfile's search, which falls
+    back to /var/tmp, /usr/tmp and the working directory: an operator mounts one writable place
+    and the error names that place."""
+    # The directory is made with mkdtemp (mode 0700, a fresh random name): no S108 race.
+    return os.environ.get("TMPDIR") or "/tmp"  # noqa: S108
+
+
+def _make_metrics_dir(settings: Settings) -> str:
+    root = temp_root()
+    try:
+        return tempfile.mkdtemp(prefix="outgate-metrics-", dir=root)
+    except OSError as exc:
+        issue = ConfigIssue(
+            file=settings.source,
+            document=None,
+            path="workers",
+            message=(
+                f"{settings.workers} worker processes share their metrics through a temporary "
+                f"directory, and {root} is not writable ({exc.strerror})"
+            ),
+            fix=(
+                f"mount an emptyDir or a tmpfs at {root} (docker run --tmpfs {root}), or workers: 1"
+            ),
+        )
+        raise ConfigError([issue]) from None
 
 
 def in_worker() -> bool:
@@ -152,7 +184,7 @@ class Supervisor:
 
     # -- run --------------------------------------------------------------------------------
     def run(self) -> int:
-        self._metrics_dir = tempfile.mkdtemp(prefix="outgate-metrics-")
+        self._metrics_dir = _make_metrics_dir(self.settings)
         # Our own log lines take the same lock as the workers' relayed ones, in one write each.
         lines = cast(TextIO, _LineWriter(self))  # the part of TextIO WriteLogger uses
         structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=lines))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.support.dnsserver", "tests.support.fixtures"]
+pytest_plugins = ["tests.support.dnsserver", "tests.support.fixtures", "tests.support.image"]
 
 # These directories aim the proxy at metadata, private and public-looking addresses (and clients
 # at public-looking names). They are collected only inside the network namespace that

@@ -9,16 +9,12 @@ As in mitmproxy's certs.py, every constant below says where its number comes fro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
-import os
 import ssl
-import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -28,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy import metrics
 from proxy.core.hosts import Host
+from proxy.fdio import pem_path
 from proxy.tls.ca import CertificateAuthority
 
 # A leaf lives in memory only and is re-minted for the asking, so it can be short-lived: a leaked
@@ -124,30 +121,9 @@ def server_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(list(ALPN_PROTOCOLS))
-    with _pem_path(chain_pem + key_pem) as path:
+    with pem_path(chain_pem + key_pem) as path:
         context.load_cert_chain(path)
     return context
-
-
-@contextlib.contextmanager
-def _pem_path(data: bytes) -> Iterator[str]:
-    """A path `load_cert_chain` can read (it takes no bytes). On Linux an anonymous memfd: the
-    key never touches a filesystem. Elsewhere a 0600 file in a private directory, removed at once.
-    """
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("outgate-leaf", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, data)
-            yield f"/proc/self/fd/{fd}"
-        finally:
-            os.close(fd)
-        return
-    with tempfile.TemporaryDirectory(prefix="outgate-leaf-") as directory:
-        path = Path(directory) / "leaf.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        yield str(path)
 
 
 def mint_leaf(ca: CertificateAuthority, host: Host) -> Leaf:

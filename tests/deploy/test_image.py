@@ -1,10 +1,12 @@
 """The container image: the Dockerfile's properties, and its build steps run for real.
 
-No container engine runs here, so `test_the_image_build_steps_work` interprets the Dockerfile's
-stages in a temporary directory standing in for the image's root filesystem: WORKDIR, ENV and
-COPY act on paths under it, and every RUN line runs as written (with `sh -c`, as the image
-builder does). The one difference: pip reads the wheels `make install-test` downloaded from the
-same hash-checked lock (.venv/wheelhouse) instead of the index, since tests use no network.
+tests/image/ builds and runs the image with a container engine, where one can run. These tests
+need none, so they run everywhere and fast: `test_the_image_build_steps_work` interprets the
+Dockerfile's stages in a temporary directory standing in for the image's root filesystem:
+WORKDIR, ENV and COPY act on paths under it, and every RUN line runs as written (with `sh -c`,
+as the image builder does). The one difference: pip reads the wheels `make install-test`
+downloaded from the same hash-checked lock (.venv/wheelhouse) instead of the index, since these
+tests use no network.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.kube import REPO
+from tests.support.image import LIST_DISTRIBUTIONS, distributions, locked_runtime_packages
 
 DOCKERFILE = REPO / "Dockerfile"
 WHEELHOUSE = REPO / ".venv" / "wheelhouse"
@@ -108,6 +111,12 @@ def test_dependencies_come_from_the_hash_checked_lock() -> None:
     assert requirements, "requirements.lock pins versions"
     for name, _ in requirements:
         assert re.search(rf"^{re.escape(name)}==\S+ .*\\\n\s+--hash=sha256:", lock, re.M), name
+
+
+def test_the_build_needs_no_frontend_image() -> None:
+    # A `# syntax=` parser directive makes BuildKit pull a frontend image from a registry.
+    directives = re.findall(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), flags=re.M | re.I)
+    assert directives == []
 
 
 def test_it_runs_as_a_numeric_non_root_user() -> None:
@@ -295,29 +304,20 @@ def test_the_image_build_steps_work(built_image: tuple[Path, dict[str, str]]) ->
     assert _snapshot(root) == before, "running the image wrote files (read-only root filesystem)"
 
 
-def test_the_image_holds_exactly_the_locked_packages(
+def test_the_image_holds_exactly_the_locked_runtime_packages(
     built_image: tuple[Path, dict[str, str]],
 ) -> None:
+    """The lock's packages less the build tools: pip, the build backend and what only it needs
+    are removed before the runtime stage copies the virtualenv."""
     root, env = built_image
-    pip = root / "opt" / "outgate" / "bin" / "pip"
+    python = root / "opt" / "outgate" / "bin" / "python"
     listed = subprocess.run(
-        [str(pip), "list", "--format=freeze", "--disable-pip-version-check"],
-        env=env | {"PIP_CONFIG_FILE": os.devnull},
-        capture_output=True,
-        text=True,
-        check=True,
+        [str(python), "-c", LIST_DISTRIBUTIONS], env=env, capture_output=True, text=True, check=True
     )
-    installed = {
-        name.lower().replace("_", "-"): version
-        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", listed.stdout, re.M)
-    }
-    lock = dict(
-        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements.lock").read_text(), re.M)
-    )
-    locked = {name.lower().replace("_", "-"): version for name, version in lock.items()}
-    installed.pop("pip")
+    installed = distributions(listed.stdout)
     assert installed.pop("outgate")
-    assert installed == locked
+    assert installed == locked_runtime_packages()
+    assert not (root / "opt" / "outgate" / "bin" / "pip").exists()
 
 
 def test_the_lock_covers_every_runtime_dependency() -> None:

@@ -29,6 +29,13 @@ from tests.deploy.kube import REPO
 
 PROXY_OVERLAYS = ["base", *(f"overlays/{o}" for o in kube.OVERLAYS)]
 SELECTOR = {"app.kubernetes.io/name": "outgate", "app.kubernetes.io/component": "proxy"}
+# The preStop hook, less its last argument (the seconds): the image's interpreter sleeps, so the
+# hook needs no shell or /bin/sleep in the image (tests/image/ runs it in the built image).
+PRE_STOP_SLEEP = (
+    "/opt/outgate/bin/python",
+    "-c",
+    "import sys, time; time.sleep(float(sys.argv[1]))",
+)
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +286,8 @@ def test_the_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
     objects = kube.render(overlay)
     pod = _deployment(objects)["spec"]["template"]["spec"]
     command = _container(objects)["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
-    pre_stop = float(command[1])
+    assert command[:-1] == list(PRE_STOP_SLEEP)
+    pre_stop = float(command[-1])
     drain = parse_duration(_config(objects)["timeouts"]["drain"])
     grace = pod["terminationGracePeriodSeconds"]
     # Enough for the endpoints to drop the pod, the drain, and the flush; not so much more that

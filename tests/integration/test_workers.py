@@ -6,16 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.proxyproc import ProxyProcess, outgate_command, read_response
+from tests.support.tools import tool
 
 StartProxy = Callable[..., ProxyProcess]
 # Connections tried while one worker is stopped: each lands on either worker by the hash of
@@ -117,3 +121,32 @@ def test_metrics_add_up_the_connections_of_every_worker(
         served["revision"] = metric(text, "outgate_policy_revision")
         assert served == {"accepted": requests, "decisions": requests, "revision": 1.0}
     assert len(pids) == 2
+
+
+def test_without_a_writable_temporary_directory_run_stops_with_a_one_line_error(
+    tmp_path: Path,
+) -> None:
+    """The container case (`--read-only` with no /tmp mount), in a mount namespace where $TMPDIR
+    is a read-only tmpfs: no traceback, one line naming the setting and the fix."""
+    config = tmp_path / "outgate.yaml"
+    config.write_text(
+        yaml.safe_dump({"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", "workers": 2})
+    )
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mount_then_run = 'mount -t tmpfs -o ro,size=4k outgate-test "$TMPDIR" && exec "$@"'
+    run = [*outgate_command(), "run", "--config", str(config)]
+    result = subprocess.run(
+        [tool("unshare"), "--mount", "--", "sh", "-c", mount_then_run, "sh", *run],
+        env=os.environ | {"TMPDIR": str(read_only)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {config}: workers: 2 worker processes share their metrics through a temporary "
+        f"directory, and {read_only} is not writable (Read-only file system) -- fix: mount an "
+        f"emptyDir or a tmpfs at {read_only} (docker run --tmpfs {read_only}), or workers: 1"
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +87,22 @@ def write_kubeconfig(tmp_path: Path, cluster: dict[str, Any], user: dict[str, An
     return path
 
 
-def test_kubeconfig_with_ca_data_and_client_certificate_data(tmp_path: Path) -> None:
-    pki = make_pki(tmp_path / "pki", ["127.0.0.1"])
+def embedded_kubeconfig(directory: Path) -> Path:
+    """A kubeconfig carrying its CA, client certificate and key inline (as kind writes one)."""
+    pki = make_pki(directory / "pki", ["127.0.0.1"])
 
     def b64(path: Path) -> str:
         return base64.b64encode(path.read_bytes()).decode()
 
-    path = write_kubeconfig(
-        tmp_path,
+    return write_kubeconfig(
+        directory,
         {"server": "https://127.0.0.1:6443/", "certificate-authority-data": b64(pki.ca_pem)},
         {"client-certificate-data": b64(pki.cert_pem), "client-key-data": b64(pki.key_pem)},
     )
-    config = load_kubeconfig(path)
+
+
+def test_kubeconfig_with_ca_data_and_client_certificate_data(tmp_path: Path) -> None:
+    config = load_kubeconfig(embedded_kubeconfig(tmp_path))
     assert config.server == "https://127.0.0.1:6443"
     assert config.namespace == "ns1"
     assert config.token is None
@@ -106,6 +111,16 @@ def test_kubeconfig_with_ca_data_and_client_certificate_data(tmp_path: Path) -> 
     assert config.ssl_context.get_ca_certs()[0]["subject"] == (
         (("commonName", "Outgate test CA"),),
     )
+
+
+def test_client_certificate_data_loads_without_a_usable_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`docker run --read-only` with no /tmp: the embedded key is handed to ssl from memory,
+    never written to a temporary file."""
+    path = embedded_kubeconfig(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-directory"))
+    assert load_kubeconfig(path).ssl_context is not None
 
 
 def test_kubeconfig_relative_paths_resolve_against_its_directory(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,15 @@ class ProxyProcess:
         config: dict[str, Any] | None = None,
         rlimit_nofile: int | None = None,
         embedded_config: bool = False,
+        command: Callable[[Path], list[str]] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`embedded_config`: run with no --config, on the embedded laptop default (its fixed
-        ports: only in the network namespace); `policies` and `config` are then unused."""
+        ports: only in the network namespace); `policies` and `config` are then unused.
+        `command`: the argv that runs `outgate run` on the given config file in another way
+        (in a container: tests/support/image.py), with `env` as its environment."""
+        self.command = command
+        self.env = env
         self.rlimit_nofile = rlimit_nofile
         self.embedded_config = embedded_config
         self._stdout_gate = threading.Event()
@@ -102,11 +109,15 @@ class ProxyProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
         config = [] if self.embedded_config else ["--config", str(self.config_path)]
+        argv = [*outgate_command(), "run", *config]
+        if self.command is not None:
+            argv = self.command(self.config_path)
         self.proc = subprocess.Popen(
-            [*outgate_command(), "run", *config],
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.workdir,
+            env=self.env,
             preexec_fn=limit_files if limit is not None else None,
         )
         self._threads = [

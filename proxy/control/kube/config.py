@@ -20,7 +20,6 @@ import binascii
 import contextlib
 import os
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import structlog
 import yaml
 
 from proxy.errors import ConfigError, ConfigIssue
+from proxy.fdio import pem_path
 
 log = structlog.get_logger(__name__)
 
@@ -258,14 +258,12 @@ def _ssl_context(
     if isinstance(cert, str) and isinstance(key, str):
         context.load_cert_chain(str(_resolve(base, cert)), str(_resolve(base, key)))
     elif isinstance(cert_data, str) and isinstance(key_data, str):
-        # ssl loads a certificate chain only from files: write both to a private temporary
-        # directory for the duration of the load.
-        with tempfile.TemporaryDirectory(prefix="outgate-kube-") as tmp:
-            cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-            cert_path.write_bytes(_b64(cert_data, label, "client-certificate-data"))
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(_b64(key_data, label, "client-key-data"))
-            context.load_cert_chain(str(cert_path), str(key_path))
+        # ssl loads a certificate chain only from a path: an anonymous memory file, so the key
+        # is written to no filesystem (and a read-only root without /tmp can load it).
+        cert = _b64(cert_data, label, "client-certificate-data")
+        key = _b64(key_data, label, "client-key-data")
+        with pem_path(cert) as cert_path, pem_path(key) as key_path:
+            context.load_cert_chain(cert_path, key_path)
     return context
 
 
