@@ -26,6 +26,7 @@ from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import EVENT_TIMEOUT, Harness, closes, http_exchange, inprocess_proxy
 from tests.support.origin import OriginServer
 from tests.support.rawserver import RawServer, read_head
+from tests.support.tools import free_port
 from tests.tls.hello import hello_record
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
@@ -59,13 +60,6 @@ def via_parent(tmp_path: Path, config: dict[str, Any], *names: str) -> Any:
         answers=dict.fromkeys(names, LOOPBACK),
         **config,
     )
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (connects to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def answer_connect(status: bytes, received: list[bytes]) -> Callable[[socket.socket], None]:

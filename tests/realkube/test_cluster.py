@@ -15,39 +15,10 @@ from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess, get_from, ready
-from tests.support.realkube import RealKube
+from tests.support.realkube import RealKube, api_errors_in, cluster_policy
 from tests.support.waiting import wait_for
 
 PROXY_USER = f"system:serviceaccount:{PROXY_NAMESPACE}:{PROXY_ACCOUNT}"
-PORTS = [{"port": 1024, "endPort": 65535}]
-
-
-def cluster_policy(name: str, namespace: str, *allow: str) -> dict[str, Any]:
-    """A ClusterEgressPolicy allowing the pods of `namespace` to reach `allow` and loopback."""
-    return {
-        "apiVersion": "outgate.dev/v1alpha1",
-        "kind": "ClusterEgressPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "tier": "admin",
-            "subject": {
-                # (1.20 does not label namespaces with their name; the tests do.)
-                "namespaceSelector": {"matchLabels": {"outgate.dev/test-namespace": namespace}}
-            },
-            "rules": [
-                {
-                    "name": "allow-origin",
-                    "action": "Allow",
-                    "to": [*({"fqdn": f} for f in allow), {"cidr": "127.0.0.0/8"}],
-                    "ports": PORTS,
-                }
-            ],
-        },
-    }
-
-
-def api_errors_in(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    return [e for e in proxy.logs if e.get("status") in (401, 403)]
 
 
 def test_the_project_manifests_install_and_the_proxy_runs_on_its_service_account(

@@ -15,11 +15,10 @@ import pytest
 
 from proxy.control.kube.config import SERVICE_ACCOUNT_DIR
 from tests.realkube.conftest import PROXY_ACCOUNT, PROXY_NAMESPACE
-from tests.realkube.test_cluster import api_errors_in, cluster_policy
 from tests.support.image import Contained
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import get_from, ready
-from tests.support.realkube import RealKube
+from tests.support.realkube import RealKube, api_errors_in, cluster_policy
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.image

@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -36,6 +35,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.pki import make_pki
+from tests.support.proxyproc import ProxyProcess
+from tests.support.tools import free_port
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,12 +84,6 @@ def find_binaries() -> Binaries:
         raise Unavailable(f"no etcd at {etcd}: set OUTGATE_ETCD or apt-get install etcd-server")
     etcdctl = os.environ.get("OUTGATE_ETCDCTL") or shutil.which("etcdctl")
     return Binaries(candidate, Path(etcd), Path(etcdctl) if etcdctl else None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_service_account_keys(directory: Path) -> None:
@@ -494,3 +489,36 @@ def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+# -- what tests of the tier share ------------------------------------------------------
+
+PORTS = [{"port": 1024, "endPort": 65535}]
+
+
+def cluster_policy(name: str, namespace: str, *allow: str) -> dict[str, Any]:
+    """A ClusterEgressPolicy allowing the pods of `namespace` to reach `allow` and loopback."""
+    return {
+        "apiVersion": "outgate.dev/v1alpha1",
+        "kind": "ClusterEgressPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "tier": "admin",
+            "subject": {
+                # (1.20 does not label namespaces with their name; the tests do.)
+                "namespaceSelector": {"matchLabels": {"outgate.dev/test-namespace": namespace}}
+            },
+            "rules": [
+                {
+                    "name": "allow-origin",
+                    "action": "Allow",
+                    "to": [*({"fqdn": f} for f in allow), {"cidr": "127.0.0.0/8"}],
+                    "ports": PORTS,
+                }
+            ],
+        },
+    }
+
+
+def api_errors_in(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [e for e in proxy.logs if e.get("status") in (401, 403)]

@@ -15,18 +15,12 @@ import tempfile
 from pathlib import Path
 
 from tests.support.pki import OriginPKI
-from tests.support.tools import tool
+from tests.support.tools import free_port, tool
 from tests.support.waiting import wait_for
 
 SQUID = tool("squid")
 NCSA_AUTH = "/usr/lib/squid/basic_ncsa_auth"
 START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _accepts(port: int) -> bool:
