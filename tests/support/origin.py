@@ -199,6 +199,15 @@ class OriginServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def pending_writes(self) -> int:
+        """Bytes the origin's open connections hold unsent (their peers are not reading)."""
+
+        async def total() -> int:
+            transports = getattr(self._loop, "_transports", None) or {}
+            return sum(t.get_write_buffer_size() for t in list(transports.values()))
+
+        return asyncio.run_coroutine_threadsafe(total(), self._loop).result(10)
+
     def paths_seen(self) -> list[str]:
         with self._lock:
             return [r.path for r in self.seen]
