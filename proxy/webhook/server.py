@@ -204,13 +204,14 @@ def pod_reviewer(injection: Injection | None) -> Review:
 
 
 class WebhookServer:
+    PATHS: Final = ("/validate-policies", "/mutate-pods")
+
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.certificate = ServingCertificate(settings.cert_file, settings.key_file)
-        self.routes: dict[str, Review] = {
-            "/validate-policies": review_policy,
-            "/mutate-pods": pod_reviewer(settings.injection),
-        }
+        self.routes: dict[str, Review] = dict(
+            zip(self.PATHS, (review_policy, pod_reviewer(settings.injection)), strict=True)
+        )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self.tasks = TaskSet()

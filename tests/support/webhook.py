@@ -34,10 +34,12 @@ class WebhookProcess:
         inject: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         listen: str = "127.0.0.1:0",
+        pki: OriginPKI | None = None,
     ) -> None:
+        """`pki`: the serving certificate (and the CA that signed it); a fresh one by default."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.pki: OriginPKI = make_pki(workdir / "tls", ["127.0.0.1", "localhost"])
+        self.pki = pki or make_pki(workdir / "tls", ["127.0.0.1", "localhost"])
         settings: dict[str, Any] = {
             "listen": listen,
             "tls": {"certFile": str(self.pki.cert_pem), "keyFile": str(self.pki.key_pem)},
