@@ -26,10 +26,9 @@ from tests.support.fixtures import allow_rule, client_policy
 from tests.support.origin import OriginServer
 from tests.support.pki import OriginPKI
 from tests.support.proxyproc import ProxyProcess
+from tests.support.realkube import RealKube
 from tests.support.waiting import wait_for
 from tests.support.webhook import WebhookProcess
-
-pytestmark = pytest.mark.realkube
 
 CONFIGURATIONS = manifests.MANIFESTS / "components" / "webhook" / "webhooks.yaml"
 PROXY_SERVICE = "outgate.outgate-system.svc.cluster.local:3128"
@@ -45,7 +44,9 @@ POLICIES = "/apis/outgate.dev/v1alpha1"
 ORIGIN_PORTS = [{"port": 1024, "endPort": 65535}]
 
 
-def kubectl(kube: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    kube: RealKube, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """kubectl as a user runs it, with the admin credentials of the tier."""
     binary = Path(sys.executable).with_name("kubectl")
     return subprocess.run(
@@ -58,7 +59,9 @@ def kubectl(kube: Any, *args: str, stdin: str | None = None) -> subprocess.Compl
     )
 
 
-def register(kube: Any, webhook: WebhookProcess, *, kinds: tuple[str, ...]) -> Callable[[], None]:
+def register(
+    kube: RealKube, webhook: WebhookProcess, *, kinds: tuple[str, ...]
+) -> Callable[[], None]:
     """Create the component's own configurations of `kinds`, each webhook's service reference
     replaced by the test process's URL and CA (the API server here has no cluster network).
     Returns the cleanup, which deletes them: a registration left behind would send every later
@@ -74,14 +77,12 @@ def register(kube: Any, webhook: WebhookProcess, *, kinds: tuple[str, ...]) -> C
             path = hook["clientConfig"]["service"]["path"]
             hook["clientConfig"] = {"url": f"{webhook.url}{path}", "caBundle": bundle}
         plural = configuration["kind"].lower() + "s"
-        kube.delete(f"{ADMISSION}/{plural}/{configuration['metadata']['name']}")  # a leftover
-        status, body = kube.api("POST", f"{ADMISSION}/{plural}", configuration)
-        assert status == 201, body
+        kube.api("POST", f"{ADMISSION}/{plural}", configuration)
         created.append(f"{ADMISSION}/{plural}/{configuration['metadata']['name']}")
 
     def cleanup() -> None:
         for path in created:
-            kube.delete(path)
+            kube.delete(path, missing_ok=True)
 
     return cleanup
 
@@ -93,7 +94,7 @@ def webhook(tmp_path: Path) -> Iterator[WebhookProcess]:
 
 
 @pytest.fixture
-def validating(realkube: Any, webhook: WebhookProcess) -> Iterator[WebhookProcess]:
+def validating(realkube: RealKube, webhook: WebhookProcess) -> Iterator[WebhookProcess]:
     cleanup = register(realkube, webhook, kinds=("ValidatingWebhookConfiguration",))
     try:
         yield webhook
@@ -102,7 +103,7 @@ def validating(realkube: Any, webhook: WebhookProcess) -> Iterator[WebhookProces
 
 
 @pytest.fixture
-def mutating(realkube: Any, webhook: WebhookProcess) -> Iterator[WebhookProcess]:
+def mutating(realkube: RealKube, webhook: WebhookProcess) -> Iterator[WebhookProcess]:
     cleanup = register(realkube, webhook, kinds=("MutatingWebhookConfiguration",))
     try:
         yield webhook
@@ -123,57 +124,57 @@ def egress_policy(namespace: str, name: str, fqdn: str) -> dict[str, Any]:
 
 
 def test_kubectl_apply_of_a_bad_wildcard_is_refused_with_the_validators_path_and_fix(
-    realkube: Any, validating: WebhookProcess
+    realkube: RealKube, validating: WebhookProcess, namespace_name: Callable[[str], str]
 ) -> None:
-    realkube.create_namespace("wh-validate")
+    namespace = namespace_name("wh-validate")
+    realkube.create_namespace(namespace)
     # "*.com" passes the CRD's schema; the validator refuses allowing a whole top-level domain.
-    bad = egress_policy("wh-validate", "web", "*.com")
+    bad = egress_policy(namespace, "web", "*.com")
     refused = kubectl(realkube, "apply", "-f", "-", stdin=json.dumps(bad))
     assert refused.returncode == 1
     assert 'admission webhook "policies.outgate.dev" denied the request' in refused.stderr
     assert (
-        "EgressPolicy wh-validate/web: spec.rules[0].to[0].fqdn: '*.com' would allow every name "
+        f"EgressPolicy {namespace}/web: spec.rules[0].to[0].fqdn: '*.com' would allow every name "
         "under the top-level domain 'com' -- fix: name a registered domain, e.g. "
         '"*.example.com"'
     ) in refused.stderr
-    status, _ = realkube.api("GET", f"{POLICIES}/namespaces/wh-validate/egresspolicies/web")
-    assert status == 404
-    good = egress_policy("wh-validate", "web", "*.example.com")
+    path = f"{POLICIES}/namespaces/{namespace}/egresspolicies/web"
+    assert realkube.api("GET", path, raw=True)[0] == 404
+    good = egress_policy(namespace, "web", "*.example.com")
     accepted = kubectl(realkube, "apply", "-f", "-", stdin=json.dumps(good))
     assert accepted.returncode == 0, accepted.stderr
-    status, stored = realkube.api("GET", f"{POLICIES}/namespaces/wh-validate/egresspolicies/web")
-    assert status == 200 and stored["spec"] == good["spec"]
+    assert realkube.api("GET", path)[1]["spec"] == good["spec"]
     # An invalid edit of a stored policy is refused too.
     edited = kubectl(
-        realkube, "apply", "-f", "-", stdin=json.dumps(egress_policy("wh-validate", "web", "*.io"))
+        realkube, "apply", "-f", "-", stdin=json.dumps(egress_policy(namespace, "web", "*.io"))
     )
     assert edited.returncode == 1 and "spec.rules[0].to[0].fqdn" in edited.stderr
 
 
 def test_with_the_webhook_stopped_policy_writes_fail_and_deletes_and_pods_go_through(
-    realkube: Any, webhook: WebhookProcess
+    realkube: RealKube, webhook: WebhookProcess, namespace_name: Callable[[str], str]
 ) -> None:
+    namespace = namespace_name("wh-down")
     cleanup = register(
         realkube,
         webhook,
         kinds=("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"),
     )
     try:
-        realkube.create_namespace("wh-down", labels={"outgate.dev/inject": "enabled"})
-        good = egress_policy("wh-down", "kept", "*.example.com")
+        realkube.create_namespace(namespace, labels={"outgate.dev/inject": "enabled"})
+        good = egress_policy(namespace, "kept", "*.example.com")
         assert kubectl(realkube, "apply", "-f", "-", stdin=json.dumps(good)).returncode == 0
         assert webhook.stop() == 0
         # Policies: failurePolicy Fail. A write is refused, even a valid one...
-        other = egress_policy("wh-down", "new", "*.example.com")
+        other = egress_policy(namespace, "new", "*.example.com")
         refused = kubectl(realkube, "apply", "-f", "-", stdin=json.dumps(other))
         assert refused.returncode == 1
         assert 'failed calling webhook "policies.outgate.dev"' in refused.stderr
         # ...and a delete still goes through (DELETE is not intercepted).
-        deleted = kubectl(realkube, "delete", "egresspolicy", "-n", "wh-down", "kept")
+        deleted = kubectl(realkube, "delete", "egresspolicy", "-n", namespace, "kept")
         assert deleted.returncode == 0, deleted.stderr
         # Pods: failurePolicy Ignore. Created, without the settings.
-        status, pod = realkube.api("POST", "/api/v1/namespaces/wh-down/pods", pod_body("p"))
-        assert status == 201, pod
+        pod = create_pod(realkube, namespace, pod_body("p"))
         assert "env" not in pod["spec"]["containers"][0]
         assert "outgate.dev/injected" not in pod["metadata"].get("annotations", {})
     finally:
@@ -213,60 +214,58 @@ def cluster_policy(name: str, tier: str, rule: dict[str, Any], **spec: Any) -> d
 
 
 def test_with_the_webhook_off_an_invalid_edit_of_an_admin_deny_keeps_its_subjects_denied(
-    realkube: Any, start_proxy: Callable[..., ProxyProcess], origin: OriginServer, tmp_path: Path
+    realkube: RealKube,
+    kube_proxy: Callable[..., ProxyProcess],
+    origin: OriginServer,
+    namespace_name: Callable[[str], str],
+    pod_ip: Callable[[], str],
 ) -> None:
-    realkube.create_namespace("wh-payments", labels={"team": "wh-payments"})
-    realkube.create_namespace("wh-shop", labels={"team": "wh-shop"})
-    paying = realkube.create_pod("wh-payments", "api", "127.0.19.7", labels={"app": "api"})
-    shopping = realkube.create_pod("wh-shop", "web", "127.0.19.8", labels={"app": "web"})
-    assert paying and shopping
+    payments, shop = namespace_name("wh-payments"), namespace_name("wh-shop")
+    realkube.create_namespace(payments, labels={"team": payments})
+    realkube.create_namespace(shop, labels={"team": shop})
+    paying, shopping = pod_ip(), pod_ip()
+    realkube.create_pod(payments, "api", paying, labels={"app": "api"})
+    realkube.create_pod(shop, "web", shopping, labels={"app": "web"})
     deny = {"name": "paste", "action": "Deny", "to": [{"cidr": "127.0.0.1/32"}],
             "ports": ORIGIN_PORTS}  # fmt: skip
-    subject = {"namespaceSelector": {"matchLabels": {"team": "wh-payments"}}}
-    admin = cluster_policy("wh-no-paste", "admin", deny, priority=1, subject=subject)
+    subject = {"namespaceSelector": {"matchLabels": {"team": payments}}}
+    no_paste = namespace_name("wh-no-paste")
+    admin = cluster_policy(no_paste, "admin", deny, priority=1, subject=subject)
     baseline = cluster_policy(
-        "wh-open-loopback",
+        namespace_name("wh-open-loopback"),
         "baseline",
         {"name": "loopback", "action": "Allow", "to": [{"cidr": "127.0.0.0/8"}],
          "ports": ORIGIN_PORTS},
         priority=1000,
+        subject={"namespaceSelector": {"matchExpressions": [
+            {"key": "team", "operator": "In", "values": [payments, shop]}]}},
     )  # fmt: skip
     for policy in (admin, baseline):
-        status, body = realkube.api("POST", f"{POLICIES}/clusteregresspolicies", policy)
-        assert status == 201, body
-    kubeconfig = realkube.service_account_kubeconfig(
-        "outgate-system", "outgate", tmp_path / "sa.kubeconfig"
-    )
-    config = {
-        "identity": {"kubernetes": True, "kubeconfig": str(kubeconfig)},
-        "policies": {"paths": ["policies"], "kubernetes": True},
-    }
-    replicas = [start_proxy("", config=config), start_proxy("", config=config)]
+        realkube.apply(policy)
+    # Two replicas, as the Deployment runs them (ServiceAccount token, shipped RBAC).
+    replicas = [kube_proxy(name="one"), kube_proxy(name="two")]
     url = f"http://127.0.0.1:{origin.port}/hello"
     try:
         for proxy in replicas:
-            wait_for(lambda p=proxy: send_from("127.0.19.7", p, url) == (403, "rule_deny"))
-            assert send_from("127.0.19.8", proxy, url)[0] == 200
+            wait_for(lambda p=proxy: send_from(paying, p, url) == (403, "rule_deny"))
+            assert send_from(shopping, proxy, url)[0] == 200
         # The edit the validating webhook would refuse (a CIDR with host bits set), stored while
         # no webhook is registered: the CRD schema accepts it.
         broken = copy.deepcopy(admin)
         broken["spec"]["rules"][0]["to"] = [{"cidr": "127.0.0.1/8"}]
-        status, stored = realkube.api("GET", f"{POLICIES}/clusteregresspolicies/wh-no-paste")
-        broken["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"]
-        status, body = realkube.api("PUT", f"{POLICIES}/clusteregresspolicies/wh-no-paste", broken)
-        assert status == 200, body
+        realkube.apply(broken)
         for proxy in replicas:
-            wait_for(lambda p=proxy: send_from("127.0.19.7", p, url) == (403, "policy_invalid"))
+            wait_for(lambda p=proxy: send_from(paying, p, url) == (403, "policy_invalid"))
             # Its subjects only: the shop pod is still allowed by the baseline.
-            assert send_from("127.0.19.8", proxy, url)[0] == 200
+            assert send_from(shopping, proxy, url)[0] == 200
             record = proxy.wait_records(
                 lambda r: (
                     r["event"]["action"] == "decision"
                     and r["outgate"]["reason"] == "policy_invalid"
                 )
             )[0]
-            assert record["rule"]["ruleset"] == "wh-no-paste"
-            assert record["kubernetes"]["namespace"] == "wh-payments"
+            assert record["rule"]["ruleset"] == no_paste
+            assert record["kubernetes"]["namespace"] == payments
 
         # Why, on the object: the Warning Event the replicas post (and, with issue 18's status
         # writer, Accepted=False).
@@ -274,15 +273,15 @@ def test_with_the_webhook_off_an_invalid_edit_of_an_admin_deny_keeps_its_subject
             _, events = realkube.api("GET", "/api/v1/namespaces/default/events")
             return any(
                 e["reason"] == "InvalidPolicy"
-                and e["involvedObject"]["name"] == "wh-no-paste"
+                and e["involvedObject"]["name"] == no_paste
                 and "spec.rules[0].to[0].cidr" in e["message"]
                 for e in events["items"]
             )
 
         wait_for(invalid_event)
     finally:
-        for name in ("wh-no-paste", "wh-open-loopback"):
-            realkube.delete(f"{POLICIES}/clusteregresspolicies/{name}")
+        for policy in (admin, baseline):
+            realkube.delete(realkube.object_path(policy), missing_ok=True)
 
 
 # -- injection ---------------------------------------------------------------------------------
@@ -301,19 +300,19 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item.get("value", "") for item in container.get("env", [])}
 
 
-def create_pod(kube: Any, namespace: str, body: dict[str, Any], **query: str) -> dict[str, Any]:
-    status, pod = kube.api(
-        "POST", f"/api/v1/namespaces/{namespace}/pods", body, query=query or None
-    )
-    assert status == 201, pod
+def create_pod(
+    kube: RealKube, namespace: str, body: dict[str, Any], **query: str
+) -> dict[str, Any]:
+    _, pod = kube.api("POST", f"/api/v1/namespaces/{namespace}/pods", body, query=query or None)
     created: dict[str, Any] = pod
     return created
 
 
 def test_pods_get_the_settings_in_every_container_and_keep_their_own(
-    realkube: Any, mutating: WebhookProcess
+    realkube: RealKube, mutating: WebhookProcess, namespace_name: Callable[[str], str]
 ) -> None:
-    realkube.create_namespace("wh-inject", labels={"outgate.dev/inject": "enabled"})
+    namespace = namespace_name("wh-inject")
+    realkube.create_namespace(namespace, labels={"outgate.dev/inject": "enabled"})
     body = pod_body("api")
     body["spec"]["containers"].append(
         {"name": "sidecar", "image": "s",
@@ -321,7 +320,7 @@ def test_pods_get_the_settings_in_every_container_and_keep_their_own(
                  {"name": "JAVA_TOOL_OPTIONS", "value": "-Xmx256m"}]}
     )  # fmt: skip
     body["spec"]["initContainers"] = [{"name": "setup", "image": "i"}]
-    pod = create_pod(realkube, "wh-inject", body)
+    pod = create_pod(realkube, namespace, body)
     spec = pod["spec"]
     for container in spec["containers"] + spec["initContainers"]:
         env = env_of(container)
@@ -350,33 +349,36 @@ def test_pods_get_the_settings_in_every_container_and_keep_their_own(
 
 
 def test_opted_out_and_not_opted_in_pods_are_untouched_and_a_pod_can_opt_in(
-    realkube: Any, mutating: WebhookProcess
+    realkube: RealKube, mutating: WebhookProcess, namespace_name: Callable[[str], str]
 ) -> None:
-    realkube.create_namespace("wh-optout", labels={"outgate.dev/inject": "enabled"})
-    realkube.create_namespace("wh-plain")
-    realkube.create_namespace("outgate-system")
+    optout, plain = namespace_name("wh-optout"), namespace_name("wh-plain")
+    realkube.create_namespace(optout, labels={"outgate.dev/inject": "enabled"})
+    realkube.create_namespace(plain)
     opted_out = create_pod(
-        realkube, "wh-optout",
+        realkube, optout,
         pod_body("quiet", annotations={"outgate.dev/inject": "disabled"}),
     )  # fmt: skip
-    elsewhere = create_pod(realkube, "wh-plain", pod_body("plain"))
+    elsewhere = create_pod(realkube, plain, pod_body("plain"))
     own = create_pod(
-        realkube, "outgate-system", pod_body("own", labels={"outgate.dev/inject": "enabled"})
+        realkube,
+        "outgate-system",  # the webhook's own namespace (INJECT["namespace"])
+        pod_body(namespace_name("own"), labels={"outgate.dev/inject": "enabled"}),
     )
     for pod in (opted_out, elsewhere, own):
         assert "env" not in pod["spec"]["containers"][0], pod["metadata"]["name"]
         assert "outgate.dev/injected" not in (pod["metadata"].get("annotations") or {})
     opted_in = create_pod(
-        realkube, "wh-plain", pod_body("chosen", labels={"outgate.dev/inject": "enabled"})
+        realkube, plain, pod_body("chosen", labels={"outgate.dev/inject": "enabled"})
     )
     assert env_of(opted_in["spec"]["containers"][0])["HTTPS_PROXY"] == f"http://{PROXY_SERVICE}"
 
 
 def test_re_admitting_an_injected_pod_yields_no_second_patch(
-    realkube: Any, mutating: WebhookProcess
+    realkube: RealKube, mutating: WebhookProcess, namespace_name: Callable[[str], str]
 ) -> None:
-    realkube.create_namespace("wh-again", labels={"outgate.dev/inject": "enabled"})
-    first = create_pod(realkube, "wh-again", pod_body("once"))
+    namespace = namespace_name("wh-again")
+    realkube.create_namespace(namespace, labels={"outgate.dev/inject": "enabled"})
+    first = create_pod(realkube, namespace, pod_body("once"))
     # The same spec (with what the first admission added) created again, as a server-side dry
     # run: the webhook is called and answers with no patch, so nothing changes.
     again_body = {
@@ -385,7 +387,7 @@ def test_re_admitting_an_injected_pod_yields_no_second_patch(
         "metadata": {"name": "twice", "annotations": first["metadata"]["annotations"]},
         "spec": {"containers": first["spec"]["containers"]},
     }
-    again = create_pod(realkube, "wh-again", again_body, dryRun="All")
+    again = create_pod(realkube, namespace, again_body, dryRun="All")
     assert again["spec"]["containers"][0]["env"] == first["spec"]["containers"][0]["env"]
     assert again["metadata"]["annotations"] == first["metadata"]["annotations"]
     reviewed = mutating.wait_log(
@@ -398,28 +400,29 @@ def test_re_admitting_an_injected_pod_yields_no_second_patch(
 
 
 def test_with_inspection_the_ca_bundle_is_mounted_and_a_python_client_trusts_the_proxys_leaf(
-    realkube: Any,
+    realkube: RealKube,
     tmp_path: Path,
     start_proxy: Callable[..., ProxyProcess],
     pki: OriginPKI,
     tls_origin: OriginServer,
     dns_server: ScriptedDNSServer,
+    namespace_name: Callable[[str], str],
 ) -> None:
     ca_cert, ca_key = init_ca(tmp_path / "outgate-ca")
-    realkube.create_namespace("wh-inspect", labels={"outgate.dev/inject": "enabled"})
+    namespace = namespace_name("wh-inspect")
+    realkube.create_namespace(namespace, labels={"outgate.dev/inject": "enabled"})
     bundle = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": "outgate-ca-bundle", "namespace": "wh-inspect"},
+        "metadata": {"name": "outgate-ca-bundle", "namespace": namespace},
         "data": {"ca.crt": ca_cert.read_text()},  # the proxy's signing CA, never its key
     }
-    status, body = realkube.api("POST", "/api/v1/namespaces/wh-inspect/configmaps", bundle)
-    assert status == 201, body
+    realkube.apply(bundle)
     inject = {**INJECT, "caBundle": {"configMap": "outgate-ca-bundle", "key": "ca.crt"}}
     with WebhookProcess(tmp_path / "webhook", inject=inject) as webhook:
         cleanup = register(realkube, webhook, kinds=("MutatingWebhookConfiguration",))
         try:
-            pod = create_pod(realkube, "wh-inspect", pod_body("client"))
+            pod = create_pod(realkube, namespace, pod_body("client"))
         finally:
             cleanup()
     (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "outgate-ca-bundle"]
@@ -442,7 +445,7 @@ def test_with_inspection_the_ca_bundle_is_mounted_and_a_python_client_trusts_the
     )  # fmt: skip
     # What the container would read at the mounted path: the ConfigMap's data, as the kubelet
     # writes it, under a stand-in for /etc/outgate/ca.
-    _, mounted = realkube.api("GET", "/api/v1/namespaces/wh-inspect/configmaps/outgate-ca-bundle")
+    _, mounted = realkube.api("GET", realkube.object_path(bundle))
     root = tmp_path / "pod-root"
     (root / "etc/outgate/ca").mkdir(parents=True)
     (root / "etc/outgate/ca/ca.crt").write_text(mounted["data"]["ca.crt"])
