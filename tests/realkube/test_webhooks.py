@@ -478,3 +478,51 @@ def test_with_inspection_the_ca_bundle_is_mounted_and_a_python_client_trusts_the
             and r.get("destination", {}).get("domain") == "origin.test"
         )
     )
+
+
+# -- bad clients -------------------------------------------------------------------------------
+
+
+def test_malformed_oversized_and_slow_clients_get_clear_errors_and_the_api_server_is_served(
+    realkube: RealKube, validating: WebhookProcess, namespace_name: Callable[[str], str]
+) -> None:
+    namespace = namespace_name("wh-abuse")
+    realkube.create_namespace(namespace)
+    context = validating.client_context()
+
+    def exchange(data: bytes) -> bytes:
+        raw = socket.create_connection(("127.0.0.1", validating.port), timeout=30)
+        with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(data)
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+            return reply
+
+    def post(body: bytes, length: int | None = None) -> bytes:
+        return (
+            "POST /validate-policies HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+        ).encode() + body
+
+    malformed = exchange(post(b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}'))
+    assert malformed.startswith(b"HTTP/1.1 400 ")
+    assert b"request is missing or not an object" in malformed
+    oversized = exchange(post(b"", length=5 * 1024 * 1024))
+    assert oversized.startswith(b"HTTP/1.1 413 ") and b"the limit is 1048576" in oversized
+    raw = socket.create_connection(("127.0.0.1", validating.port), timeout=30)
+    with raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as slow:
+        slow.sendall(post(b"{}")[:20])  # and then nothing
+        # While it hangs, the API server's own calls are answered.
+        refused = kubectl(
+            realkube, "apply", "-f", "-", stdin=json.dumps(egress_policy(namespace, "w", "*.com"))
+        )
+        assert "spec.rules[0].to[0].fqdn" in refused.stderr
+        timed_out = slow.recv(65536)  # requestTimeout (10 s) after the first byte
+    assert timed_out.startswith(b"HTTP/1.1 408 ")
+    assert validating.proc is not None and validating.proc.poll() is None
+    accepted = kubectl(
+        realkube, "apply", "-f", "-",
+        stdin=json.dumps(egress_policy(namespace, "w", "*.example.com")),
+    )  # fmt: skip
+    assert accepted.returncode == 0, accepted.stderr
