@@ -66,6 +66,8 @@ IDLE_TIMEOUT: Final = 120.0
 # connection is closed at once, so a flood cannot exhaust file descriptors.
 MAX_CONNECTIONS: Final = 512
 READ_CHUNK: Final = 64 * 1024
+# A peer that does not read our answer (and its close) within this is cut off.
+CLOSE_TIMEOUT: Final = 5.0
 
 _PHRASES: Final = {
     200: "OK",
@@ -258,7 +260,7 @@ class WebhookServer:
             pass
         finally:
             self._connections.discard(task)
-            writer.transport.abort()  # the answer is written and drained; nothing is pending
+            await _close(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buffer = bytearray()
@@ -389,6 +391,17 @@ class WebhookServer:
                 if not data:
                     raise HttpError(400, "the connection closed in the middle of the body")
         raise HttpError(411, "an AdmissionReview needs a body (Content-Length or chunked)")
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close after the answer has left (TLS close_notify included), or abort a peer that does
+    not take it within CLOSE_TIMEOUT."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        writer.transport.abort()
 
 
 def _error(status: int, message: str) -> tuple[int, bytes, bool]:
