@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 
@@ -51,6 +51,12 @@ from proxy.core.http1 import (
 from proxy.core.injection import Injection, mutate_pod
 from proxy.core.policy.model import PolicyKind
 from proxy.errors import OutgateError
+from proxy.metrics import (
+    WEBHOOK_BAD_REQUESTS,
+    WEBHOOK_CERTIFICATE_RELOADS,
+    WEBHOOK_REVIEWS,
+    exposition,
+)
 from proxy.tasks import TaskSet
 from proxy.webhook.config import WebhookSettings
 
@@ -84,8 +90,16 @@ _PHRASES: Final = {
     505: "HTTP Version Not Supported",
 }
 _AUTHORITY: Final = (Host(name="outgate-webhook"), 443)
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 Review = Callable[[AdmissionRequest], dict[str, Any]]
+
+
+class _Answer(NamedTuple):
+    status: int
+    body: bytes
+    keep_alive: bool
+    media: str = "application/json"
 
 
 class HttpError(Exception):
@@ -141,6 +155,7 @@ class ServingCertificate:
         try:
             self._current = self._load()
         except (OSError, ssl.SSLError) as exc:
+            WEBHOOK_CERTIFICATE_RELOADS.labels(result="failure").inc()
             log.error(
                 "webhook_certificate_reload_failed",
                 cert=str(self.cert_file),
@@ -148,6 +163,7 @@ class ServingCertificate:
                 effect="the previous certificate keeps serving",
             )
             return False
+        WEBHOOK_CERTIFICATE_RELOADS.labels(result="success").inc()
         log.info("webhook_certificate_loaded", cert=str(self.cert_file))
         return True
 
@@ -188,6 +204,7 @@ def pod_reviewer(injection: Injection | None) -> Review:
             mutation = mutate_pod(request.object, request.namespace, injection)
         except Exception as exc:  # never block a pod over the webhook's own fault
             log.exception("webhook_injection_failed", namespace=request.namespace)
+            WEBHOOK_REVIEWS.labels(webhook="mutate-pods", result="error").inc()
             return allow(request.uid, warnings=[f"outgate injection skipped: {exc}"[:200]])
         log.info(
             "webhook_pod",
@@ -276,19 +293,19 @@ class WebhookServer:
                 buffer += chunk
             try:
                 async with asyncio.timeout(self.settings.request_timeout):
-                    status, body, keep_alive = await self._one_request(reader, writer, buffer)
+                    answer = await self._one_request(reader, writer, buffer)
             except TimeoutError:
-                status, body, keep_alive = _error(
+                answer = _error(
                     408,
                     f"the request did not arrive within {self.settings.request_timeout:g} s",
                 )
-            await _respond(writer, status, body, keep_alive=keep_alive)
-            if not keep_alive:
+            await _respond(writer, answer)
+            if not answer.keep_alive:
                 return
 
     async def _one_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buffer: bytearray
-    ) -> tuple[int, bytes, bool]:
+    ) -> _Answer:
         """Read one request from `buffer` and the stream, answer it; the buffer keeps whatever
         follows it (a pipelined request)."""
         try:
@@ -310,10 +327,12 @@ class WebhookServer:
         del buffer[:end]
         path = head.path.split("?", 1)[0]
         try:
-            if head.method == "GET" and path == "/healthz":
+            if head.method == "GET" and path in ("/healthz", "/metrics"):
                 if head.framing is not BodyFraming.NONE:
-                    raise HttpError(400, "GET /healthz takes no body")
-                return 200, b'{"status":"ok"}', head.keep_alive
+                    raise HttpError(400, f"GET {path} takes no body")
+                if path == "/metrics":
+                    return _Answer(200, exposition(), head.keep_alive, PROMETHEUS_TEXT)
+                return _Answer(200, b'{"status":"ok"}', head.keep_alive)
             review = self.routes.get(path)
             if review is None:
                 raise HttpError(404, f"no webhook at {path[:100]!r}: use {sorted(self.routes)}")
@@ -334,6 +353,7 @@ class WebhookServer:
             except AdmissionError as exc:
                 raise HttpError(400, str(exc)) from None
             answer = review(request)
+            WEBHOOK_REVIEWS.labels(webhook=path.lstrip("/"), result=_result(answer)).inc()
             log.info(
                 "webhook_review",
                 webhook=path.lstrip("/"),
@@ -344,7 +364,7 @@ class WebhookServer:
                 name=request.name or None,
                 allowed=answer["response"]["allowed"],
             )
-            return 200, json.dumps(answer).encode(), head.keep_alive
+            return _Answer(200, json.dumps(answer).encode(), head.keep_alive)
         except HttpError as exc:
             # After a refused body the stream is not at a request boundary: close.
             return _error(exc.status, exc.message)
@@ -404,22 +424,30 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-def _error(status: int, message: str) -> tuple[int, bytes, bool]:
+def _result(answer: dict[str, Any]) -> str:
+    response = answer["response"]
+    if not response["allowed"]:
+        return "denied"
+    if "patch" in response:
+        return "patched"
+    return "allowed"
+
+
+def _error(status: int, message: str) -> _Answer:
+    WEBHOOK_BAD_REQUESTS.labels(status=str(status)).inc()
     log.warning("webhook_bad_request", status=status, error=message[:300])
-    return status, json.dumps({"error": message, "status": status}).encode(), False
+    return _Answer(status, json.dumps({"error": message, "status": status}).encode(), False)
 
 
-async def _respond(
-    writer: asyncio.StreamWriter, status: int, body: bytes, *, keep_alive: bool
-) -> None:
+async def _respond(writer: asyncio.StreamWriter, answer: _Answer) -> None:
     head = (
-        f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        + ("" if keep_alive else "Connection: close\r\n")
+        f"HTTP/1.1 {answer.status} {_PHRASES.get(answer.status, 'Error')}\r\n"
+        f"Content-Type: {answer.media}\r\n"
+        f"Content-Length: {len(answer.body)}\r\n"
+        + ("" if answer.keep_alive else "Connection: close\r\n")
         + "\r\n"
     )
-    writer.write(head.encode("ascii") + body)
+    writer.write(head.encode("ascii") + answer.body)
     await writer.drain()
 
 

@@ -238,6 +238,22 @@ def test_a_bad_certificate_pair_keeps_the_previous_one_serving(webhook: WebhookP
     assert webhook.review("/validate-policies", policy_review(egress("a.example")))["allowed"]
 
 
+def test_metrics_count_reviews_and_bad_requests(webhook: WebhookProcess) -> None:
+    webhook.review("/validate-policies", policy_review(egress("a.example")))
+    webhook.review("/validate-policies", policy_review(egress("*.com")))
+    raw_exchange(webhook, post("/validate-policies", b"{not json"))
+    reply = raw_exchange(webhook, b"GET /metrics HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/plain; version=0.0.4" in head
+    lines = text.decode().splitlines()
+    for sample in (
+        'outgate_webhook_reviews_total{result="allowed",webhook="validate-policies"} 1.0',
+        'outgate_webhook_reviews_total{result="denied",webhook="validate-policies"} 1.0',
+        'outgate_webhook_bad_requests_total{status="400"} 1.0',
+    ):
+        assert sample in lines, sample
+
+
 def test_healthz_and_sigterm(webhook: WebhookProcess) -> None:
     reply = raw_exchange(webhook, b"GET /healthz HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b'{"status":"ok"}')
