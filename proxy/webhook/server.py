@@ -184,8 +184,10 @@ def review_policy(request: AdmissionRequest) -> dict[str, Any]:
     if request.operation not in ("CREATE", "UPDATE") or request.object is None:
         return allow(request.uid)
     obj = dict(request.object)
-    if request.namespace and not isinstance(obj.get("metadata"), dict):
-        obj["metadata"] = {}
+    metadata = dict(obj["metadata"]) if isinstance(obj.get("metadata"), dict) else {}
+    if request.namespace and not metadata.get("namespace"):
+        metadata["namespace"] = request.namespace  # the request's, as the API server stores it
+    obj["metadata"] = metadata
     _, issues = policy_from_object(kinds[request.kind], obj)
     if not issues:
         return allow(request.uid)

@@ -92,6 +92,11 @@ def test_a_valid_policy_an_update_and_a_delete_are_allowed(webhook: WebhookProce
         "ClusterEgressPolicy base: spec.rules[0].to[0].fqdn: a bare * would match"
         in (refused["status"]["message"])
     )
+    # The namespace is the request's when the object leaves it out (as `kubectl apply -n` does).
+    unplaced = egress("*.com")
+    del unplaced["metadata"]["namespace"]
+    refused = webhook.review("/validate-policies", {**policy_review(unplaced), "namespace": "shop"})
+    assert refused["status"]["message"].startswith("EgressPolicy shop/web: spec.rules[0].to[0]")
     deleted = {**policy_review(good, "DELETE"), "obj": None}
     assert webhook.review("/validate-policies", deleted)["allowed"] is True
 
