@@ -39,7 +39,7 @@ def pod_spec(objects: list[kube.Obj]) -> dict[str, Any]:
 
 
 def test_the_deployment_runs_the_webhook_with_settings_it_loads(
-    objects: list[kube.Obj], tmp_path: Path
+    objects: list[kube.Obj], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = pod_spec(objects)
     (container,) = spec["containers"]
@@ -48,6 +48,11 @@ def test_the_deployment_runs_the_webhook_with_settings_it_loads(
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
     raw = yaml.safe_load(config_map["data"]["webhook.yaml"])
+    # Its own namespace (never mutated) is the pod's, from the downward API.
+    (namespace_env,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
+    assert namespace_env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert "namespace" not in raw["inject"]
+    monkeypatch.setenv("POD_NAMESPACE", "outgate-system")
     settings = webhook_settings_from_mapping(raw, file="webhook.yaml", base_dir=tmp_path)
     # The files it reads are where the Secret is mounted, as a directory (a subPath mount
     # would never see a renewed certificate).
