@@ -350,11 +350,20 @@ class WebhookServer:
                 document = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise HttpError(400, f"the body is not JSON: {exc}"[:300]) from None
+            except RecursionError:
+                raise HttpError(400, "the body is not JSON: nested too deeply") from None
             try:
                 request = parse_review(document)
             except AdmissionError as exc:
                 raise HttpError(400, str(exc)) from None
-            answer = review(request)
+            try:
+                answer = review(request)
+            except Exception:
+                # A bug or an object no client of the API server could send (nested past the
+                # parser's depth): an error answer, so the API server applies the webhook's
+                # failure policy, and the connection and the server carry on.
+                log.exception("webhook_review_failed", webhook=path, uid=request.uid)
+                raise HttpError(500, "the review failed; see the webhook's log") from None
             WEBHOOK_REVIEWS.labels(webhook=path.lstrip("/"), result=_result(answer)).inc()
             log.info(
                 "webhook_review",

@@ -141,6 +141,13 @@ def tls_connection(
         yield tls
 
 
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def raw_exchange(webhook: WebhookProcess, data: bytes) -> bytes:
     with tls_connection(webhook) as tls:
         tls.sendall(data)
@@ -174,6 +181,12 @@ def post(path: str, body: bytes, *, content_type: str = "application/json") -> b
               "kind": "AdmissionReview", "request": {"uid": "1"}}).encode()), 400,
          "request.kind is missing"),
         (post("/mutate-pods", b"{}", content_type="text/plain"), 415, "application/json"),
+        (post("/validate-policies", b"[" * 200000 + b"]" * 200000), 400, "nested too deeply"),
+        (post("/validate-policies", json.dumps(admission_review(
+            kind="EgressPolicy", group="outgate.dev", namespace="shop",
+            obj={"metadata": {"name": "deep", "namespace": "shop"},
+                 "spec": {"rules": [{"name": "r", "to": _nested(900)}]}})).encode()),
+         500, "the review failed"),
         (post("/elsewhere", b"{}"), 404, "no webhook at '/elsewhere'"),
         (b"GET /validate-policies HTTP/1.1\r\nHost: w\r\n\r\n", 405, "takes POST"),
         (b"POST /validate-policies HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
