@@ -72,6 +72,8 @@ IDLE_TIMEOUT: Final = 120.0
 # connection is closed at once, so a flood cannot exhaust file descriptors.
 MAX_CONNECTIONS: Final = 512
 READ_CHUNK: Final = 64 * 1024
+# After an error answer, input is read and dropped for this long (`_linger`), at most.
+LINGER_SECONDS: Final = 2.0
 # A peer that does not read our answer (and its close) within this is cut off.
 CLOSE_TIMEOUT: Final = 5.0
 
@@ -303,6 +305,8 @@ class WebhookServer:
                 )
             await _respond(writer, answer)
             if not answer.keep_alive:
+                if answer.status >= 400:
+                    await _linger(reader)
                 return
 
     async def _one_request(
@@ -422,6 +426,19 @@ class WebhookServer:
                 if not data:
                     raise HttpError(400, "the connection closed in the middle of the body")
         raise HttpError(411, "an AdmissionReview needs a body (Content-Length or chunked)")
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """RFC 9112 section 9.6: after refusing a request whose body may still be arriving (413, a
+    malformed head), read and drop what comes for a moment before closing. Closing with unread
+    input makes the kernel reset the connection, and a client still sending would lose the
+    answer that says why."""
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            while await reader.read(READ_CHUNK):
+                pass
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        pass
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

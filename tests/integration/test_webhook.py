@@ -149,12 +149,17 @@ def _nested(depth: int) -> Any:
 
 
 def raw_exchange(webhook: WebhookProcess, data: bytes) -> bytes:
+    """Send `data`, and read one answer: its head and the Content-Length bytes of its body."""
     with tls_connection(webhook) as tls:
         tls.sendall(data)
-        chunks = []
+        reply = b""
         while chunk := tls.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+            reply += chunk
+            head, found, body = reply.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            if found and length and len(body) >= int(length.group(1)):
+                break
+        return reply
 
 
 def status_and_error(reply: bytes) -> tuple[int, str]:
@@ -204,6 +209,17 @@ def test_bad_requests_get_a_clear_status_and_the_server_keeps_serving(
     got_status, got_error = status_and_error(raw_exchange(webhook, request_bytes))
     assert (got_status, error in got_error) == (status, True), got_error
     assert webhook.review("/validate-policies", policy_review(egress("a.example")))["allowed"]
+
+
+def test_a_client_that_sends_its_whole_oversized_body_still_reads_the_413(
+    webhook: WebhookProcess,
+) -> None:
+    body = b"{" + b" " * (3 * 1024 * 1024) + b"}"
+    with tls_connection(webhook) as tls:
+        tls.sendall(post("/validate-policies", body))  # all of it, then read
+        reply = tls.recv(65536)
+    status, error = status_and_error(reply)
+    assert (status, "the limit is 1048576" in error) == (413, True)
 
 
 def test_an_oversized_chunked_body_is_refused_with_413(webhook: WebhookProcess) -> None:
