@@ -303,7 +303,9 @@ class WebhookServer:
                     408,
                     f"the request did not arrive within {self.settings.request_timeout:g} s",
                 )
-            await _respond(writer, answer)
+            # A client that does not read its answer is cut off too (TimeoutError, in _accept).
+            async with asyncio.timeout(self.settings.request_timeout):
+                await _respond(writer, answer)
             if not answer.keep_alive:
                 if answer.status >= 400:
                     await _linger(reader)
