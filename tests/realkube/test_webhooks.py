@@ -267,8 +267,22 @@ def test_with_the_webhook_off_an_invalid_edit_of_an_admin_deny_keeps_its_subject
             assert record["rule"]["ruleset"] == no_paste
             assert record["kubernetes"]["namespace"] == payments
 
-        # Why, on the object: the Warning Event the replicas post (and, with issue 18's status
-        # writer, Accepted=False).
+        # Why, on the object: its status (written by the replica holding the Lease) and the
+        # Warning Event.
+        def accepted_false() -> bool:
+            _, stored = realkube.api("GET", realkube.object_path(admin))
+            conditions = (stored.get("status") or {}).get("conditions") or []
+            return any(
+                c["type"] == "Accepted"
+                and c["status"] == "False"
+                and c["reason"] == "InvalidPolicy"
+                and "spec.rules[0].to[0].cidr" in c["message"]
+                and c["observedGeneration"] == stored["metadata"]["generation"]
+                for c in conditions
+            )
+
+        wait_for(accepted_false)
+
         def invalid_event() -> bool:
             _, events = realkube.api("GET", "/api/v1/namespaces/default/events")
             return any(
