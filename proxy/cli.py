@@ -1,9 +1,12 @@
-"""Command line: `outgate run`, `check-config`, `explain`. Only this module exits the process."""
+"""Command line: `outgate run`, `check-config`, `explain`, `webhook` and the rest. Only this
+module exits the process."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import ssl
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -70,6 +73,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         uvloop.run(main())
     except ConfigError as exc:
         _print_config_error(exc)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _cmd_webhook(args: argparse.Namespace) -> int:
+    from proxy.webhook.config import load_webhook_settings
+    from proxy.webhook.server import serve_until_signalled
+
+    try:
+        settings = load_webhook_settings(Path(args.config))
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_INVALID
+    try:
+        asyncio.run(serve_until_signalled(settings))
+    except (OSError, ssl.SSLError) as exc:  # the port is taken, the certificate unreadable
+        print(f"error: outgate webhook: {exc}", file=sys.stderr)
         return EXIT_INVALID
     return EXIT_OK
 
@@ -324,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate config and policy files")
     check.add_argument("paths", nargs="+", help="config files, policy files or directories")
     check.set_defaults(func=_cmd_check_config)
+
+    hook = sub.add_parser(
+        "webhook",
+        help="serve the admission webhooks (policy validation, proxy settings for pods)",
+        description="A separate process on its own port (docs/webhooks.md).",
+    )
+    hook.add_argument("--config", required=True, help="the webhook's settings file")
+    hook.set_defaults(func=_cmd_webhook)
 
     exp = sub.add_parser("explain", help="show how policy decides a URL for a source")
     exp.add_argument("--source", required=True, help="source IP (a pod or static identity)")

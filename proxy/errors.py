@@ -21,6 +21,8 @@ class Reason(StrEnum):
     NAMESPACE_ISOLATION = "namespace_isolation"
     DEFAULT_ALLOW = "default_allow"
     DEFAULT_DENY = "default_deny"
+    # A stored ClusterEgressPolicy/EgressPolicy is invalid: its stand-in denies (fail closed).
+    POLICY_INVALID = "policy_invalid"
     # Address guard and resolution.
     GUARDED_ADDRESS = "guarded_address"
     DNS_NXDOMAIN = "dns_nxdomain"

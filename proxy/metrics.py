@@ -368,7 +368,8 @@ IDENTITY_LOOKUPS = Counter(
 )
 KUBE_INVALID_POLICIES = Gauge(
     "outgate_kube_invalid_policies",
-    "Policy objects from the cluster left out because they are invalid, by kind.",
+    "Policy objects from the cluster that are invalid, by kind (each fails closed: it denies its "
+    "subjects everything at its place until it is fixed).",
     ["kind"],
     registry=REGISTRY,
 )
@@ -429,5 +430,28 @@ DLP_HITS = Counter(
     "outgate_dlp_hits_total",
     "Intercepted requests refused by a DLP detector, by detector (built-in or dlp.custom name).",
     ["detector"],
+    registry=REGISTRY,
+)
+
+# `outgate webhook` (its own process: these are the only metrics it exports).
+WEBHOOK_REVIEWS = Counter(
+    "outgate_webhook_reviews_total",
+    "AdmissionReviews answered, by webhook (validate-policies, mutate-pods) and result (allowed, "
+    "denied, patched, error).",
+    ["webhook", "result"],
+    registry=REGISTRY,
+)
+WEBHOOK_BAD_REQUESTS = Counter(
+    "outgate_webhook_bad_requests_total",
+    "Requests to the webhook answered with an error status instead of a review (400 malformed, "
+    "408 too slow, 413 too large, ...), by status.",
+    ["status"],
+    registry=REGISTRY,
+)
+WEBHOOK_CERTIFICATE_RELOADS = Counter(
+    "outgate_webhook_certificate_reloads_total",
+    "Re-reads of the webhook's serving certificate after its files changed, by result "
+    "(success, failure: the previous certificate keeps serving).",
+    ["result"],
     registry=REGISTRY,
 )

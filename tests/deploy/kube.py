@@ -269,8 +269,13 @@ def monitoring_crds() -> list[Obj]:
     ]
 
 
+def cert_manager_crds() -> list[Obj]:
+    """cert-manager's Issuer and Certificate, as a subset written for these tests (schemas/)."""
+    return [d for d in yaml.safe_load_all((SCHEMAS / "cert-manager.io.yaml").read_text()) if d]
+
+
 def all_crd_schemas() -> CustomResourceSchemas:
-    return CustomResourceSchemas([*outgate_crds(), *monitoring_crds()])
+    return CustomResourceSchemas([*outgate_crds(), *monitoring_crds(), *cert_manager_crds()])
 
 
 def walk(node: object) -> Iterator[object]:

@@ -90,6 +90,8 @@ def test_the_proxy_objects_live_in_outgate_system(overlay: str) -> None:
             "CustomResourceDefinition",
             "ClusterRole",
             "ClusterRoleBinding",
+            "ValidatingWebhookConfiguration",
+            "MutatingWebhookConfiguration",
         ):
             if (obj["kind"], obj["metadata"]["name"]) == ("ConfigMap", "outgate-coredns-steering"):
                 # components/transparent: CoreDNS's own namespace, where its config lives.

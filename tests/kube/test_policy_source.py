@@ -106,3 +106,153 @@ async def test_one_event_per_finding_even_across_relists_and_replicas(fake: Fake
         await eventually(lambda: len(fake.events_posted) == 2)
         assert first.plane.policy_source is not None
         assert first.plane.policy_source.invalid() == ["EgressPolicy tests/bad: 1 issue(s)"]
+
+
+# -- invalid objects fail closed (issue 19) --------------------------------------------------
+
+PAYMENTS = Workload(
+    kind=WorkloadKind.POD,
+    namespace="payments",
+    name="api-1",
+    labels={"app": "api"},
+    namespace_labels={"kubernetes.io/metadata.name": "payments", "team": "payments"},
+)
+SHOP = Workload(
+    kind=WorkloadKind.POD,
+    namespace="shop",
+    name="web-1",
+    labels={"app": "web"},
+    namespace_labels={"kubernetes.io/metadata.name": "shop", "team": "shop"},
+)
+
+
+def cluster_policy(
+    name: str, tier: str, rules: list[dict[str, Any]], **spec: Any
+) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"tier": tier, "rules": rules, **spec}}
+
+
+def outcome(informers: Informers, workload: Workload, host: str) -> tuple[str, str, str | None]:
+    decided = informers.store.decide(workload, Destination(host=parse_host(host), port=443))
+    return str(decided.action), str(decided.reason), decided.ruleset
+
+
+PASTE_DENY = cluster_policy(
+    "no-paste",
+    "admin",
+    [{"name": "paste", "action": "Deny", "to": [{"fqdn": "*.pastebin.com"}]}],
+    subject={"namespaceSelector": {"matchLabels": {"team": "payments"}}},
+)
+
+
+async def test_an_invalid_edit_of_an_admin_deny_keeps_its_subjects_denied_on_every_replica(
+    fake: FakeKube,
+) -> None:
+    fake.create("clusteregresspolicies", PASTE_DENY)
+    baseline = cluster_policy(
+        "open-web",
+        "baseline",
+        [
+            {
+                "name": "all",
+                "action": "Allow",
+                "to": [{"fqdn": "*.pastebin.com"}, {"fqdn": "*.example.com"}],
+            }
+        ],
+    )
+    fake.create("clusteregresspolicies", baseline)
+    async with (
+        Informers(fake, identity=False, policies=True) as one,
+        Informers(fake, identity=False, policies=True) as two,
+    ):
+        await one.synced()
+        await two.synced()
+        for replica in (one, two):
+            await eventually(
+                lambda r=replica: (
+                    outcome(r, PAYMENTS, "x.pastebin.com") == ("deny", "rule_deny", "no-paste")
+                )
+            )
+        # The edit the validating webhook would have refused, stored while it was off.
+        broken = cluster_policy(
+            "no-paste",
+            "admin",
+            [{"name": "paste", "action": "Deny", "to": [{"fqdn": "paste*.com"}]}],
+            subject={"namespaceSelector": {"matchLabels": {"team": "payments"}}},
+        )
+        fake.update("clusteregresspolicies", broken)
+        for replica in (one, two):
+            await eventually(
+                lambda r=replica: (
+                    outcome(r, PAYMENTS, "x.pastebin.com") == ("deny", "policy_invalid", "no-paste")
+                )
+            )
+            # Everything its subjects send is denied until it is fixed, not only paste sites...
+            assert outcome(replica, PAYMENTS, "www.example.com") == (
+                "deny",
+                "policy_invalid",
+                "no-paste",
+            )
+            # ...and workloads it does not select are untouched.
+            assert outcome(replica, SHOP, "x.pastebin.com") == ("allow", "rule_allow", "open-web")
+        fixed = cluster_policy(
+            "no-paste",
+            "admin",
+            [{"name": "paste", "action": "Deny", "to": [{"fqdn": "*.pastebin.com"}]}],
+            subject={"namespaceSelector": {"matchLabels": {"team": "payments"}}},
+        )
+        fake.update("clusteregresspolicies", fixed)
+        for replica in (one, two):
+            await eventually(
+                lambda r=replica: (
+                    outcome(r, PAYMENTS, "www.example.com") == ("allow", "rule_allow", "open-web")
+                )
+            )
+            assert outcome(replica, PAYMENTS, "x.pastebin.com") == ("deny", "rule_deny", "no-paste")
+
+
+async def test_an_invalid_egress_policy_isolates_the_pods_it_selects(fake: FakeKube) -> None:
+    allow = {
+        "metadata": {"name": "allow-all", "namespace": "payments"},
+        "spec": {"rules": [{"name": "r", "action": "Allow", "to": [{"fqdn": "*.example.com"}]}]},
+    }
+    bad = {
+        "metadata": {"name": "api-deny", "namespace": "payments"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "api"}},
+            "rules": [{"name": "r", "action": "Deny", "to": [{"fqdn": "evil.*.example.com"}]}],
+        },
+    }
+    worker = Workload(
+        kind=WorkloadKind.POD,
+        namespace="payments",
+        name="worker-1",
+        labels={"app": "worker"},
+        namespace_labels=PAYMENTS.namespace_labels,
+    )
+    fake.create("egresspolicies", allow)
+    fake.create("egresspolicies", bad)
+    async with Informers(fake, identity=False, policies=True) as informers:
+        await informers.synced()
+        # The Deny it meant could have covered anything "allow-all" lets through: its pods are
+        # denied what the namespace tier decides; other pods of the namespace are not.
+        await eventually(
+            lambda: (
+                outcome(informers, PAYMENTS, "evil.x.example.com")
+                == ("deny", "policy_invalid", "payments/api-deny")
+            )
+        )
+        assert outcome(informers, PAYMENTS, "www.example.com") == (
+            "deny",
+            "policy_invalid",
+            "payments/api-deny",
+        )
+        assert outcome(informers, worker, "www.example.com") == (
+            "allow",
+            "rule_allow",
+            "payments/allow-all",
+        )
+        assert informers.plane.policy_source is not None
+        assert informers.plane.policy_source.invalid() == [
+            "EgressPolicy payments/api-deny: 1 issue(s)"
+        ]

@@ -315,14 +315,35 @@ def test_crd_policies_created_updated_and_deleted_change_decisions(
     wait_for(lambda: decision_for(proxy, url) == ("deny", None))
 
 
-def test_an_invalid_crd_is_left_out_with_a_visible_reason_and_spares_valid_ones(
+def test_an_invalid_crd_denies_its_pods_with_a_visible_reason_until_fixed(
     start_proxy: StartProxy, fake: FakeKube, origin: OriginServer
 ) -> None:
     proxy = start_with_kube(start_proxy, fake, "", identity=False, cluster_policies=True)
     url = f"http://127.0.0.1:{origin.port}/hello"
     fake.create("egresspolicies", egress_policy("good", "origin.test"))
-    bad = fake.create("egresspolicies", egress_policy("bad", "api.*.example.com"))
     wait_for(lambda: decision_for(proxy, url) == ("allow", "tests/good"))
+    # It selects the same pods as "good": fail closed, they are denied until it is fixed, and
+    # the record and the explanation say which object and why.
+    bad = fake.create("egresspolicies", egress_policy("bad", "api.*.example.com"))
+    wait_for(lambda: decision_for(proxy, url) == ("deny", "tests/bad"))
+    explained = explain(proxy, STATIC_CLIENT, url)
+    assert explained["decision"]["reason"] == "policy_invalid"
+    assert any(
+        step["ruleset"] == "tests/bad"
+        and "the policy is invalid" in step["result"]
+        and "spec.rules[0].to[0].fqdn" in step["result"]
+        for step in explained["steps"]
+    ), explained["steps"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert read_response(sock)[0] == 403
+    (record,) = proxy.wait_records(
+        lambda e: e["event"]["action"] == "decision" and e["outgate"]["decision"] == "deny"
+    )
+    assert (record["outgate"]["reason"], record["rule"]["ruleset"]) == (
+        "policy_invalid",
+        "tests/bad",
+    )
 
     event = wait_for(
         lambda: next((e for e in fake.events_posted if e["involvedObject"]["name"] == "bad"), None)
@@ -345,12 +366,12 @@ def test_an_invalid_crd_is_left_out_with_a_visible_reason_and_spares_valid_ones(
     assert 'outgate_kube_invalid_policies{kind="EgressPolicy"} 1.0' in proxy.admin("/metrics")[1]
     proxy.wait_log(lambda e: e.get("event") == "kube_policy_invalid")
 
-    # Fixing it brings it in; the valid one was never disturbed.
+    # Fixing it brings it in: it denies only api.example.com, and "good" allows again.
     fixed = egress_policy("bad", "api.example.com", action="Deny")
     fixed["spec"]["rules"][0]["to"] = [{"fqdn": "api.example.com"}]
     fake.update("egresspolicies", fixed)
     wait_for(lambda: json.loads(proxy.admin("/readyz")[1])["kubernetes"]["invalid_policies"] == [])
-    assert decision_for(proxy, url) == ("allow", "tests/good")
+    wait_for(lambda: decision_for(proxy, url) == ("allow", "tests/good"))
 
 
 def test_the_proxy_writes_policy_status_releases_its_lease_and_can_be_told_not_to(

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,27 @@ def run_outgate(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*outgate_command(), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, as an orchestrator stops a pod; SIGKILL if it has not exited within 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def json_lines(stream: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """A process's log lines as JSON objects; a line that is not JSON as an `unparsed` entry."""
+    for line in stream:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            yield {"event": "unparsed", "text": line.decode(errors="replace")}
 
 
 class ProxyProcess:
@@ -135,13 +156,7 @@ class ProxyProcess:
         if self.proc is None:
             return 0
         self._stdout_gate.set()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         for thread in self._threads:
             thread.join(5)
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -167,11 +182,7 @@ class ProxyProcess:
 
     def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = {"event": "unparsed", "text": line.decode(errors="replace")}
+        for entry in json_lines(self.proc.stderr):
             with self._cond:
                 self.logs.append(entry)
                 self._cond.notify_all()

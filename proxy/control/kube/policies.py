@@ -5,12 +5,16 @@ as pods. Each object is validated by the loader that validates files (same messa
 field paths). The set in force is recompiled, merged with the file policies, a short moment
 after the last change (`DEBOUNCE_SECONDS`: a relist of a thousand objects compiles once).
 
-An invalid object is left out. Not "the last valid version of it": replicas that started at
-different times would then enforce different policies for the same workload, and a restart
-would silently change the decision. The person who applied it sees why on the object itself
-(`kubectl describe`): a Warning Event, reason `InvalidPolicy`, whose message is the rendered
-issues; the log and `outgate_kube_invalid_policies` say it too, and /readyz lists it. The
-Event's name is derived from the object's UID, generation and message, so every replica
+An invalid object fails closed: a stand-in (proxy.core.policy.loader.fail_closed_policy) takes
+its place and denies everything at the object's place in the order, for the object's subjects,
+with reason `policy_invalid` naming it. Leaving it out would drop any Deny it held (an invalid
+edit of an admin-tier deny would open what it denied). Not "the last valid version of it"
+either: replicas that started at different times would then enforce different policies for the
+same workload, and a restart would silently change the decision; the stand-in depends on the
+stored object alone, so every replica decides the same. The person who applied it sees why on
+the object itself (`kubectl describe`): a Warning Event, reason `InvalidPolicy`, whose message is
+the rendered issues; the log and `outgate_kube_invalid_policies` say it too, and /readyz lists
+it. The Event's name is derived from the object's UID, generation and message, so every replica
 posting the same finding collides on one name (409) instead of piling up copies.
 
 Each object also carries the finding in `.status` (condition `Accepted`, reason and message
@@ -37,8 +41,8 @@ from proxy.control.kube.client import ApiError, KubeClient
 from proxy.control.kube.reflector import DEFAULT_TUNING, Reflector, ReflectorTuning, Resource
 from proxy.control.kube.status import AcceptedReason, StatusTarget, Verdict
 from proxy.control.policy_source import KUBERNETES_SOURCE, PolicyStore
-from proxy.core.policy.loader import load_text
-from proxy.core.policy.model import API_VERSION, Policy, PolicyKind
+from proxy.core.policy.loader import fail_closed_policy, load_text
+from proxy.core.policy.model import API_VERSION, Origin, Policy, PolicyKind
 from proxy.errors import ConfigError, ConfigIssue
 from proxy.metrics import (
     KUBE_EVENTS_POSTED,
@@ -101,9 +105,14 @@ class ObjectRef:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Entry:
     ref: ObjectRef
-    policy: Policy | None
+    policy: Policy | None  # None: the object is invalid
     issues: tuple[ConfigIssue, ...] = ()
     status: Any = None  # the object's .status as last read (or written)
+    stand_in: Policy | None = None  # in force in place of an invalid object
+
+    @property
+    def in_force(self) -> Policy | None:
+        return self.policy if self.policy is not None else self.stand_in
 
 
 def policy_from_object(
@@ -124,6 +133,26 @@ def policy_from_object(
     except ConfigError as error:
         return None, error.issues
     return policies[0], []
+
+
+def stand_in_for(
+    kind: PolicyKind, obj: dict[str, Any], issues: Iterable[ConfigIssue]
+) -> Policy | None:
+    """The fail-closed stand-in for an invalid object; None only for an object with no usable
+    name (the API server never stores one)."""
+    ref = object_ref(kind, obj)
+    try:
+        return fail_closed_policy(
+            kind,
+            obj.get("spec"),
+            name=ref.name,
+            namespace=ref.namespace,
+            issues=list(issues),
+            origin=Origin(file=ref.describe(), document=1),
+        )
+    except ValueError as exc:
+        log.error("kube_policy_stand_in_failed", object=ref.describe(), error=str(exc))
+        return None
 
 
 def object_ref(kind: PolicyKind, obj: dict[str, Any]) -> ObjectRef:
@@ -299,9 +328,13 @@ class KubePolicySource:
             self.status_changed(ref.uid)  # a status someone else changed is put right
             return
         policy, issues = policy_from_object(kind, obj)
-        self.entries[ref.uid] = _Entry(ref=ref, policy=policy, issues=tuple(issues), status=status)
+        stand_in = None
         if policy is None:
+            stand_in = stand_in_for(kind, obj, issues)
             self._report(ref, issues)
+        self.entries[ref.uid] = _Entry(
+            ref=ref, policy=policy, issues=tuple(issues), status=status, stand_in=stand_in
+        )
         self._dirty.set()
 
     def remove(self, uid: str) -> None:
@@ -374,7 +407,7 @@ class KubePolicySource:
                 self.install()
 
     def install(self) -> None:
-        policies = [entry.policy for entry in self.entries.values() if entry.policy is not None]
+        policies = [p for e in self.entries.values() if (p := e.in_force) is not None]
         engine, shadowed = self.store.set_source(KUBERNETES_SOURCE, policies)
         self._installed = True
         POLICY_REVISION.set(engine.revision)

@@ -18,6 +18,10 @@ Evaluation, DESIGN section 3 (the same numbers mark the code in `_evaluate`):
   3. Baseline tier. As step 1 with `tier: baseline`; Pass -> step 4.
   4. The configured default action (default_allow / default_deny).
 
+A policy that stands in for an invalid stored object (`Policy.invalid`) holds one rule matching
+every destination and port, Deny: at its place in the order it denies everything that reaches it,
+with reason policy_invalid (docs/kubernetes.md, "Invalid objects fail closed").
+
 Audit mode: the decision comes from enforce-mode policies only. When an audit-mode policy
 selects the workload, the engine evaluates again with every policy enforced; that verdict is the
 shadow decision, kept when it differs from the decision in action, ruleset or rule.
@@ -192,8 +196,9 @@ def _rule_verdict(policy: Policy, rule: Rule) -> Verdict | None:
                 tls=rule.tls,
             )  # fmt: skip
         case Action.DENY:
+            reason = Reason.POLICY_INVALID if policy.invalid else Reason.RULE_DENY
             return Verdict(
-                action=Outcome.DENY, reason=Reason.RULE_DENY,
+                action=Outcome.DENY, reason=reason,
                 rule=rule.name, ruleset=policy.ruleset, tier=policy.tier, mode=policy.mode,
             )  # fmt: skip
         case Action.PASS:
@@ -287,6 +292,7 @@ class Engine:
         "_decision_objects",
         "_decisions",
         "_default",
+        "_everywhere",
         "_exact",
         "_has_audit",
         "_isolation",
@@ -339,6 +345,8 @@ class Engine:
         self._exact: dict[str, list[_Entry]] = {}
         self._wildcard: dict[str, list[_Entry]] = {}
         self._cidrs: CidrTable[list[_Entry]] = CidrTable()
+        # Fail-closed stand-ins' rules match every destination; empty unless an object is invalid.
+        self._everywhere: list[_Entry] = []
         order = 0
         for slot, policy in enumerate(ordered):
             for rule in policy.rules:
@@ -352,6 +360,8 @@ class Engine:
                     _add_once(self._wildcard.setdefault(suffix, []), entry)
                 for cidr in rule.cidrs:
                     _add_once(self._cidrs.setdefault(cidr, []), entry)
+                if rule.any_destination:
+                    self._everywhere.append(entry)
         self._rule_count = order
         self._cache: OrderedDict[SelectionKey, _Selection] = OrderedDict()
         self._decisions: dict[tuple[_Selection, str, bool, int, IPAddress | None], Decision] = {}
@@ -532,6 +542,8 @@ class Engine:
                 dot = name.find(".", dot + 1)
         if destination.ip is not None:
             lists.extend(self._cidrs.containing(destination.ip))
+        if self._everywhere:
+            lists.append(self._everywhere)
         port = destination.port
         if len(lists) == 1:  # the usual case: already in order, each entry once
             return [entry for entry in lists[0] if entry.matches_port(port)]
@@ -556,6 +568,16 @@ def _namespace_verdict(
     if allow is not None:
         return allow.verdict
     return selection.isolation_enforced if enforce_only else selection.isolation_all
+
+
+def _invalid_result(policy: Policy) -> str:
+    """An explanation's words for a fail-closed stand-in: which object, and its first issue."""
+    more = len(policy.invalid_issues) - 1
+    also = f" (and {more} more issue(s))" if more > 0 else ""
+    return (
+        f"the policy is invalid, so it denies until it is fixed (fail closed): "
+        f"{policy.invalid_issues[0]}{also} -> deny"
+    )
 
 
 # The tiers in evaluation order; a trace's progress is a position in it (its length: step 4).
@@ -629,7 +651,9 @@ class _Trace:
                 self._add(
                     tier, policy.ruleset, entry.rule.name, f"{entry.rule.action} matches{note}"
                 )
-        if deny is not None:
+        if deny is not None and deny.policy.invalid:
+            self._add(tier, deny.policy.ruleset, deny.rule.name, _invalid_result(deny.policy))
+        elif deny is not None:
             result = "Deny wins -> deny" if allow is not None else "Deny -> deny"
             self._add(tier, deny.policy.ruleset, deny.rule.name, result)
         elif allow is not None:
@@ -675,11 +699,12 @@ class _Trace:
                 self._add(tier, policy.ruleset, None, "selects the workload; no rule matches")
                 continue
             handover = "namespace tier" if tier is Tier.ADMIN else "default action"
-            result = (
-                f"{first.rule.action} matches -> {first.verdict.action}"
-                if first.verdict is not None
-                else f"Pass matches -> {handover}"
-            )
+            if policy.invalid:
+                result = _invalid_result(policy)
+            elif first.verdict is not None:
+                result = f"{first.rule.action} matches -> {first.verdict.action}"
+            else:
+                result = f"Pass matches -> {handover}"
             self._add(tier, policy.ruleset, first.rule.name, result)
             return
         if not any_selected:

@@ -14,7 +14,7 @@ would load every policy twice.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -40,6 +40,7 @@ from proxy.core.policy.model import (
     DEFAULT_PRIORITY,
     DEFAULT_TLS,
     DLP_DETECTORS,
+    FAIL_CLOSED_RULE,
     MAX_PORT,
     MAX_PRIORITY,
     MIN_PORT,
@@ -153,6 +154,82 @@ def load_paths(paths: Sequence[str | Path]) -> list[Policy]:
     if issues:
         raise ConfigError(issues)
     return policies
+
+
+def fail_closed_policy(
+    kind: PolicyKind,
+    spec: object,
+    *,
+    name: str,
+    namespace: str,
+    issues: Sequence[ConfigIssue],
+    origin: Origin,
+) -> Policy:
+    """The stand-in for a stored object the validator refuses: it denies everything at the
+    object's place, for the object's subjects (docs/kubernetes.md, "Invalid objects fail closed").
+
+    Whatever version of the object was meant, the stand-in is at least as strict: it denies
+    every destination the object could have decided, and those it would have passed on. Each
+    part it needs is read as the loader reads it; a part that is itself invalid takes its
+    strictest value: tier admin (first), priority 0 (first), every workload (no subject, or
+    every pod of the namespace), mode enforce. It depends on the object alone, so every replica
+    builds the same stand-in.
+    """
+    body: Mapping[str, object] = spec if isinstance(spec, Mapping) else {}
+    mode = _strictest(
+        lambda issues: _parse_choice(body, "mode", Mode, Mode.ENFORCE, issues, "spec.mode"),
+        Mode.ENFORCE,
+    )
+    subject: Subject | None = None
+    pod_selector = MATCH_ALL
+    if kind is PolicyKind.CLUSTER:
+        tier = _strictest(lambda issues: _parse_tier(body, issues), Tier.ADMIN)
+        priority = (
+            _strictest(lambda issues: _parse_priority(body, issues), MIN_PRIORITY)
+            if isinstance(spec, Mapping)
+            else MIN_PRIORITY  # an unreadable spec has no priority to take the default of
+        )
+        if "subject" in body:
+            # An unreadable subject selects every workload: the object's own could be any.
+            subject = _strictest(lambda issues: _parse_subject(body["subject"], issues), None)
+    else:
+        tier, priority = Tier.NAMESPACE, DEFAULT_PRIORITY
+        if "podSelector" in body:
+            pod_selector = _strictest(
+                lambda issues: parse_label_selector(
+                    body["podSelector"], issues, "spec.podSelector"
+                ),
+                MATCH_ALL,
+            )
+    return Policy(
+        kind=kind,
+        name=name,
+        namespace=namespace,
+        tier=tier,
+        priority=priority,
+        mode=mode,
+        subject=subject,
+        pod_selector=pod_selector,
+        rules=(FAIL_CLOSED_RULE,),
+        origin=origin,
+        invalid_issues=tuple(_issue_text(issue) for issue in issues) or ("invalid",),
+    )
+
+
+_Part = TypeVar("_Part")
+
+
+def _strictest(parse: Callable[[IssueCollector], _Part | None], fallback: _Part) -> _Part:
+    """One part of an invalid object, read as the loader reads it, or `fallback` when that
+    part has an issue of its own."""
+    issues = IssueCollector(file="")
+    value = parse(issues)
+    return fallback if value is None or issues.issues else value
+
+
+def _issue_text(issue: ConfigIssue) -> str:
+    field = f"{issue.path}: " if issue.path else ""
+    return f"{field}{issue.message} -- fix: {issue.fix}"
 
 
 def policy_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[ConfigIssue]]:

@@ -178,9 +178,14 @@ class Rule:
     protocol: TunnelProtocol | None = None
     inspect: Inspect | None = None
     tls: TlsOptions = DEFAULT_TLS
+    # Every destination, whatever its name or address: only the Deny rule of a fail-closed
+    # stand-in for an invalid object (`FAIL_CLOSED_RULE`); no policy document can write it.
+    any_destination: bool = False
 
     def matches_host(self, destination: Destination) -> bool:
         """The reference semantics the engine's indexes implement (DESIGN section 3)."""
+        if self.any_destination:
+            return True
         if destination.host.ip is None:
             name = destination.host.name
             if name in self.fqdns:
@@ -198,6 +203,16 @@ class Rule:
 
     def matches(self, destination: Destination) -> bool:
         return self.matches_port(destination.port) and self.matches_host(destination)
+
+
+# The rule of a fail-closed stand-in: it matches every destination on every port, so whatever
+# the invalid object could have decided, the stand-in decides deny at the object's place.
+FAIL_CLOSED_RULE = Rule(
+    name="fail-closed",
+    action=Action.DENY,
+    ports=(PortRange(start=MIN_PORT, end=MAX_PORT),),
+    any_destination=True,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +260,10 @@ class Policy:
     pod_selector: LabelSelector = MATCH_ALL  # EgressPolicy; {} selects every pod of the namespace
     rules: tuple[Rule, ...]
     origin: Origin = field(default=Origin(file="<memory>", document=1), compare=False)
+    # Non-empty: this policy stands in for a stored object that is invalid (these are its
+    # rendered issues), and its one rule is FAIL_CLOSED_RULE (docs/kubernetes.md, "Invalid
+    # objects fail closed").
+    invalid_issues: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind is PolicyKind.NAMESPACED:
@@ -256,6 +275,14 @@ class Policy:
             )
         if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"priority {self.priority} is out of range")
+        if self.invalid_issues and self.rules != (FAIL_CLOSED_RULE,):
+            raise ValueError("a stand-in for an invalid object has exactly FAIL_CLOSED_RULE")
+        if not self.invalid_issues and any(rule.any_destination for rule in self.rules):
+            raise ValueError("only a stand-in for an invalid object matches any destination")
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.invalid_issues)
 
     @property
     def ruleset(self) -> str:
