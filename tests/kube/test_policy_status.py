@@ -13,7 +13,7 @@ from proxy.control.kube.config import load_kubeconfig
 from proxy.control.kube.lease import LeaseElector, LeaseTiming
 from proxy.control.kube.policies import policy_from_object
 from proxy.control.kube.runtime import StatusWriting
-from proxy.control.kube.status import ACCEPTED
+from proxy.control.kube.status import ACCEPTED, FAIL_CLOSED_NOTE
 from proxy.control.policy_source import FILE_SOURCE
 from proxy.core.policy.loader import load_text
 from proxy.core.policy.model import PolicyKind
@@ -78,7 +78,9 @@ async def test_an_invalid_policy_is_accepted_false_with_the_validators_message(
         refused = condition(fake, "too-wide")
         assert refused is not None
         assert refused["reason"] == "InvalidPolicy"
-        assert refused["message"] == "\n".join(issue.render() for issue in issues)
+        assert refused["message"] == "\n".join(
+            [FAIL_CLOSED_NOTE, *(issue.render() for issue in issues)]
+        )
         assert "spec.rules[0].to[0].fqdn" in refused["message"]
         assert refused["observedGeneration"] == stored["metadata"]["generation"]
         assert stored["status"]["observedGeneration"] == stored["metadata"]["generation"]

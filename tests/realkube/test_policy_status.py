@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from proxy.control.kube.policies import policy_from_object
+from proxy.control.kube.status import FAIL_CLOSED_NOTE
 from proxy.core.policy.model import PolicyKind
 from tests.realkube.conftest import PROXY_ACCOUNT, PROXY_NAMESPACE
 from tests.support.proxyproc import ProxyProcess
@@ -183,7 +184,9 @@ def test_kubectl_shows_whether_each_policy_is_accepted_and_only_the_holder_write
     assert refused is not None and refused["reason"] == "InvalidPolicy"
     _, stored = realkube.api("GET", f"{POLICIES}/namespaces/{team}/egresspolicies/too-wide")
     _, issues = policy_from_object(PolicyKind.NAMESPACED, stored)
-    assert refused["message"] == "\n".join(issue.render() for issue in issues)
+    assert refused["message"] == "\n".join(
+        [FAIL_CLOSED_NOTE, *(issue.render() for issue in issues)]
+    )
     assert "spec.rules[0].to[0].fqdn" in refused["message"]
     assert refused["observedGeneration"] == stored["metadata"]["generation"]
     assert stored["status"]["observedGeneration"] == stored["metadata"]["generation"]

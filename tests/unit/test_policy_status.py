@@ -15,6 +15,7 @@ from proxy.control.kube.lease import LeaseRecord, LeaseTiming, Step, holder_iden
 from proxy.control.kube.runtime import DEFAULT_LEASE_NAMESPACE, StatusWriting
 from proxy.control.kube.status import (
     ACCEPTED,
+    FAIL_CLOSED_NOTE,
     MAX_CONDITION_MESSAGE_CHARS,
     AcceptedReason,
     PolicyStatusWriter,
@@ -56,7 +57,9 @@ VALID_AT_2 = {"observedGeneration": 2, "conditions": [accepted("True", "Valid", 
 def test_an_invalid_policy_gets_accepted_false_with_the_validators_rendered_issue() -> None:
     assert desired_status(None, INVALID, 1, T1) == {
         "observedGeneration": 1,
-        "conditions": [accepted("False", "InvalidPolicy", ISSUE.render(), 1, at=T1)],
+        "conditions": [
+            accepted("False", "InvalidPolicy", f"{FAIL_CLOSED_NOTE}\n{ISSUE.render()}", 1, at=T1)
+        ],
     }
     assert ISSUE.render() == (
         "EgressPolicy team/web: spec.rules[0].to[0].fqdn: '*.com' is too wide "

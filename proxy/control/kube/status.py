@@ -10,7 +10,8 @@ the validator that `outgate check-config` runs:
       - type: Accepted
         status: "False"
         reason: InvalidPolicy
-        message: 'EgressPolicy team/web: spec.rules[0].to[0].fqdn: ... -- fix: ...'
+        message: 'Until this is fixed, ... (fail closed).
+          EgressPolicy team/web: spec.rules[0].to[0].fqdn: ... -- fix: ...'
         observedGeneration: 4
         lastTransitionTime: "2026-01-02T03:04:05Z"
 
@@ -52,6 +53,12 @@ log = structlog.get_logger(__name__)
 
 ACCEPTED: Final = "Accepted"
 MERGE_PATCH: Final = "application/merge-patch+json"
+# What an invalid object does meanwhile (docs/kubernetes.md, "Invalid objects fail closed"), first
+# so that `kubectl describe` shows it even when the issues are long.
+FAIL_CLOSED_NOTE: Final = (
+    "Until this is fixed, the object denies every destination to the workloads it selects "
+    "(fail closed)."
+)
 # metav1.Condition caps a message at 32768 characters; the API server refuses longer ones.
 MAX_CONDITION_MESSAGE_CHARS: Final = 32768
 VALID_MESSAGE: Final = "the policy is valid and in force"
@@ -88,6 +95,8 @@ class Verdict:
     @classmethod
     def refused(cls, reason: AcceptedReason, issues: Iterable[ConfigIssue]) -> Verdict:
         message = "\n".join(issue.render() for issue in issues)
+        if reason is AcceptedReason.INVALID:
+            message = f"{FAIL_CLOSED_NOTE}\n{message}"
         if len(message) > MAX_CONDITION_MESSAGE_CHARS:
             message = message[: MAX_CONDITION_MESSAGE_CHARS - 3] + "..."
         return cls(accepted=False, reason=reason, message=message)
