@@ -308,6 +308,7 @@ class App:
         detail: dict[str, Any] = {
             "policy_loaded": self.policy.loaded,
             "policy_revision": self.policy.revision,
+            "policy_digest": self.policy.engine.digest,
             "draining": self.draining,
             "last_policy_error": [i.render() for i in error.issues] if error else None,
         }

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -999,3 +1001,62 @@ def test_a_compiled_engine_with_10000_rules_decides_like_a_naive_reference() -> 
             )
             assert outcome(decision.shadow) == expected_shadow, (workload, destination)
             assert decision.action is Outcome(expected[0])
+
+
+DIGEST_POLICIES = """
+apiVersion: outgate.dev/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {name: guard}
+spec:
+  tier: admin
+  subject: {namespaceSelector: {matchLabels: {team: a, env: prod}}}
+  rules:
+    - {name: no-paste, action: Deny, to: [{fqdn: "*.pastebin.example"}]}
+---
+apiVersion: outgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchExpressions: [{key: app, operator: In, values: [web, api, cron]}]}
+  rules:
+    - {name: api, action: Allow, to: [{fqdn: api.example.com}, {cidr: 10.0.0.0/8}], ports: [443]}
+"""
+
+
+def test_the_policy_digest_is_the_content_not_the_order_origin_or_revision() -> None:
+    policies = load_text(DIGEST_POLICIES, file="/etc/outgate/policies/a.yaml")
+    elsewhere = load_text(DIGEST_POLICIES, file="EgressPolicy shop/web")
+    first = Engine.compile(policies, default_action=Action.DENY, revision=1)
+    assert Engine.compile(reversed(elsewhere), default_action=Action.DENY, revision=9).digest == (
+        first.digest
+    )
+    assert Engine.compile(policies, default_action=Action.ALLOW, revision=1).digest != first.digest
+    edited = load_text(DIGEST_POLICIES.replace("ports: [443]", "ports: [8443]"), file="a.yaml")
+    assert Engine.compile(edited, default_action=Action.DENY, revision=1).digest != first.digest
+    assert len(first.digest) == 16 and int(first.digest, 16) >= 0
+
+
+def test_the_policy_digest_is_the_same_in_every_process() -> None:
+    """Replicas are separate processes with their own string-hash seeds: a digest that depended
+    on set or dict order would differ between them."""
+    script = (
+        "from proxy.core.policy.loader import load_text\n"
+        "from proxy.core.policy.engine import Engine\n"
+        "from proxy.core.policy.model import Action\n"
+        "import sys\n"
+        "engine = Engine.compile(load_text(sys.stdin.read(), file='p.yaml'),"
+        " default_action=Action.DENY, revision=1)\n"
+        "print(engine.digest)\n"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            input=DIGEST_POLICIES,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin"},
+        ).stdout.strip()
+        for seed in (1, 2, 3, 4)
+    }
+    assert len(digests) == 1, digests

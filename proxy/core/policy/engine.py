@@ -35,9 +35,10 @@ checks over generated policy sets that both paths give the same decision.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Final, Protocol
 
@@ -292,6 +293,7 @@ class Engine:
         "_decision_objects",
         "_decisions",
         "_default",
+        "_digest",
         "_everywhere",
         "_exact",
         "_has_audit",
@@ -310,6 +312,7 @@ class Engine:
     ) -> None:
         self.default_action = default_action
         self.revision = revision
+        self._digest: str | None = None
         self._default = _default_verdict(default_action)
         given = list(policies)
         seen: set[tuple[PolicyKind, str, str]] = set()
@@ -378,6 +381,15 @@ class Engine:
     @property
     def rule_count(self) -> int:
         return self._rule_count
+
+    @property
+    def digest(self) -> str:
+        """What this engine enforces, as 16 hex digits: the same on every replica that holds
+        the same policies, whatever its `revision` (a per-process count of loads). Replicas
+        agree exactly when their digests do."""
+        if self._digest is None:
+            self._digest = policy_set_digest(self.policies, self.default_action)
+        return self._digest
 
     def decide(
         self, workload: Workload, destination: Destination, *, explain: bool = False
@@ -714,3 +726,16 @@ class _Trace:
         self.steps.append(
             Step(tier=str(tier), ruleset=ruleset, rule=rule, result=result, shadow=self._shadow)
         )
+
+
+def policy_set_digest(policies: Iterable[Policy], default_action: Action) -> str:
+    """A digest of the policies' content (every field that equality compares, so not where a
+    policy was read from) and the default action, independent of order."""
+    canonical = sorted(
+        repr(tuple((f.name, getattr(policy, f.name)) for f in fields(policy) if f.compare))
+        for policy in policies
+    )
+    hasher = hashlib.sha256(f"default={default_action.value}".encode())
+    for text in canonical:
+        hasher.update(b"\0" + text.encode())
+    return hasher.hexdigest()[:16]
