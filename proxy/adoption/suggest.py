@@ -47,6 +47,7 @@ from publicsuffixlist import PublicSuffixList
 
 from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import parse_ip_address
+from proxy.core.identity import StaticIdentity
 from proxy.core.policy.model import API_VERSION, Mode
 
 # At least this many distinct names directly under one parent become `*.parent`. Five: a
@@ -582,6 +583,13 @@ def _selector(key: WorkloadKey, options: SuggestOptions) -> tuple[dict[str, str]
         f"assumes the pods of {key.owner_kind}/{key.owner_name} carry "
         f"{options.selector_label}={value}; correct it if they do not",
     )
+
+
+def static_identity_labels(
+    identities: Iterable[StaticIdentity],
+) -> dict[tuple[str, str], dict[str, str]]:
+    """`SuggestOptions.static_labels` from the runtime config's static identities."""
+    return {(identity.namespace, identity.name): dict(identity.labels) for identity in identities}
 
 
 def suggest(lines: Iterable[bytes | str], options: SuggestOptions | None = None) -> Suggestion:

@@ -1,0 +1,491 @@
+"""Live traffic aggregates: who called what, what was refused, in fixed memory (issue 15).
+
+Fed by the ExchangeLog at the same two points that write the audit records: once per exchange
+when it is decided (`decided`) and once when it closes (`closed`). So the admin page, the
+per-destination metrics and the audit stream all count the same exchanges.
+
+What is kept, per workload (namespace + owner, as `outgate suggest` groups records):
+
+  - one row per destination (name or address, and port): allowed and denied requests and
+    tunnels, the reasons, bytes each way, first and last seen, the deciding rule, and the shadow
+    decision where an audit-mode policy would decide otherwise;
+  - at most `top` rows are shown, and at most 2 x `top` are held: when a workload reaches that
+    many, the least used half is folded into its `other` row (counts and bytes kept, names lost).
+    A busy destination that arrives late still gets a row: rows are ranked by use each time;
+  - at most `max_workloads` workloads; traffic of later ones is counted in one `other
+    workloads` entry.
+
+Globally: the decisions of the last `WINDOW_MINUTES` in minute buckets (the page's chart and its
+decisions per second), and the last `RECENT_REFUSALS` refusals with what the client sent (method,
+target, Host, User-Agent: raw client strings, cut to `MAX_SHOWN_CHARS`).
+
+Memory is bounded whatever the traffic: `bound_bytes()` is the documented ceiling
+(docs/ui.md), checked by tests/unit/test_traffic.py with 100,000 distinct names.
+
+The per-destination metrics (`outgate_destination_requests_total`,
+`outgate_destination_bytes_total`) take their `destination` label from here: a workload's first
+`metric_destinations` destinations keep their own label for the process's life, every other one
+is `other`, so the series count is bounded by workloads x (metric_destinations + 1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from proxy import metrics
+from proxy.adoption.suggest import (
+    ObservedWorkload,
+    Observer,
+    Suggestion,
+    SuggestOptions,
+    WorkloadKey,
+    propose,
+)
+from proxy.audit import Exchange
+from proxy.config import (
+    DEFAULT_MAX_WORKLOADS,
+    DEFAULT_METRIC_DESTINATIONS,
+    DEFAULT_TOP_DESTINATIONS,
+)
+from proxy.core.identity import Workload, WorkloadKind
+from proxy.errors import Reason
+
+WINDOW_MINUTES: Final = 60
+RECENT_REFUSALS: Final = 50
+# Addresses remembered per name row: enough to show where a name went and to let a suggestion
+# keep the private addresses an internal service was reached at (proxy.adoption.suggest).
+MAX_ADDRESSES_PER_ROW: Final = 4
+# Raw client strings shown in the recent refusals are cut here (the audit record has them whole).
+MAX_SHOWN_CHARS: Final = 200
+# Documented ceiling of one row's memory: the row, its key, a 253-character name, its reasons
+# and addresses. Measured at about 1.3 KiB with every field filled (tests/unit/test_traffic.py).
+ROW_BYTES: Final = 2048
+# Fixed cost of one workload entry beyond its rows (the entry, its key, the row table itself).
+WORKLOAD_BYTES: Final = 8192
+# The minute ring and the recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS).
+FIXED_BYTES: Final = 64 * 1024 + RECENT_REFUSALS * 4 * (MAX_SHOWN_CHARS + 100)
+
+OTHER: Final = "other"
+UNKNOWN_KEY: Final = WorkloadKey("", "Unknown", "unknown sources")
+OTHER_WORKLOADS_KEY: Final = WorkloadKey("", "Other", "other workloads")
+
+
+def workload_key(workload: Workload) -> WorkloadKey:
+    """The owner a workload's traffic is grouped under, as `outgate suggest` groups records
+    (`kubernetes.namespace` + `outgate.workload`, or the pod without an owner)."""
+    if workload.kind is WorkloadKind.UNKNOWN or workload.kind is WorkloadKind.AMBIGUOUS:
+        return UNKNOWN_KEY
+    if workload.owner_kind:
+        return WorkloadKey(workload.namespace, workload.owner_kind, workload.owner_name)
+    return WorkloadKey(workload.namespace, "Pod", workload.name)
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+class Row:
+    """One destination of one workload (or its `other` row). Mutable; owned by the aggregate."""
+
+    __slots__ = (
+        "addresses",
+        "allowed",
+        "bytes_in",
+        "bytes_out",
+        "denied",
+        "first_seen",
+        "host",
+        "last_reason",
+        "last_seen",
+        "metric_label",
+        "named",
+        "outcomes",
+        "port",
+        "protocol_mismatches",
+        "rule",
+        "shadow_action",
+        "shadow_differences",
+        "shadow_rule",
+        "tunnels_allowed",
+        "tunnels_denied",
+    )
+
+    def __init__(self, host: str, port: int, *, named: bool, metric_label: str) -> None:
+        self.host = host
+        self.port = port
+        self.named = named  # a destination name (else an address, or the `other` row)
+        self.metric_label = metric_label
+        self.allowed = 0  # requests and tunnels allowed
+        self.denied = 0  # requests and tunnels refused (policy, guard, DNS, upstream...)
+        self.tunnels_allowed = 0
+        self.tunnels_denied = 0
+        self.outcomes: dict[tuple[str, str], int] = {}  # (allow|deny, reason) -> count
+        self.bytes_out = 0  # client to upstream
+        self.bytes_in = 0  # upstream to client
+        self.first_seen = 0.0
+        self.last_seen = 0.0
+        self.rule: str | None = None  # `ruleset/rule` of the last decision, or its reason
+        self.last_reason = ""
+        self.shadow_action: str | None = None  # the last differing shadow decision
+        self.shadow_rule: str | None = None
+        self.shadow_differences = 0
+        self.addresses: list[str] = []
+        self.protocol_mismatches = 0  # tunnels closed because they did not carry TLS
+
+    @property
+    def requests(self) -> int:
+        return self.allowed + self.denied
+
+    @property
+    def would_be_denied(self) -> bool:
+        """Allowed now, denied once the audit-mode policies are enforced."""
+        return self.shadow_action == "deny" and self.allowed > 0
+
+    def fold_into(self, other: Row) -> None:
+        other.allowed += self.allowed
+        other.denied += self.denied
+        other.tunnels_allowed += self.tunnels_allowed
+        other.tunnels_denied += self.tunnels_denied
+        other.bytes_out += self.bytes_out
+        other.bytes_in += self.bytes_in
+        other.shadow_differences += self.shadow_differences
+        for outcome, count in self.outcomes.items():
+            other.outcomes[outcome] = other.outcomes.get(outcome, 0) + count
+        other.first_seen = min(other.first_seen or self.first_seen, self.first_seen)
+        other.last_seen = max(other.last_seen, self.last_seen)
+
+
+class WorkloadTraffic:
+    """Everything kept about one workload."""
+
+    __slots__ = (
+        "denied",
+        "first_seen",
+        "key",
+        "last_seen",
+        "metric_names",
+        "metric_workload",
+        "other",
+        "requests",
+        "rows",
+        "undestined",
+    )
+
+    def __init__(self, key: WorkloadKey) -> None:
+        self.key = key
+        self.rows: dict[tuple[str, int], Row] = {}
+        self.other = Row(OTHER, 0, named=False, metric_label=OTHER)
+        self.requests = 0
+        self.denied = 0
+        self.undestined = 0  # refused before a destination was known (malformed, limits)
+        self.first_seen = 0.0
+        self.last_seen = 0.0
+        self.metric_names: set[str] = set()  # destinations with their own metric label
+        if key == UNKNOWN_KEY:
+            self.metric_workload = "unknown"
+        elif key == OTHER_WORKLOADS_KEY:
+            self.metric_workload = OTHER
+        else:
+            self.metric_workload = f"{key.owner_kind}/{key.owner_name}"
+
+    def ranked(self) -> list[Row]:
+        """Rows by use, most used first."""
+        return sorted(self.rows.values(), key=lambda row: (-row.requests, row.host, row.port))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A recent refusal as the page shows it (raw client strings cut to MAX_SHOWN_CHARS)."""
+
+    at: float
+    event_id: str
+    workload: str
+    destination: str
+    reason: str
+    status: int | None
+    method: str | None
+    target: str | None
+    host_field: str | None
+    user_agent: str | None
+
+
+def _shown(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_SHOWN_CHARS:
+        return value
+    return value[:MAX_SHOWN_CHARS] + "..."
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Minute:
+    start: float  # seconds since the epoch
+    allowed: int
+    denied: int
+    shadow_differences: int
+
+
+class TrafficAggregate:
+    def __init__(
+        self,
+        *,
+        top: int = DEFAULT_TOP_DESTINATIONS,
+        max_workloads: int = DEFAULT_MAX_WORKLOADS,
+        metric_destinations: int = DEFAULT_METRIC_DESTINATIONS,
+    ) -> None:
+        self.top = top
+        self.max_workloads = max_workloads
+        self.metric_destinations = metric_destinations
+        self.started = time.time()
+        self.workloads: dict[WorkloadKey, WorkloadTraffic] = {}
+        self.refusals: deque[Refusal] = deque(maxlen=RECENT_REFUSALS)
+        # minute number -> [allowed, denied, shadow differences], the last WINDOW_MINUTES.
+        self._minutes: deque[tuple[int, list[int]]] = deque(maxlen=WINDOW_MINUTES)
+        self.allowed = 0
+        self.denied = 0
+        self.shadow_differences = 0
+
+    # -- feeding (ExchangeLog) -----------------------------------------------------------------
+    def decided(self, ex: Exchange, *, allowed: bool) -> None:
+        """An exchange's decision record was written: count it where it belongs."""
+        now = time.time()
+        decision = ex.decision
+        shadow = decision.shadow if decision is not None else None
+        self._count_minute(now, allowed, shadow is not None)
+        if allowed:
+            self.allowed += 1
+        else:
+            self.denied += 1
+        traffic = self._workload(ex.workload, now)
+        traffic.requests += 1
+        if not allowed:
+            traffic.denied += 1
+        row = self._row(traffic, ex, now)
+        if row is None:
+            traffic.undestined += 1
+        else:
+            outcome = ("allow" if allowed else "deny", str(ex.reason))
+            row.outcomes[outcome] = row.outcomes.get(outcome, 0) + 1
+            row.last_reason = outcome[1]
+            tunnel = ex.kind == "tunnel"
+            if allowed:
+                row.allowed += 1
+                row.tunnels_allowed += tunnel
+            else:
+                row.denied += 1
+                row.tunnels_denied += tunnel
+            if decision is not None:
+                row.rule = (
+                    f"{decision.ruleset}/{decision.rule}"
+                    if decision.rule is not None
+                    else str(decision.reason)
+                )
+            if shadow is not None:
+                row.shadow_differences += 1
+                row.shadow_action = str(shadow.action)
+                row.shadow_rule = (
+                    f"{shadow.ruleset}/{shadow.rule}" if shadow.rule is not None else None
+                )
+            address = ex.destination_ip
+            if (
+                row.named
+                and address
+                and address not in row.addresses
+                and len(row.addresses) < MAX_ADDRESSES_PER_ROW
+            ):
+                row.addresses.append(address)
+            metrics.DESTINATION_REQUESTS.labels(
+                namespace=ex.workload.namespace,
+                workload=traffic.metric_workload,
+                destination=row.metric_label,
+                action=outcome[0],
+            ).inc()
+        if not allowed:
+            self._remember_refusal(ex, now)
+
+    def closed(self, ex: Exchange, reason: Reason) -> None:
+        """An exchange's close record is about to be written: its bytes, a tunnel's protocol."""
+        if ex.tunnel_id is not None:
+            return  # a request inside a tunnel: the tunnel's own close counts the wire bytes
+        traffic = self.workloads.get(workload_key(ex.workload))
+        if traffic is None:
+            traffic = self.workloads.get(OTHER_WORKLOADS_KEY)
+            if traffic is None:
+                return
+        host = ex.destination_domain or ex.destination_ip
+        if host is None or ex.destination_port is None:
+            return
+        row = traffic.rows.get((host, ex.destination_port), traffic.other)
+        row.bytes_out += ex.source_bytes
+        row.bytes_in += ex.destination_bytes
+        if reason is Reason.PROTOCOL_MISMATCH and ex.kind == "tunnel":
+            row.protocol_mismatches += 1
+        if ex.source_bytes or ex.destination_bytes:
+            namespace, label = ex.workload.namespace, row.metric_label
+            workload = traffic.metric_workload
+            if ex.source_bytes:
+                metrics.DESTINATION_BYTES.labels(
+                    namespace=namespace, workload=workload, destination=label, direction="egress"
+                ).inc(ex.source_bytes)
+            metrics.DESTINATION_BYTES.labels(
+                namespace=namespace, workload=workload, destination=label, direction="ingress"
+            ).inc(ex.destination_bytes)
+
+    def _count_minute(self, now: float, allowed: bool, shadow: bool) -> None:
+        minute = int(now // 60)
+        if not self._minutes or self._minutes[-1][0] != minute:
+            self._minutes.append((minute, [0, 0, 0]))
+        counts = self._minutes[-1][1]
+        counts[0 if allowed else 1] += 1
+        if shadow:
+            counts[2] += 1
+            self.shadow_differences += 1
+
+    def _workload(self, workload: Workload, now: float) -> WorkloadTraffic:
+        key = workload_key(workload)
+        traffic = self.workloads.get(key)
+        if traffic is None:
+            if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
+                key = OTHER_WORKLOADS_KEY
+                traffic = self.workloads.get(key)
+            if traffic is None:
+                traffic = self.workloads[key] = WorkloadTraffic(key)
+                traffic.first_seen = now
+        traffic.last_seen = now
+        return traffic
+
+    def _row(self, traffic: WorkloadTraffic, ex: Exchange, now: float) -> Row | None:
+        host = ex.destination_domain or ex.destination_ip
+        port = ex.destination_port
+        if host is None or port is None:
+            return None
+        row = traffic.rows.get((host, port))
+        if row is None:
+            if traffic.key == OTHER_WORKLOADS_KEY:
+                row = traffic.other  # names of workloads past the cap are not kept
+            else:
+                if len(traffic.rows) >= 2 * self.top:
+                    self._fold(traffic)
+                name = f"{host}:{port}"
+                label = OTHER
+                if name in traffic.metric_names:
+                    label = name
+                elif len(traffic.metric_names) < self.metric_destinations:
+                    traffic.metric_names.add(name)
+                    label = name
+                row = Row(host, port, named=ex.destination_domain is not None, metric_label=label)
+                row.first_seen = now
+                traffic.rows[(host, port)] = row
+        row.last_seen = now
+        return row
+
+    def _fold(self, traffic: WorkloadTraffic) -> None:
+        """Keep the `top` most used rows; fold the rest into `other`."""
+        for row in traffic.ranked()[self.top :]:
+            row.fold_into(traffic.other)
+            del traffic.rows[(row.host, row.port)]
+
+    def _remember_refusal(self, ex: Exchange, now: float) -> None:
+        destination = ex.destination_domain or ex.destination_ip
+        if destination is not None and ex.destination_port is not None:
+            destination = f"{destination}:{ex.destination_port}"
+        self.refusals.append(
+            Refusal(
+                at=now,
+                event_id=ex.id,
+                workload=ex.workload.describe(),
+                destination=_shown(destination) or "-",
+                reason=str(ex.reason),
+                status=ex.status,
+                method=_shown(ex.method),
+                target=_shown(ex.raw_target if ex.raw_target is not None else ex.path),
+                host_field=_shown(ex.host_field),
+                user_agent=_shown(ex.user_agent),
+            )
+        )
+
+    # -- reading (the admin page) --------------------------------------------------------------
+    def minutes(self, now: float | None = None) -> list[Minute]:
+        """The last WINDOW_MINUTES minutes, oldest first, minutes without traffic included."""
+        current = int((time.time() if now is None else now) // 60)
+        counts = {minute: values for minute, values in self._minutes}
+        window = []
+        for minute in range(current - WINDOW_MINUTES + 1, current + 1):
+            allowed, denied, shadow = counts.get(minute, (0, 0, 0))
+            window.append(Minute(start=minute * 60.0, allowed=allowed, denied=denied,
+                                 shadow_differences=shadow))  # fmt: skip
+        return window
+
+    def top_denied(self, limit: int) -> list[tuple[WorkloadTraffic, Row]]:
+        rows = [
+            (traffic, row)
+            for traffic in self.workloads.values()
+            for row in (*traffic.rows.values(), traffic.other)
+            if row.denied
+        ]
+        rows.sort(key=lambda pair: (-pair[1].denied, pair[1].host))
+        return rows[:limit]
+
+    def shown_rows(self, traffic: WorkloadTraffic) -> list[Row]:
+        """The rows the page shows: the `top` most used, denials first, then `would be denied`,
+        then by use; the `other` row last when it holds anything."""
+        rows = traffic.ranked()[: self.top]
+        rows.sort(key=lambda row: (row.denied == 0, not row.would_be_denied, -row.requests))
+        if traffic.other.requests:
+            rows.append(traffic.other)
+        return rows
+
+    def suggestion(self, key: WorkloadKey, options: SuggestOptions) -> Suggestion | None:
+        """The policy `outgate suggest` would write for this workload from what is held here
+        (rows folded into `other` are not in it: the page says how many requests those were)."""
+        traffic = self.workloads.get(key)
+        if traffic is None or key in (UNKNOWN_KEY, OTHER_WORKLOADS_KEY):
+            return None
+        observed = ObservedWorkload(
+            requests=traffic.requests,
+            first_seen=rfc3339(traffic.first_seen),
+            last_seen=rfc3339(traffic.last_seen),
+        )
+        observe = Observer(options)
+        for row in traffic.rows.values():
+            domain = row.host if row.named else None
+            address = row.host if not row.named else (row.addresses[0] if row.addresses else None)
+            for (decision, reason), count in row.outcomes.items():
+                observe.decision(
+                    observed,
+                    domain=domain,
+                    address=address,
+                    port=row.port,
+                    decision=decision,
+                    reason=reason,
+                    requests=count,
+                )
+            for extra in row.addresses[1:]:  # every address it was reached at
+                if any(outcome == "allow" for outcome, _ in row.outcomes):
+                    observe.decision(
+                        observed,
+                        domain=domain,
+                        address=extra,
+                        port=row.port,
+                        decision="allow",
+                        reason=str(Reason.RULE_ALLOW),
+                        requests=0,
+                    )
+            if row.protocol_mismatches:
+                observe.tunnel_closed(
+                    observed,
+                    domain=domain,
+                    address=address,
+                    port=row.port,
+                    reason=str(Reason.PROTOCOL_MISMATCH),
+                )
+        return propose({key: observed}, options, records=traffic.requests)
+
+    def bound_bytes(self) -> int:
+        """The documented ceiling of this aggregate's memory."""
+        rows = 2 * self.top + 1
+        return FIXED_BYTES + (self.max_workloads + 2) * (WORKLOAD_BYTES + rows * ROW_BYTES)
+
+    def rows_held(self) -> int:
+        return sum(len(t.rows) + 1 for t in self.workloads.values())
