@@ -60,8 +60,9 @@ RECENT_REFUSALS: Final = 50
 MAX_ADDRESSES_PER_ROW: Final = 4
 # Raw client strings shown in the recent refusals are cut here (the audit record has them whole).
 MAX_SHOWN_CHARS: Final = 200
-# Documented ceiling of one row's memory: the row, its key, a 253-character name, its reasons
-# and addresses. Measured at about 1.3 KiB with every field filled (tests/unit/test_traffic.py).
+# Documented ceiling of one row's memory: the row, its key, its name (up to 253 characters), its
+# reasons, addresses and metric children. tests/unit/test_traffic.py measures 100,000 distinct
+# 130-character names from one workload at about 200 KiB for its 101 rows and the refusals.
 ROW_BYTES: Final = 2048
 # Fixed cost of one workload entry beyond its rows (the entry, its key, the row table itself).
 WORKLOAD_BYTES: Final = 8192
@@ -482,10 +483,14 @@ class TrafficAggregate:
                 )
         return propose({key: observed}, options, records=traffic.requests)
 
+    def workload_bound_bytes(self) -> int:
+        """The documented ceiling of one workload's entry: its rows, held and `other`."""
+        return WORKLOAD_BYTES + (2 * self.top + 1) * ROW_BYTES
+
     def bound_bytes(self) -> int:
-        """The documented ceiling of this aggregate's memory."""
-        rows = 2 * self.top + 1
-        return FIXED_BYTES + (self.max_workloads + 2) * (WORKLOAD_BYTES + rows * ROW_BYTES)
+        """The documented ceiling of this aggregate's memory: every workload entry it may hold
+        (`max_workloads`, unknown sources and other workloads) and the fixed parts."""
+        return FIXED_BYTES + (self.max_workloads + 2) * self.workload_bound_bytes()
 
     def rows_held(self) -> int:
         return sum(len(t.rows) + 1 for t in self.workloads.values())
