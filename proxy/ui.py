@@ -71,7 +71,7 @@ table{border-collapse:collapse;background:#fff;width:100%;margin-bottom:8px}
 th,td{border:1px solid #dde1e8;padding:4px 8px;text-align:left;vertical-align:top;
 overflow-wrap:anywhere}
 #health th{width:200px}
-th{background:#eef0f4;font-weight:600}
+th{background:#eef0f4;font-weight:600;overflow-wrap:normal}
 td.n{text-align:right;font-variant-numeric:tabular-nums;overflow-wrap:normal}
 tr.denied td{background:#fde8e8}tr.would-deny td{background:#fff4d6}
 tr.other td{color:#667}

@@ -24,7 +24,7 @@ from proxy.core.policy.model import Action, Destination
 from tests.support.browser import Dom, dump_dom, screenshot
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.proxyproc import ProxyProcess, forward_get, read_response
 
 POLICIES = """
 apiVersion: outgate.dev/v1alpha1
@@ -74,15 +74,6 @@ def proxy(start_proxy: object, dns_server: ScriptedDNSServer, origin: OriginServ
     return proxy
 
 
-def _get(proxy: ProxyProcess, url: str, headers: str = "") -> int:
-    with proxy.connect() as sock:
-        host = url.split("/")[2]
-        sock.sendall(
-            f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode()
-        )
-        return read_response(sock)[0]
-
-
 def _connect(proxy: ProxyProcess, authority: str) -> bytes:
     with proxy.connect() as sock:
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
@@ -101,10 +92,10 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
 ) -> None:
     port = origin.port
     for _ in range(3):
-        assert _get(proxy, f"http://origin.test:{port}/hello") == 200
+        assert forward_get(proxy, f"http://origin.test:{port}/hello")[0] == 200
     for _ in range(2):
-        assert _get(proxy, f"http://api.origin.test:{port}/hello") == 200
-    assert _get(proxy, f"http://denied.test:{port}/x") == 403
+        assert forward_get(proxy, f"http://api.origin.test:{port}/hello")[0] == 200
+    assert forward_get(proxy, f"http://denied.test:{port}/x")[0] == 403
     assert _connect(proxy, f"denied.test:{port}").startswith(b"HTTP/1.1 403")
     decisions = _decisions(proxy, 7)
     outcomes = Counter(str(r["outgate"]["decision"]) for r in decisions)  # type: ignore[index]
