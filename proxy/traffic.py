@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from proxy import metrics
 from proxy.adoption.suggest import (
@@ -51,6 +51,7 @@ from proxy.config import (
     DEFAULT_TOP_DESTINATIONS,
 )
 from proxy.core.identity import Workload, WorkloadKind
+from proxy.core.policy.engine import Decision
 from proxy.errors import Reason
 
 WINDOW_MINUTES: Final = 60
@@ -68,6 +69,9 @@ ROW_BYTES: Final = 2048
 WORKLOAD_BYTES: Final = 8192
 # The minute ring and the recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS).
 FIXED_BYTES: Final = 64 * 1024 + RECENT_REFUSALS * 4 * (MAX_SHOWN_CHARS + 100)
+
+# Workload objects remembered for the lookup of their entry; cleared when full (pods churn).
+_REMEMBERED_WORKLOADS: Final = 4096
 
 OTHER: Final = "other"
 UNKNOWN_KEY: Final = WorkloadKey("", "Unknown", "unknown sources")
@@ -96,6 +100,8 @@ class Row:
         "allowed",
         "bytes_in",
         "bytes_out",
+        "children",
+        "decision",
         "denied",
         "first_seen",
         "host",
@@ -106,10 +112,8 @@ class Row:
         "outcomes",
         "port",
         "protocol_mismatches",
-        "rule",
-        "shadow_action",
+        "shadow",
         "shadow_differences",
-        "shadow_rule",
         "tunnels_allowed",
         "tunnels_denied",
     )
@@ -123,18 +127,43 @@ class Row:
         self.denied = 0  # requests and tunnels refused (policy, guard, DNS, upstream...)
         self.tunnels_allowed = 0
         self.tunnels_denied = 0
-        self.outcomes: dict[tuple[str, str], int] = {}  # (allow|deny, reason) -> count
+        self.outcomes: dict[tuple[bool, Reason | None], int] = {}  # (allowed, reason) -> count
         self.bytes_out = 0  # client to upstream
         self.bytes_in = 0  # upstream to client
         self.first_seen = 0.0
         self.last_seen = 0.0
-        self.rule: str | None = None  # `ruleset/rule` of the last decision, or its reason
-        self.last_reason = ""
-        self.shadow_action: str | None = None  # the last differing shadow decision
-        self.shadow_rule: str | None = None
+        # The last decision, and the last one whose shadow differed (shared, immutable objects:
+        # their text is made when the page is drawn, not per request).
+        self.decision: Decision | None = None
+        self.shadow: Decision | None = None
+        self.last_reason: Reason | None = None
         self.shadow_differences = 0
         self.addresses: list[str] = []
         self.protocol_mismatches = 0  # tunnels closed because they did not carry TLS
+        # Metric children by (source namespace, action or direction): labelled once per row.
+        self.children: dict[tuple[str, str], Any] = {}
+
+    @property
+    def rule(self) -> str | None:
+        """`ruleset/rule` of the last decision, or its reason when no rule decided."""
+        decision = self.decision
+        if decision is None:
+            return None
+        if decision.rule is None:
+            return str(decision.reason)
+        return f"{decision.ruleset}/{decision.rule}"
+
+    @property
+    def shadow_action(self) -> str | None:
+        verdict = self.shadow.shadow if self.shadow is not None else None
+        return None if verdict is None else str(verdict.action)
+
+    @property
+    def shadow_rule(self) -> str | None:
+        verdict = self.shadow.shadow if self.shadow is not None else None
+        if verdict is None or verdict.rule is None:
+            return None
+        return f"{verdict.ruleset}/{verdict.rule}"
 
     @property
     def requests(self) -> int:
@@ -246,6 +275,9 @@ class TrafficAggregate:
         self.allowed = 0
         self.denied = 0
         self.shadow_differences = 0
+        # Workload object -> its entry, by identity (a pod's Workload object is reused for
+        # each of its requests); the Workload is held so its id is not reused meanwhile.
+        self._by_workload: dict[int, tuple[Workload, WorkloadTraffic]] = {}
 
     # -- feeding (ExchangeLog) -----------------------------------------------------------------
     def decided(self, ex: Exchange, *, allowed: bool) -> None:
@@ -266,9 +298,9 @@ class TrafficAggregate:
         if row is None:
             traffic.undestined += 1
         else:
-            outcome = ("allow" if allowed else "deny", str(ex.reason))
+            outcome = (allowed, ex.reason)
             row.outcomes[outcome] = row.outcomes.get(outcome, 0) + 1
-            row.last_reason = outcome[1]
+            row.last_reason = ex.reason
             tunnel = ex.kind == "tunnel"
             if allowed:
                 row.allowed += 1
@@ -276,18 +308,10 @@ class TrafficAggregate:
             else:
                 row.denied += 1
                 row.tunnels_denied += tunnel
-            if decision is not None:
-                row.rule = (
-                    f"{decision.ruleset}/{decision.rule}"
-                    if decision.rule is not None
-                    else str(decision.reason)
-                )
+            row.decision = decision
             if shadow is not None:
                 row.shadow_differences += 1
-                row.shadow_action = str(shadow.action)
-                row.shadow_rule = (
-                    f"{shadow.ruleset}/{shadow.rule}" if shadow.rule is not None else None
-                )
+                row.shadow = decision
             address = ex.destination_ip
             if (
                 row.named
@@ -296,12 +320,18 @@ class TrafficAggregate:
                 and len(row.addresses) < MAX_ADDRESSES_PER_ROW
             ):
                 row.addresses.append(address)
-            metrics.DESTINATION_REQUESTS.labels(
-                namespace=ex.workload.namespace,
-                workload=traffic.metric_workload,
-                destination=row.metric_label,
-                action=outcome[0],
-            ).inc()
+            action = "allow" if allowed else "deny"
+            child = row.children.get((ex.workload.namespace, action))
+            if child is None:
+                child = row.children[(ex.workload.namespace, action)] = (
+                    metrics.DESTINATION_REQUESTS.labels(
+                        namespace=ex.workload.namespace,
+                        workload=traffic.metric_workload,
+                        destination=row.metric_label,
+                        action=action,
+                    )
+                )
+            child.inc()
         if not allowed:
             self._remember_refusal(ex, now)
 
@@ -309,11 +339,16 @@ class TrafficAggregate:
         """An exchange's close record is about to be written: its bytes, a tunnel's protocol."""
         if ex.tunnel_id is not None:
             return  # a request inside a tunnel: the tunnel's own close counts the wire bytes
-        traffic = self.workloads.get(workload_key(ex.workload))
-        if traffic is None:
-            traffic = self.workloads.get(OTHER_WORKLOADS_KEY)
-            if traffic is None:
-                return
+        remembered = self._by_workload.get(id(ex.workload))
+        if remembered is not None and remembered[0] is ex.workload:
+            traffic = remembered[1]
+        else:
+            found = self.workloads.get(workload_key(ex.workload))
+            if found is None:
+                found = self.workloads.get(OTHER_WORKLOADS_KEY)
+                if found is None:
+                    return
+            traffic = found
         host = ex.destination_domain or ex.destination_ip
         if host is None or ex.destination_port is None:
             return
@@ -322,16 +357,24 @@ class TrafficAggregate:
         row.bytes_in += ex.destination_bytes
         if reason is Reason.PROTOCOL_MISMATCH and ex.kind == "tunnel":
             row.protocol_mismatches += 1
-        if ex.source_bytes or ex.destination_bytes:
-            namespace, label = ex.workload.namespace, row.metric_label
-            workload = traffic.metric_workload
-            if ex.source_bytes:
-                metrics.DESTINATION_BYTES.labels(
-                    namespace=namespace, workload=workload, destination=label, direction="egress"
-                ).inc(ex.source_bytes)
-            metrics.DESTINATION_BYTES.labels(
-                namespace=namespace, workload=workload, destination=label, direction="ingress"
-            ).inc(ex.destination_bytes)
+        if ex.source_bytes:
+            self._bytes_child(row, traffic, ex.workload.namespace, "egress").inc(ex.source_bytes)
+        if ex.destination_bytes:
+            self._bytes_child(row, traffic, ex.workload.namespace, "ingress").inc(
+                ex.destination_bytes
+            )
+
+    @staticmethod
+    def _bytes_child(row: Row, traffic: WorkloadTraffic, namespace: str, direction: str) -> Any:
+        child = row.children.get((namespace, direction))
+        if child is None:
+            child = row.children[(namespace, direction)] = metrics.DESTINATION_BYTES.labels(
+                namespace=namespace,
+                workload=traffic.metric_workload,
+                destination=row.metric_label,
+                direction=direction,
+            )
+        return child
 
     def _count_minute(self, now: float, allowed: bool, shadow: bool) -> None:
         minute = int(now // 60)
@@ -344,15 +387,23 @@ class TrafficAggregate:
             self.shadow_differences += 1
 
     def _workload(self, workload: Workload, now: float) -> WorkloadTraffic:
-        key = workload_key(workload)
-        traffic = self.workloads.get(key)
-        if traffic is None:
-            if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
-                key = OTHER_WORKLOADS_KEY
-                traffic = self.workloads.get(key)
-            if traffic is None:
-                traffic = self.workloads[key] = WorkloadTraffic(key)
-                traffic.first_seen = now
+        remembered = self._by_workload.get(id(workload))
+        if remembered is not None and remembered[0] is workload:
+            traffic = remembered[1]
+        else:
+            key = workload_key(workload)
+            found = self.workloads.get(key)
+            if found is None:
+                if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
+                    key = OTHER_WORKLOADS_KEY
+                    found = self.workloads.get(key)
+                if found is None:
+                    found = self.workloads[key] = WorkloadTraffic(key)
+                    found.first_seen = now
+            traffic = found
+            if len(self._by_workload) >= _REMEMBERED_WORKLOADS:
+                self._by_workload.clear()
+            self._by_workload[id(workload)] = (workload, traffic)
         traffic.last_seen = now
         return traffic
 
@@ -452,18 +503,18 @@ class TrafficAggregate:
         for row in traffic.rows.values():
             domain = row.host if row.named else None
             address = row.host if not row.named else (row.addresses[0] if row.addresses else None)
-            for (decision, reason), count in row.outcomes.items():
+            for (allowed, reason), count in row.outcomes.items():
                 observe.decision(
                     observed,
                     domain=domain,
                     address=address,
                     port=row.port,
-                    decision=decision,
-                    reason=reason,
+                    decision="allow" if allowed else "deny",
+                    reason=str(reason),
                     requests=count,
                 )
             for extra in row.addresses[1:]:  # every address it was reached at
-                if any(outcome == "allow" for outcome, _ in row.outcomes):
+                if any(allowed for allowed, _ in row.outcomes):
                     observe.decision(
                         observed,
                         domain=domain,

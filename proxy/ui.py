@@ -242,7 +242,7 @@ def overview(sources: UiSources) -> str:
     )
     denied_rows = [
         f"<tr><td>{_workload_link(t.key)}</td><td>{_e(_destination(row))}</td>"
-        f'<td class="n">{row.denied}</td><td>{_e(row.last_reason)}</td>'
+        f'<td class="n">{row.denied}</td><td>{_e(row.last_reason or "")}</td>'
         f"<td>{_when(row.last_seen, now)}</td></tr>"
         for t, row in traffic.top_denied(TOP_DENIED_SHOWN)
     ]
@@ -333,7 +333,7 @@ def workload_page(sources: UiSources, key: WorkloadKey) -> str | None:
             f'<td class="n">{row.tunnels_allowed}/{row.tunnels_denied}</td>'
             f'<td class="n">{_e(_bytes(row.bytes_out))}</td>'
             f'<td class="n">{_e(_bytes(row.bytes_in))}</td>'
-            f"<td>{_e(row.rule or '')}</td><td>{_e(row.last_reason)}</td>"
+            f"<td>{_e(row.rule or '')}</td><td>{_e(row.last_reason or '')}</td>"
             f"<td>{_e(shadow)}</td><td>{_when(row.last_seen, now)}</td></tr>"
         )
     suggestion = sources.traffic.suggestion(key, sources.suggest_options)
