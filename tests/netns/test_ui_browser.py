@@ -149,6 +149,10 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
     assert not allowed_by_suggestion("origin.test", port + 1)  # no port it was not seen on
     assert not allowed_by_suggestion("other.test", port)
 
+    form = Dom(dump_dom(f"{base}/ui/explain", profile))
+    fields = {attrs.get("name") for tag, attrs in form.tags if tag == "input"}
+    assert {"source", "url", "resolve"} <= fields  # what the form submits, asked below
+    assert ("form", {"method": "get", "action": "/ui/explain"}) in form.tags
     explained = Dom(
         dump_dom(
             f"{base}/ui/explain?"
