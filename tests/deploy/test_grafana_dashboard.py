@@ -22,7 +22,7 @@ from tests.deploy.test_monitoring import _promtool
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fakekube import FakeKube, namespace
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, forward_get
+from tests.support.proxyproc import ProxyProcess, get_from, ready
 from tests.support.squid import free_port
 from tests.support.waiting import wait_for
 
@@ -210,13 +210,16 @@ def test_every_expression_uses_metrics_and_labels_a_running_proxy_exports(
             },
         },
     )
-    wait_for(lambda: proxy.admin("/readyz")[0] == 200)
+    wait_for(lambda: ready(proxy))
     port = origin.port
-    assert forward_get(proxy, f"http://origin.test:{port}/hello")[0] == 200  # allowed, shadow deny
-    assert forward_get(proxy, f"http://denied.test:{port}/")[0] == 403  # denied
-    assert forward_get(proxy, f"http://missing.test:{port}/")[0] == 502  # DNS failure (nxdomain)
-    assert forward_get(proxy, f"http://closed.test:{free_port()}/")[0] == 502  # upstream refused
-    assert forward_get(proxy, f"http://via.test:{port}/hello")[0] == 200  # via the parent proxy
+    for url, status in [
+        (f"http://origin.test:{port}/hello", 200),  # allowed; an audit-mode policy would deny
+        (f"http://denied.test:{port}/", 403),  # denied
+        (f"http://missing.test:{port}/", 502),  # DNS failure (nxdomain)
+        (f"http://closed.test:{free_port()}/", 502),  # upstream refused
+        (f"http://via.test:{port}/hello", 200),  # via the parent proxy
+    ]:
+        assert get_from(proxy, "127.0.0.1", url)[0] == status, url
     proxy.wait_records(lambda r: r["event"]["action"] == "close", 5)
     exported = _scrape(proxy)
     for title, expr in expressions():

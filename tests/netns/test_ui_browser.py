@@ -24,7 +24,7 @@ from proxy.core.policy.model import Action, Destination
 from tests.support.browser import Dom, dump_dom, screenshot
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, forward_get, read_response
+from tests.support.proxyproc import ProxyProcess, get_from, read_response
 
 POLICIES = """
 apiVersion: outgate.dev/v1alpha1
@@ -92,10 +92,10 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
 ) -> None:
     port = origin.port
     for _ in range(3):
-        assert forward_get(proxy, f"http://origin.test:{port}/hello")[0] == 200
+        assert get_from(proxy, "127.0.0.1", f"http://origin.test:{port}/hello")[0] == 200
     for _ in range(2):
-        assert forward_get(proxy, f"http://api.origin.test:{port}/hello")[0] == 200
-    assert forward_get(proxy, f"http://denied.test:{port}/x")[0] == 403
+        assert get_from(proxy, "127.0.0.1", f"http://api.origin.test:{port}/hello")[0] == 200
+    assert get_from(proxy, "127.0.0.1", f"http://denied.test:{port}/x")[0] == 403
     assert _connect(proxy, f"denied.test:{port}").startswith(b"HTTP/1.1 403")
     decisions = _decisions(proxy, 7)
     outcomes = Counter(str(r["outgate"]["decision"]) for r in decisions)  # type: ignore[index]

@@ -330,19 +330,6 @@ class ResponseReader:
         return status, headers, body
 
 
-def forward_get(
-    proxy: ProxyProcess, url: str, headers: str = ""
-) -> tuple[int, dict[str, str], bytes]:
-    """One absolute-form GET through the proxy on a fresh connection (`headers`: extra header
-    lines, each ending in CRLF); the response it gets."""
-    host = url.split("/")[2]
-    with proxy.connect() as sock:
-        sock.sendall(
-            f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode()
-        )
-        return read_response(sock)
-
-
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
     """One response on a fresh socket (bytes after it are dropped)."""
     return ResponseReader(sock, timeout).next()
