@@ -15,9 +15,10 @@ What is kept, per workload (namespace + owner, as `outgate suggest` groups recor
   - at most `max_workloads` workloads; traffic of later ones is counted in one `other
     workloads` entry.
 
-Globally: the decisions of the last `WINDOW_MINUTES` in minute buckets (the page's chart and its
-decisions per second), and the last `RECENT_REFUSALS` refusals with what the client sent (method,
-target, Host, User-Agent: raw client strings, cut to `MAX_SHOWN_CHARS`).
+Per workload and globally: the decisions of the last `WINDOW_MINUTES` in minute buckets (the
+page's charts, its decisions per second and each workload's last hour). Globally also the last
+`RECENT_REFUSALS` refusals with what the client sent (method, target, Host, User-Agent: raw
+client strings, cut to `MAX_SHOWN_CHARS`).
 
 Memory is bounded whatever the traffic: `bound_bytes()` is the documented ceiling
 (docs/ui.md), checked by tests/unit/test_traffic.py with 100,000 distinct names.
@@ -63,10 +64,11 @@ MAX_ADDRESSES_PER_ROW: Final = 4
 MAX_SHOWN_CHARS: Final = 200
 # Documented ceiling of one row's memory: the row, its key, its name (up to 253 characters), its
 # reasons, addresses and metric children. tests/unit/test_traffic.py measures 100,000 distinct
-# 130-character names from one workload at about 200 KiB for its 101 rows and the refusals.
+# 130-character names from one workload at about 225 KiB for its 101 rows and the refusals.
 ROW_BYTES: Final = 2048
-# Fixed cost of one workload entry beyond its rows (the entry, its key, the row table itself).
-WORKLOAD_BYTES: Final = 8192
+# Fixed cost of one workload entry beyond its rows: the entry, its key, the row table and its
+# minute ring (WINDOW_MINUTES buckets of three counts).
+WORKLOAD_BYTES: Final = 16384
 # The minute ring and the recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS).
 FIXED_BYTES: Final = 64 * 1024 + RECENT_REFUSALS * 4 * (MAX_SHOWN_CHARS + 100)
 
@@ -90,6 +92,17 @@ def workload_key(workload: Workload) -> WorkloadKey:
 
 def rfc3339(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _count_minute(
+    ring: deque[tuple[int, list[int]]], minute: int, allowed: bool, shadow: bool
+) -> None:
+    if not ring or ring[-1][0] != minute:
+        ring.append((minute, [0, 0, 0]))
+    counts = ring[-1][1]
+    counts[0 if allowed else 1] += 1
+    if shadow:
+        counts[2] += 1
 
 
 class Row:
@@ -198,6 +211,7 @@ class WorkloadTraffic:
         "last_seen",
         "metric_names",
         "metric_workload",
+        "minutes",
         "other",
         "requests",
         "rows",
@@ -214,6 +228,8 @@ class WorkloadTraffic:
         self.first_seen = 0.0
         self.last_seen = 0.0
         self.metric_names: set[str] = set()  # destinations with their own metric label
+        # The last WINDOW_MINUTES minutes: [allowed, denied, shadow differences] by minute.
+        self.minutes: deque[tuple[int, list[int]]] = deque(maxlen=WINDOW_MINUTES)
         if key == UNKNOWN_KEY:
             self.metric_workload = "unknown"
         elif key == OTHER_WORKLOADS_KEY:
@@ -285,12 +301,16 @@ class TrafficAggregate:
         now = time.time()
         decision = ex.decision
         shadow = decision.shadow if decision is not None else None
-        self._count_minute(now, allowed, shadow is not None)
+        minute = int(now // 60)
+        _count_minute(self._minutes, minute, allowed, shadow is not None)
+        if shadow is not None:
+            self.shadow_differences += 1
         if allowed:
             self.allowed += 1
         else:
             self.denied += 1
         traffic = self._workload(ex.workload, now)
+        _count_minute(traffic.minutes, minute, allowed, shadow is not None)
         traffic.requests += 1
         if not allowed:
             traffic.denied += 1
@@ -376,16 +396,6 @@ class TrafficAggregate:
             )
         return child
 
-    def _count_minute(self, now: float, allowed: bool, shadow: bool) -> None:
-        minute = int(now // 60)
-        if not self._minutes or self._minutes[-1][0] != minute:
-            self._minutes.append((minute, [0, 0, 0]))
-        counts = self._minutes[-1][1]
-        counts[0 if allowed else 1] += 1
-        if shadow:
-            counts[2] += 1
-            self.shadow_differences += 1
-
     def _workload(self, workload: Workload, now: float) -> WorkloadTraffic:
         remembered = self._by_workload.get(id(workload))
         if remembered is not None and remembered[0] is workload:
@@ -458,10 +468,14 @@ class TrafficAggregate:
         )
 
     # -- reading (the admin page) --------------------------------------------------------------
-    def minutes(self, now: float | None = None) -> list[Minute]:
-        """The last WINDOW_MINUTES minutes, oldest first, minutes without traffic included."""
+    def minutes(
+        self, now: float | None = None, workload: WorkloadTraffic | None = None
+    ) -> list[Minute]:
+        """The last WINDOW_MINUTES minutes, oldest first, minutes without traffic included: of
+        every workload, or of `workload`."""
         current = int((time.time() if now is None else now) // 60)
-        counts = {minute: values for minute, values in self._minutes}
+        ring = self._minutes if workload is None else workload.minutes
+        counts = {minute: values for minute, values in ring}
         window = []
         for minute in range(current - WINDOW_MINUTES + 1, current + 1):
             allowed, denied, shadow = counts.get(minute, (0, 0, 0))

@@ -42,7 +42,14 @@ from proxy.core.policy.model import PolicyKind
 from proxy.dataplane.router import Router
 from proxy.errors import ConfigError, ConfigIssue, OutgateError
 from proxy.explainer import explain, explain_route
-from proxy.traffic import OTHER_WORKLOADS_KEY, UNKNOWN_KEY, Row, TrafficAggregate, rfc3339
+from proxy.traffic import (
+    OTHER_WORKLOADS_KEY,
+    UNKNOWN_KEY,
+    Minute,
+    Row,
+    TrafficAggregate,
+    rfc3339,
+)
 
 CONTENT_SECURITY_POLICY: Final = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -161,9 +168,8 @@ class UiSources:
 # -- overview --------------------------------------------------------------------------------
 
 
-def _chart(traffic: TrafficAggregate, now: float) -> str:
+def _chart(minutes: list[Minute]) -> str:
     """Decisions per minute over the last hour, allowed under denied, as inline SVG."""
-    minutes = traffic.minutes(now)
     width, height, left, bottom = 720, 160, 40, 20
     peak = max((m.allowed + m.denied for m in minutes), default=0) or 1
     bar = (width - left) / len(minutes)
@@ -247,12 +253,15 @@ def overview(sources: UiSources) -> str:
         for t, row in traffic.top_denied(TOP_DENIED_SHOWN)
     ]
     workloads = sorted(traffic.workloads.values(), key=lambda t: (-t.denied, -t.requests))
-    workload_rows = [
-        f"<tr><td>{_workload_link(t.key)}</td><td class='n'>{t.requests}</td>"
-        f"<td class='n'>{t.denied}</td><td class='n'>{len(t.rows)}</td>"
-        f"<td>{_when(t.last_seen, now)}</td></tr>"
-        for t in workloads
-    ]
+    workload_rows = []
+    for t in workloads:
+        hour = traffic.minutes(now, t)
+        workload_rows.append(
+            f"<tr><td>{_workload_link(t.key)}</td><td class='n'>{t.requests}</td>"
+            f"<td class='n'>{t.denied}</td>"
+            f"<td class='n'>{sum(m.allowed for m in hour)}/{sum(m.denied for m in hour)}</td>"
+            f"<td class='n'>{len(t.rows)}</td><td>{_when(t.last_seen, now)}</td></tr>"
+        )
     refusal_rows = [
         f"<tr><td>{_when(r.at, now)}</td><td>{_e(r.workload)}</td><td>{_e(r.destination)}</td>"
         f"<td>{_e(r.reason)}</td><td>{_e(r.status or '')}</td><td>{_e(r.method or '')}</td>"
@@ -263,7 +272,7 @@ def overview(sources: UiSources) -> str:
     body = (
         f'<div class="cards">{card_html}</div>'
         "<h2>Decisions per minute, last hour</h2>"
-        f"{_chart(traffic, now)}"
+        f"{_chart(minutes)}"
         '<p class="note">Blue: allowed. Red: denied. One bar a minute.</p>'
         "<h2>Proxy health</h2>"
         f"{_health(sources)}"
@@ -275,7 +284,14 @@ def overview(sources: UiSources) -> str:
         )
         + "<h2>Workloads</h2>"
         + _table(
-            ["Workload", "Requests", "Denied", "Destinations", "Last seen"],
+            [
+                "Workload",
+                "Requests",
+                "Denied",
+                "Last hour (allowed/denied)",
+                "Destinations",
+                "Last seen",
+            ],
             workload_rows,
             table_id="workloads",
         )
@@ -355,6 +371,8 @@ def workload_page(sources: UiSources, key: WorkloadKey) -> str | None:
     body = (
         f"<p>{traffic.requests} requests, {traffic.denied} denied, "
         f"{traffic.undestined} refused before a destination was known.</p>"
+        "<h2>Decisions per minute, last hour</h2>"
+        f"{_chart(sources.traffic.minutes(now, traffic))}"
         "<h2>Destinations</h2>"
         '<p class="note">Denials first, then rows an audit-mode policy would deny.</p>'
         + _table(

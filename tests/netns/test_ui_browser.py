@@ -115,10 +115,12 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
     assert page.has("svg") and page.has("rect")  # the chart has this minute's bars
     top_denied = page.rows("top-denied")
     assert [row[1:3] for row in top_denied] == [[f"denied.test:{port}", "2"]]
-    assert [row[0] for row in page.rows("workloads")] == ["tests/Static/test-client"]
+    (workload_row,) = page.rows("workloads")
+    assert workload_row[:4] == ["tests/Static/test-client", "7", "2", "5/2"]  # 5/2: last hour
 
     query = urlencode({"ns": "tests", "kind": "Static", "name": "test-client"})
     workload = Dom(dump_dom(f"{base}/ui/workload?{query}", profile))
+    assert workload.has("rect")  # its own chart of the last hour
     table = {row[0]: row for row in workload.rows("destinations")}
     denied = table[f"denied {f'denied.test:{port}'}"]
     assert denied[1:4] == ["0", "2", "0/1"]  # allowed, denied, tunnels (allowed/denied)

@@ -160,6 +160,10 @@ def test_denials_come_first_then_what_an_audit_mode_policy_would_deny() -> None:
     assert traffic.allowed == 8 and traffic.denied == 1
     minute = traffic.minutes()[-1]
     assert (minute.allowed, minute.denied, minute.shadow_differences) == (8, 1, 3)
+    assert len(traffic.minutes()) == 60 and sum(m.allowed for m in traffic.minutes()) == 8
+    own = traffic.minutes(workload=entry)[-1]
+    assert (own.allowed, own.denied, own.shadow_differences) == (8, 1, 3)
+    assert traffic.minutes(workload=traffic.workloads[workload_key(API)])[-2].allowed == 0
 
 
 def test_the_destination_label_is_bounded_per_workload() -> None:
