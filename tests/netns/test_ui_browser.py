@@ -24,7 +24,7 @@ from proxy.core.policy.model import Action, Destination
 from tests.support.browser import Dom, dump_dom, screenshot
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, get_from, read_response
+from tests.support.proxyproc import ProxyProcess, ResponseReader, get_from, read_response
 
 POLICIES = """
 apiVersion: outgate.dev/v1alpha1
@@ -97,9 +97,18 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
         assert get_from(proxy, "127.0.0.1", f"http://api.origin.test:{port}/hello")[0] == 200
     assert get_from(proxy, "127.0.0.1", f"http://denied.test:{port}/x")[0] == 403
     assert _connect(proxy, f"denied.test:{port}").startswith(b"HTTP/1.1 403")
-    decisions = _decisions(proxy, 7)
+    # An allowed tunnel carrying a plain HTTP request (a tunnel's default protocol admits it,
+    # checked request by request): two decisions, the tunnel's and the request's.
+    with proxy.connect() as sock:
+        authority = f"origin.test:{port}"
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        reader = ResponseReader(sock)
+        assert reader.next()[0] == 200
+        sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        assert reader.next()[0] == 200
+    decisions = _decisions(proxy, 9)
     outcomes = Counter(str(r["outgate"]["decision"]) for r in decisions)  # type: ignore[index]
-    assert outcomes == {"allow": 5, "deny": 2}
+    assert outcomes == {"allow": 7, "deny": 2}
     shadow = sum(1 for r in decisions if "shadow_decision" in r["outgate"])  # type: ignore[operator]
     assert shadow == 2
 
@@ -116,7 +125,7 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
     top_denied = page.rows("top-denied")
     assert [row[1:3] for row in top_denied] == [[f"denied.test:{port}", "2"]]
     (workload_row,) = page.rows("workloads")
-    assert workload_row[:4] == ["tests/Static/test-client", "7", "2", "5/2"]  # 5/2: last hour
+    assert workload_row[:4] == ["tests/Static/test-client", "9", "2", "7/2"]  # 7/2: last hour
 
     query = urlencode({"ns": "tests", "kind": "Static", "name": "test-client"})
     workload = Dom(dump_dom(f"{base}/ui/workload?{query}", profile))
@@ -129,7 +138,7 @@ def test_the_page_shows_what_the_audit_records_say_and_proposes_a_fitting_policy
     assert would[1:3] == ["2", "0"] and would[6] == "tests/client/origins"
     assert would[8] == "deny (trial-no-api/no-api)"
     allowed = table[f"origin.test:{port}"]
-    assert allowed[1:3] == ["3", "0"] and allowed[6] == "tests/client/origins"
+    assert allowed[1:4] == ["5", "0", "1/0"] and allowed[6] == "tests/client/origins"
     assert list(table) == [  # denials first, then what an audit-mode policy would deny
         f"denied denied.test:{port}",
         f"would be denied api.origin.test:{port}",
