@@ -72,9 +72,6 @@ WORKLOAD_BYTES: Final = 16384
 # The minute ring and the recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS).
 FIXED_BYTES: Final = 64 * 1024 + RECENT_REFUSALS * 4 * (MAX_SHOWN_CHARS + 100)
 
-# Workload objects remembered for the lookup of their entry; cleared when full (pods churn).
-_REMEMBERED_WORKLOADS: Final = 4096
-
 OTHER: Final = "other"
 UNKNOWN_KEY: Final = WorkloadKey("", "Unknown", "unknown sources")
 OTHER_WORKLOADS_KEY: Final = WorkloadKey("", "Other", "other workloads")
@@ -273,6 +270,9 @@ class Minute:
 
 
 class TrafficAggregate:
+    """One per process, fed by its ExchangeLog and read by its admin page, both on its event
+    loop (no lock)."""
+
     def __init__(
         self,
         *,
@@ -283,7 +283,6 @@ class TrafficAggregate:
         self.top = top
         self.max_workloads = max_workloads
         self.metric_destinations = metric_destinations
-        self.started = time.time()
         self.workloads: dict[WorkloadKey, WorkloadTraffic] = {}
         self.refusals: deque[Refusal] = deque(maxlen=RECENT_REFUSALS)
         # minute number -> [allowed, denied, shadow differences], the last WINDOW_MINUTES.
@@ -291,9 +290,6 @@ class TrafficAggregate:
         self.allowed = 0
         self.denied = 0
         self.shadow_differences = 0
-        # Workload object -> its entry, by identity (a pod's Workload object is reused for
-        # each of its requests); the Workload is held so its id is not reused meanwhile.
-        self._by_workload: dict[int, tuple[Workload, WorkloadTraffic]] = {}
 
     # -- feeding (ExchangeLog) -----------------------------------------------------------------
     def decided(self, ex: Exchange, *, allowed: bool) -> None:
@@ -359,16 +355,11 @@ class TrafficAggregate:
         """An exchange's close record is about to be written: its bytes, a tunnel's protocol."""
         if ex.tunnel_id is not None:
             return  # a request inside a tunnel: the tunnel's own close counts the wire bytes
-        remembered = self._by_workload.get(id(ex.workload))
-        if remembered is not None and remembered[0] is ex.workload:
-            traffic = remembered[1]
-        else:
-            found = self.workloads.get(workload_key(ex.workload))
-            if found is None:
-                found = self.workloads.get(OTHER_WORKLOADS_KEY)
-                if found is None:
-                    return
-            traffic = found
+        traffic = self.workloads.get(workload_key(ex.workload))
+        if traffic is None:
+            traffic = self.workloads.get(OTHER_WORKLOADS_KEY)
+            if traffic is None:
+                return
         host = ex.destination_domain or ex.destination_ip
         if host is None or ex.destination_port is None:
             return
@@ -397,23 +388,15 @@ class TrafficAggregate:
         return child
 
     def _workload(self, workload: Workload, now: float) -> WorkloadTraffic:
-        remembered = self._by_workload.get(id(workload))
-        if remembered is not None and remembered[0] is workload:
-            traffic = remembered[1]
-        else:
-            key = workload_key(workload)
-            found = self.workloads.get(key)
-            if found is None:
-                if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
-                    key = OTHER_WORKLOADS_KEY
-                    found = self.workloads.get(key)
-                if found is None:
-                    found = self.workloads[key] = WorkloadTraffic(key)
-                    found.first_seen = now
-            traffic = found
-            if len(self._by_workload) >= _REMEMBERED_WORKLOADS:
-                self._by_workload.clear()
-            self._by_workload[id(workload)] = (workload, traffic)
+        key = workload_key(workload)
+        traffic = self.workloads.get(key)
+        if traffic is None:
+            if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
+                key = OTHER_WORKLOADS_KEY
+                traffic = self.workloads.get(key)
+            if traffic is None:
+                traffic = self.workloads[key] = WorkloadTraffic(key)
+                traffic.first_seen = now
         traffic.last_seen = now
         return traffic
 
