@@ -16,7 +16,7 @@ from proxy.ui import CONTENT_SECURITY_POLICY
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fixtures import policy_allowing
 from tests.support.origin import OriginServer
-from tests.support.proxyproc import ProxyProcess, read_response
+from tests.support.proxyproc import ProxyProcess, read_response, run_outgate
 
 StartProxy = Callable[..., ProxyProcess]
 PAGES = ("/ui", "/ui/policies", "/ui/explain", "/ui/style.css", "/ui/workload?ns=x&kind=y&name=z")
@@ -135,3 +135,11 @@ def test_with_a_token_only_requests_that_carry_it_are_served(
     ok = admin_request(proxy, "GET", "/ui", "Authorization: Bearer s3cret-token\r\n")
     assert ok[0] == 200 and b"Overview" in ok[2]
     assert proxy.admin("/metrics")[0] == 200  # the token guards the page, not the probes
+
+
+def test_a_token_file_that_cannot_be_read_stops_the_start_with_its_field(tmp_path: Path) -> None:
+    config = tmp_path / "outgate.yaml"
+    config.write_text("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nui: {tokenFile: missing-token}\n")
+    result = run_outgate("run", "--config", str(config))
+    assert result.returncode != 0
+    assert "ui.tokenFile" in result.stderr and "missing-token cannot be read" in result.stderr
