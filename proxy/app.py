@@ -395,7 +395,6 @@ class App:
         if settings.ui_enabled:
             ui = UiSources(
                 router=self.router,
-                identity=self.identity,
                 traffic=self.traffic,
                 readiness=self.readiness,
                 audit_backlog=lambda: self.audit.backlog_bytes,
@@ -403,7 +402,7 @@ class App:
                     static_labels=static_identity_labels(settings.static_identities),
                     guard=guard,
                 ),
-                explainer_identity=LoggedInIdentity(self.identity, login, None),
+                identity=LoggedInIdentity(self.identity, login, None),
             )
         admin_app = build_admin_app(
             router=self.router,

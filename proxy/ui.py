@@ -157,12 +157,11 @@ class UiSources:
     """What the page reads, handed in by the composition root (proxy.app)."""
 
     router: Router
-    identity: IdentityLookup
     traffic: TrafficAggregate
     readiness: Callable[[], tuple[bool, dict[str, Any]]]
     audit_backlog: Callable[[], int]
     suggest_options: SuggestOptions
-    explainer_identity: IdentityLookup  # the identity explain uses (proxy-auth users mapped)
+    identity: IdentityLookup  # who a source is, for explain (as the admin /explain asks it)
 
 
 # -- overview --------------------------------------------------------------------------------
@@ -446,10 +445,10 @@ async def explain_page(sources: UiSources, query: Mapping[str, str]) -> str:
         try:
             if resolve:
                 text, _ = await explain_route(
-                    sources.router, sources.explainer_identity, source=source, url=url
+                    sources.router, sources.identity, source=source, url=url
                 )
             else:
-                text, _ = explain(sources.router, sources.explainer_identity, source=source,
+                text, _ = explain(sources.router, sources.identity, source=source,
                                   url=url)  # fmt: skip
             result = f'<h2>Result</h2><pre id="explanation">{_e(text)}</pre>'
         except OutgateError as exc:
