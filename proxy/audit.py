@@ -124,6 +124,7 @@ class Exchange:
     raw_target: str | None = None
     host_field: str | None = None
     user_agent: str | None = None
+    traffic_row: object = None  # the row of proxy.traffic's aggregate it was counted in
     decision: Decision | None = None
     reason: Reason | None = None
     status: int | None = None

@@ -80,11 +80,17 @@ OTHER_WORKLOADS_KEY: Final = WorkloadKey("", "Other", "other workloads")
 def workload_key(workload: Workload) -> WorkloadKey:
     """The owner a workload's traffic is grouped under, as `outgate suggest` groups records
     (`kubernetes.namespace` + `outgate.workload`, or the pod without an owner)."""
+    return WorkloadKey(*_key_tuple(workload))
+
+
+def _key_tuple(workload: Workload) -> tuple[str, str, str]:
+    """`workload_key` as a plain tuple, equal to it and hashed alike (a dict holding
+    WorkloadKeys finds it); per request, where building the NamedTuple costs more."""
     if workload.kind is WorkloadKind.UNKNOWN or workload.kind is WorkloadKind.AMBIGUOUS:
         return UNKNOWN_KEY
     if workload.owner_kind:
-        return WorkloadKey(workload.namespace, workload.owner_kind, workload.owner_name)
-    return WorkloadKey(workload.namespace, "Pod", workload.name)
+        return (workload.namespace, workload.owner_kind, workload.owner_name)
+    return (workload.namespace, "Pod", workload.name)
 
 
 def rfc3339(seconds: float) -> str:
@@ -114,10 +120,12 @@ class Row:
         "decision",
         "denied",
         "first_seen",
+        "folded",
         "host",
         "last_reason",
         "last_seen",
         "metric_label",
+        "metric_workload",
         "named",
         "outcomes",
         "port",
@@ -128,11 +136,17 @@ class Row:
         "tunnels_denied",
     )
 
-    def __init__(self, host: str, port: int, *, named: bool, metric_label: str) -> None:
+    def __init__(
+        self, host: str, port: int, *, named: bool, metric_label: str, metric_workload: str
+    ) -> None:
         self.host = host
         self.port = port
         self.named = named  # a destination name (else an address, or the `other` row)
         self.metric_label = metric_label
+        self.metric_workload = metric_workload
+        # The row this one was folded into: an exchange decided here and closed after the fold
+        # adds its bytes there.
+        self.folded: Row | None = None
         self.allowed = 0  # requests and tunnels allowed
         self.denied = 0  # requests and tunnels refused (policy, guard, DNS, upstream...)
         self.tunnels_allowed = 0
@@ -218,7 +232,6 @@ class WorkloadTraffic:
     def __init__(self, key: WorkloadKey) -> None:
         self.key = key
         self.rows: dict[tuple[str, int], Row] = {}
-        self.other = Row(OTHER, 0, named=False, metric_label=OTHER)
         self.requests = 0
         self.denied = 0
         self.undestined = 0  # refused before a destination was known (malformed, limits)
@@ -233,6 +246,9 @@ class WorkloadTraffic:
             self.metric_workload = OTHER
         else:
             self.metric_workload = f"{key.owner_kind}/{key.owner_name}"
+        self.other = Row(
+            OTHER, 0, named=False, metric_label=OTHER, metric_workload=self.metric_workload
+        )
 
     def ranked(self) -> list[Row]:
         """Rows by use, most used first."""
@@ -283,10 +299,9 @@ class TrafficAggregate:
         self.top = top
         self.max_workloads = max_workloads
         self.metric_destinations = metric_destinations
-        self.workloads: dict[WorkloadKey, WorkloadTraffic] = {}
+        # Keyed by WorkloadKey; looked up per request by the equal plain tuple (_key_tuple).
+        self.workloads: dict[tuple[str, str, str], WorkloadTraffic] = {}
         self.refusals: deque[Refusal] = deque(maxlen=RECENT_REFUSALS)
-        # minute number -> [allowed, denied, shadow differences], the last WINDOW_MINUTES.
-        self._minutes: deque[tuple[int, list[int]]] = deque(maxlen=WINDOW_MINUTES)
         self.allowed = 0
         self.denied = 0
         self.shadow_differences = 0
@@ -297,8 +312,6 @@ class TrafficAggregate:
         now = time.time()
         decision = ex.decision
         shadow = decision.shadow if decision is not None else None
-        minute = int(now // 60)
-        _count_minute(self._minutes, minute, allowed, shadow is not None)
         if shadow is not None:
             self.shadow_differences += 1
         if allowed:
@@ -306,7 +319,7 @@ class TrafficAggregate:
         else:
             self.denied += 1
         traffic = self._workload(ex.workload, now)
-        _count_minute(traffic.minutes, minute, allowed, shadow is not None)
+        _count_minute(traffic.minutes, int(now // 60), allowed, shadow is not None)
         traffic.requests += 1
         if not allowed:
             traffic.denied += 1
@@ -314,6 +327,7 @@ class TrafficAggregate:
         if row is None:
             traffic.undestined += 1
         else:
+            ex.traffic_row = row
             outcome = (allowed, ex.reason)
             row.outcomes[outcome] = row.outcomes.get(outcome, 0) + 1
             row.last_reason = ex.reason
@@ -342,7 +356,7 @@ class TrafficAggregate:
                 child = row.children[(ex.workload.namespace, action)] = (
                     metrics.DESTINATION_REQUESTS.labels(
                         namespace=ex.workload.namespace,
-                        workload=traffic.metric_workload,
+                        workload=row.metric_workload,
                         destination=row.metric_label,
                         action=action,
                     )
@@ -353,44 +367,38 @@ class TrafficAggregate:
 
     def closed(self, ex: Exchange, reason: Reason) -> None:
         """An exchange's close record is about to be written: its bytes, a tunnel's protocol."""
-        if ex.tunnel_id is not None:
-            return  # a request inside a tunnel: the tunnel's own close counts the wire bytes
-        traffic = self.workloads.get(workload_key(ex.workload))
-        if traffic is None:
-            traffic = self.workloads.get(OTHER_WORKLOADS_KEY)
-            if traffic is None:
-                return
-        host = ex.destination_domain or ex.destination_ip
-        if host is None or ex.destination_port is None:
+        row = ex.traffic_row
+        if not isinstance(row, Row) or ex.tunnel_id is not None:
+            # No destination known; or a request inside a tunnel, whose tunnel's own close
+            # counts the wire bytes.
             return
-        row = traffic.rows.get((host, ex.destination_port), traffic.other)
+        while row.folded is not None:
+            row = row.folded
         row.bytes_out += ex.source_bytes
         row.bytes_in += ex.destination_bytes
         if reason is Reason.PROTOCOL_MISMATCH and ex.kind == "tunnel":
             row.protocol_mismatches += 1
         if ex.source_bytes:
-            self._bytes_child(row, traffic, ex.workload.namespace, "egress").inc(ex.source_bytes)
+            self._bytes_child(row, ex.workload.namespace, "egress").inc(ex.source_bytes)
         if ex.destination_bytes:
-            self._bytes_child(row, traffic, ex.workload.namespace, "ingress").inc(
-                ex.destination_bytes
-            )
+            self._bytes_child(row, ex.workload.namespace, "ingress").inc(ex.destination_bytes)
 
     @staticmethod
-    def _bytes_child(row: Row, traffic: WorkloadTraffic, namespace: str, direction: str) -> Any:
+    def _bytes_child(row: Row, namespace: str, direction: str) -> Any:
         child = row.children.get((namespace, direction))
         if child is None:
             child = row.children[(namespace, direction)] = metrics.DESTINATION_BYTES.labels(
                 namespace=namespace,
-                workload=traffic.metric_workload,
+                workload=row.metric_workload,
                 destination=row.metric_label,
                 direction=direction,
             )
         return child
 
     def _workload(self, workload: Workload, now: float) -> WorkloadTraffic:
-        key = workload_key(workload)
-        traffic = self.workloads.get(key)
+        traffic = self.workloads.get(_key_tuple(workload))
         if traffic is None:
+            key = workload_key(workload)
             if len(self.workloads) >= self.max_workloads and key != UNKNOWN_KEY:
                 key = OTHER_WORKLOADS_KEY
                 traffic = self.workloads.get(key)
@@ -419,7 +427,13 @@ class TrafficAggregate:
                 elif len(traffic.metric_names) < self.metric_destinations:
                     traffic.metric_names.add(name)
                     label = name
-                row = Row(host, port, named=ex.destination_domain is not None, metric_label=label)
+                row = Row(
+                    host,
+                    port,
+                    named=ex.destination_domain is not None,
+                    metric_label=label,
+                    metric_workload=traffic.metric_workload,
+                )
                 row.first_seen = now
                 traffic.rows[(host, port)] = row
         row.last_seen = now
@@ -429,6 +443,7 @@ class TrafficAggregate:
         """Keep the `top` most used rows; fold the rest into `other`."""
         for row in traffic.ranked()[self.top :]:
             row.fold_into(traffic.other)
+            row.folded = traffic.other
             del traffic.rows[(row.host, row.port)]
 
     def _remember_refusal(self, ex: Exchange, now: float) -> None:
@@ -457,8 +472,12 @@ class TrafficAggregate:
         """The last WINDOW_MINUTES minutes, oldest first, minutes without traffic included: of
         every workload, or of `workload`."""
         current = int((time.time() if now is None else now) // 60)
-        ring = self._minutes if workload is None else workload.minutes
-        counts = {minute: values for minute, values in ring}
+        counts: dict[int, list[int]] = {}
+        for traffic in self.workloads.values() if workload is None else (workload,):
+            for minute, values in traffic.minutes:
+                summed = counts.setdefault(minute, [0, 0, 0])
+                for index, value in enumerate(values):
+                    summed[index] += value
         window = []
         for minute in range(current - WINDOW_MINUTES + 1, current + 1):
             allowed, denied, shadow = counts.get(minute, (0, 0, 0))

@@ -255,3 +255,20 @@ def test_the_suggestion_is_the_one_suggest_makes_from_the_audit_records(tmp_path
     assert got.pod_selector == expected.pod_selector and got.policy_name == expected.policy_name
     assert got.requests == expected.requests == 10
     assert "*.cdn.example.com" in got.rules[0].fqdns  # the wildcard collapsing, as suggest does
+
+
+def test_bytes_of_an_exchange_closed_after_its_row_was_folded_go_to_other() -> None:
+    traffic = TrafficAggregate(top=2)
+    long_lived = exchange("slow.example.com")
+    long_lived.destination_ip = "93.184.216.34"
+    traffic.decided(long_lived, allowed=True)  # a tunnel that stays open
+    for _ in range(3):
+        feed(traffic, exchange("busy.example.com"))
+        feed(traffic, exchange("busier.example.com"))
+    feed(traffic, exchange("third.example.com"))
+    feed(traffic, exchange("fourth.example.com"))  # the table is full: the least used fold
+    entry = traffic.workloads[workload_key(API)]
+    assert ("slow.example.com", 443) not in entry.rows
+    long_lived.source_bytes, long_lived.destination_bytes = 700, 7000
+    traffic.closed(long_lived, Reason.COMPLETED)
+    assert (entry.other.bytes_out, entry.other.bytes_in) == (700, 7000)
