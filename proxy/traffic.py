@@ -69,7 +69,7 @@ ROW_BYTES: Final = 2048
 # Fixed cost of one workload entry beyond its rows: the entry, its key, the row table and its
 # minute ring (WINDOW_MINUTES buckets of three counts).
 WORKLOAD_BYTES: Final = 16384
-# The minute ring and the recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS).
+# The recent refusals (each up to 4 raw strings of MAX_SHOWN_CHARS) and the workload table.
 FIXED_BYTES: Final = 64 * 1024 + RECENT_REFUSALS * 4 * (MAX_SHOWN_CHARS + 100)
 
 OTHER: Final = "other"
