@@ -72,6 +72,9 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 		test -x /usr/sbin/debootstrap) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends podman buildah debootstrap runc) || \
 		echo "no container engine installed: tests/image will say why it is skipped" >&2
+	@# tests/netns/test_ui_browser.py: the admin page in a real headless browser (issue 15).
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 	touch $(RUN_STAMP) $@
 
 install: $(RUN_STAMP)

@@ -1,4 +1,5 @@
-"""The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain. Never the proxy port.
+"""The admin listener (aiohttp): /metrics, /healthz, /readyz, /explain, and the read-only page
+under /ui (proxy.ui, unless `ui.enabled: false`). Never the proxy port.
 
 `/explain?source=IP&url=URL[&user=NAME]` shows the name decision (`user`: the proxy-auth user a
 source in auth.basic.sources logs in as); with `&resolve=1` also the DNS answer,
@@ -18,6 +19,7 @@ from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope
 from proxy.dataplane.router import Router
 from proxy.errors import OutgateError
 from proxy.explainer import explain, explain_route
+from proxy.ui import UiSources, add_ui_routes
 
 
 def build_admin_app(
@@ -26,7 +28,11 @@ def build_admin_app(
     identity: IdentityLookup,
     readiness: Callable[[], tuple[bool, dict[str, object]]],
     login: LoginScope | None = None,
+    ui: UiSources | None = None,
+    ui_token: str | None = None,
 ) -> web.Application:
+    """`ui`: what the page reads (None: no page); `ui_token`: the bearer token it requires."""
+
     async def metrics_handler(_: web.Request) -> web.Response:
         body = metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -74,4 +80,6 @@ def build_admin_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/explain", explain_handler)
+    if ui is not None:
+        add_ui_routes(app, ui, token=ui_token)
     return app

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from proxy import metrics
 from proxy.admin import build_admin_app
+from proxy.adoption.suggest import SuggestOptions, static_identity_labels
 from proxy.audit import AuditSink
 from proxy.config import Settings
 from proxy.control.kube.runtime import KubeControlPlane
@@ -46,7 +47,7 @@ from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
-from proxy.dataplane.proxy_auth import LoginScope, ProxyAuth
+from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope, ProxyAuth
 from proxy.dataplane.proxy_header import ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.server import LISTEN_BACKLOG, ProxyServer
@@ -58,6 +59,8 @@ from proxy.errors import ConfigError, ConfigIssue, Reason
 from proxy.tasks import TaskSet
 from proxy.tls.ca import load_ca
 from proxy.tls.certs import CertCache
+from proxy.traffic import TrafficAggregate
+from proxy.ui import UiSources, load_token
 
 log = structlog.get_logger(__name__)
 
@@ -183,13 +186,15 @@ def build_data_plane(
     is_ready: Callable[[], bool],
     dialer: Dialer | None = None,
     passwords: PasswordFile | None = None,
+    traffic: TrafficAggregate | None = None,
 ) -> tuple[ProxyServer, TransparentServer]:
     """The data plane's parts, each handed the ones it uses (docs/architecture.md): the proxy
     listener's server and the transparent listeners' (issue 13), sharing the same Router,
     Dialer, ExchangeLog and relays. `dialer` replaces the direct one (tests hand in one that
     fails on demand); with upstreams configured, a RoutingDialer sends each route the way its
     `via` names. `passwords` is the proxy-auth password file when `auth.basic` is configured
-    (`build_password_file`); it concerns the proxy listener only."""
+    (`build_password_file`); it concerns the proxy listener only. `traffic` is the live
+    aggregate the ExchangeLog feeds (the admin page reads it)."""
     direct = (
         dialer if dialer is not None else DirectDialer(connect_timeout=settings.timeouts.connect)
     )
@@ -197,7 +202,7 @@ def build_data_plane(
         dialer = RoutingDialer(direct=direct, upstreams=build_parents(settings))
     else:
         dialer = direct
-    log = ExchangeLog(audit=audit, identity=identity)
+    log = ExchangeLog(audit=audit, identity=identity, traffic=traffic)
     upgrades = UpgradeRelay(timeouts=settings.timeouts, log=log)
     relay = HttpRelay(settings=settings, log=log, upgrades=upgrades)
     inspector = RequestInspector(settings=settings)
@@ -294,6 +299,12 @@ class App:
         self.certs = _cert_cache(settings)
         self.resolver = build_resolver(settings)
         self.passwords = build_password_file(settings)  # auth.basic; a bad file is fatal here
+        self.ui_token = load_token(settings)  # ui.tokenFile; a bad file is fatal here
+        self.traffic = TrafficAggregate(
+            top=settings.traffic_top_destinations,
+            max_workloads=settings.traffic_max_workloads,
+            metric_destinations=settings.traffic_metric_destinations,
+        )
         self.draining = False
         self.router: Router | None = None  # built in start(): the guard needs the bound ports
         self.proxy: ProxyServer | None = None
@@ -380,11 +391,27 @@ class App:
         self.router = Router(
             policy=self.policy, resolver=self.resolver, guard=guard, routes=settings.routes
         )
+        login = None if settings.auth_basic is None else LoginScope(settings.auth_basic)
+        ui = None
+        if settings.ui_enabled:
+            ui = UiSources(
+                router=self.router,
+                traffic=self.traffic,
+                readiness=self.readiness,
+                audit_backlog=lambda: self.audit.backlog_bytes,
+                suggest_options=SuggestOptions(
+                    static_labels=static_identity_labels(settings.static_identities),
+                    guard=guard,
+                ),
+                identity=LoggedInIdentity(self.identity, login, None),
+            )
         admin_app = build_admin_app(
             router=self.router,
             identity=self.identity,
             readiness=self.readiness,
-            login=None if settings.auth_basic is None else LoginScope(settings.auth_basic),
+            login=login,
+            ui=ui,
+            ui_token=self.ui_token,
         )
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
@@ -404,6 +431,7 @@ class App:
             certs=self.certs,
             is_ready=self.is_ready,
             passwords=self.passwords,
+            traffic=self.traffic,
         )
         self.proxy_address = await self.proxy.start(sock=sock)
         serving = await self.transparent.start(transparent_socks)

@@ -119,6 +119,12 @@ class Exchange:
     proxy_peer_port: int | None = None
     proxy_protocol: int | None = None
     user_name: str | None = None  # the proxy-auth user the workload came from (ECS user.name)
+    # Issue 15: what a refused client sent, for the admin page's recent refusals only (not
+    # written to the record): the request target as sent, the Host field and the User-Agent.
+    raw_target: str | None = None
+    host_field: str | None = None
+    user_agent: str | None = None
+    traffic_row: object = None  # the row of proxy.traffic's aggregate it was counted in
     decision: Decision | None = None
     reason: Reason | None = None
     status: int | None = None
@@ -360,6 +366,11 @@ class AuditSink:
             self._cond.notify()
         log.info("audit_files_reopened", path=path)
         return True
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of lines waiting for the writer thread (the admin page shows it)."""
+        return self._pending
 
     @property
     def congested(self) -> bool:

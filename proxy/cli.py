@@ -282,7 +282,7 @@ def _cmd_import_squid(args: argparse.Namespace) -> int:
 
 
 def _cmd_suggest(args: argparse.Namespace) -> int:
-    from proxy.adoption.suggest import SuggestOptions, suggest
+    from proxy.adoption.suggest import SuggestOptions, static_identity_labels, suggest
     from proxy.core.policy.model import Mode
 
     static_labels: dict[tuple[str, str], dict[str, str]] = {}
@@ -292,10 +292,7 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             _print_config_error(exc)
             return EXIT_INVALID
-        static_labels = {
-            (identity.namespace, identity.name): dict(identity.labels)
-            for identity in settings.static_identities
-        }
+        static_labels = static_identity_labels(settings.static_identities)
     options = SuggestOptions(
         wildcard_threshold=args.wildcard_threshold,
         mode=Mode(args.mode),

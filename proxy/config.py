@@ -56,6 +56,14 @@ T = TypeVar("T")
 EMBEDDED_CONFIG = "default_config.yaml"
 # Where a pod's `hostAliases` land, and where Squid's `hosts_file` points by default.
 DEFAULT_HOSTS_FILE = "/etc/hosts"
+# Issue 15, the live traffic aggregate (proxy.traffic). Rows shown per workload (twice as many
+# are held): a service's real dependencies are a few dozen names at most; past that the tail
+# is noise or a scan.
+DEFAULT_TOP_DESTINATIONS = 50
+# Workloads tracked one by one; a cluster's egress-calling owners are usually far fewer.
+DEFAULT_MAX_WORKLOADS = 100
+# Destinations per workload with their own label on the per-destination metrics.
+DEFAULT_METRIC_DESTINATIONS = 10
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -179,6 +187,14 @@ class Settings:
     upstreams: tuple[UpstreamSpec, ...] = ()
     routes: RouteTable | None = None
     transparent: Transparent = field(default_factory=Transparent)
+    # Issue 15: the read-only page on the admin listener (/ui), and the bearer token it asks for
+    # (a file holding it; None: no token, the admin listener's NetworkPolicy is the fence).
+    ui_enabled: bool = True
+    ui_token_file: str | None = None
+    # Issue 15: the live traffic aggregate's bounds (proxy.traffic says why these defaults).
+    traffic_top_destinations: int = DEFAULT_TOP_DESTINATIONS
+    traffic_max_workloads: int = DEFAULT_MAX_WORKLOADS
+    traffic_metric_destinations: int = DEFAULT_METRIC_DESTINATIONS
 
 
 # The accepted shape: key -> nested shape (dict) or None for a leaf. Unknown keys are errors.
@@ -232,6 +248,8 @@ _SHAPE: dict[str, Any] = {
     "routes": None,
     # `ports` is a list of mappings: its keys are checked by _parse_port_maps.
     "transparent": {"tls": None, "tlsPort": None, "http": None, "httpPort": None, "ports": None},
+    "ui": {"enabled": None, "tokenFile": None},
+    "traffic": {"topDestinations": None, "maxWorkloads": None, "metricDestinations": None},
 }
 
 
@@ -328,6 +346,18 @@ def _object_name(value: Any) -> str:
 def _namespace_name(value: Any) -> str:
     if not isinstance(value, str) or not _DNS_LABEL.match(value):
         raise ValueError("not a namespace name (a DNS label: lowercase letters, digits, '-')")
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a path")
     return value
 
 
@@ -645,6 +675,26 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
             d.audit_squid_logformat,
             _squid_logformat,
             "squid, common, combined, or a format string of the supported codes",
+        ),
+        ui_enabled=reader.get("ui.enabled", d.ui_enabled, _bool, "true or false"),
+        ui_token_file=reader.get(
+            "ui.tokenFile",
+            None,
+            # A relative file is relative to the config file, as policy paths are.
+            lambda v: str(base_dir / Path(_nonempty(v)).expanduser()),
+            "a path to a file holding the bearer token, e.g. a mounted Secret's key",
+        ),
+        traffic_top_destinations=reader.get(
+            "traffic.topDestinations", d.traffic_top_destinations, _positive_int, "a count, e.g. 50"
+        ),
+        traffic_max_workloads=reader.get(
+            "traffic.maxWorkloads", d.traffic_max_workloads, _positive_int, "a count, e.g. 100"
+        ),
+        traffic_metric_destinations=reader.get(
+            "traffic.metricDestinations",
+            d.traffic_metric_destinations,
+            _count,
+            "a count, e.g. 10 (0: every destination is labelled other)",
         ),
     )
     upstreams_issues = IssueCollector(file=file)

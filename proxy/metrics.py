@@ -168,6 +168,25 @@ SHADOW_DIFFERENCES = Counter(
     ["shadow_action", "namespace"],
     registry=REGISTRY,
 )
+# Issue 15: per destination, for cluster-wide views. `workload` is the source's owner
+# (`Deployment/api`, `Static/laptop`, `unknown`, `other` past traffic.maxWorkloads) and
+# `destination` is `host:port` for a workload's first traffic.metricDestinations destinations,
+# `other` for the rest (proxy.traffic): at most workloads x (metricDestinations + 1) series.
+DESTINATION_REQUESTS = Counter(
+    "outgate_destination_requests_total",
+    "Decisions by source namespace, workload and destination (host:port for each workload's "
+    "first traffic.metricDestinations destinations, 'other' for the rest), by action.",
+    ["namespace", "workload", "destination", "action"],
+    registry=REGISTRY,
+)
+DESTINATION_BYTES = Counter(
+    "outgate_destination_bytes_total",
+    "Bytes relayed by source namespace, workload and destination (labels as "
+    "outgate_destination_requests_total): 'egress' = client to upstream, 'ingress' = upstream "
+    "to client.",
+    ["namespace", "workload", "destination", "direction"],
+    registry=REGISTRY,
+)
 ACTIVE_CONNECTIONS = Gauge(
     "outgate_active_connections",
     "Open connections: client (accepted sockets), tunnel (CONNECT relays), forward (upstreams), "

@@ -34,6 +34,7 @@ are parsed and counted.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -46,6 +47,7 @@ from publicsuffixlist import PublicSuffixList
 
 from proxy.core.addresses import AddressGuard
 from proxy.core.hosts import parse_ip_address
+from proxy.core.identity import StaticIdentity
 from proxy.core.policy.model import API_VERSION, Mode
 
 # At least this many distinct names directly under one parent become `*.parent`. Five: a
@@ -99,16 +101,19 @@ class SuggestOptions:
 
 
 @dataclass(slots=True)
-class _Destination:
+class ObservedDestination:
     ports: dict[int, set[str]] = field(default_factory=dict)  # port -> protocol evidence
     guarded_cidrs: set[str] = field(default_factory=set)  # guarded addresses it was dialled at
     requests: int = 0
 
 
 @dataclass(slots=True)
-class _Workload:
-    names: dict[str, _Destination] = field(default_factory=dict)
-    addresses: dict[str, _Destination] = field(default_factory=dict)
+class ObservedWorkload:
+    """What one workload was seen doing: the input of `propose`. Filled from audit records
+    (`suggest`) or from the proxy's live traffic aggregate (proxy.traffic), through `Observer`."""
+
+    names: dict[str, ObservedDestination] = field(default_factory=dict)
+    addresses: dict[str, ObservedDestination] = field(default_factory=dict)
     guarded: dict[tuple[str, int], int] = field(default_factory=dict)
     denied: dict[tuple[str, int, str], int] = field(default_factory=dict)
     requests: int = 0
@@ -256,15 +261,103 @@ def _tunnel_protocol(port: int) -> str:
     return _PORT_PROTOCOLS.get(port, "tcp")
 
 
+class Observer:
+    """The one reading of a decision and of a tunnel's close for a suggestion: which requests
+    count as reached (allowed, or allowed and then failed in DNS or upstream), which were
+    refused by the guard or by policy, and what a close says about a tunnel's protocol."""
+
+    def __init__(self, options: SuggestOptions) -> None:
+        self.options = options
+        self._guarded: dict[str, str | None] = {}  # address -> its /32 when guarded
+
+    def decision(
+        self,
+        workload: ObservedWorkload,
+        *,
+        domain: object,
+        address: object,
+        port: object,
+        decision: object,
+        reason: object,
+        protocol: object = None,
+        requests: int = 1,
+    ) -> None:
+        """`requests` decisions alike: destination name (or None), address, port, the
+        decision (`allow`/`deny`), its reason code and any protocol evidence."""
+        if not isinstance(port, int):
+            return
+        host = domain if isinstance(domain, str) and domain else address
+        if not isinstance(host, str) or not host:
+            return
+        if reason == _GUARDED:
+            workload.guarded[(host, port)] = workload.guarded.get((host, port), 0) + requests
+            return
+        if decision != "allow" and reason not in _ALLOWED_THEN_FAILED:
+            if reason not in _POLICY_DENIALS:
+                return  # refused before policy decided: malformed, limits, not ready
+            if not self.options.include_denied:
+                key = (host, port, str(reason))
+                workload.denied[key] = workload.denied.get(key, 0) + requests
+                return
+        table = workload.names if host == domain else workload.addresses
+        seen = table.get(host)
+        if seen is None:
+            seen = table[host] = ObservedDestination()
+        seen.requests += requests
+        if host == domain and isinstance(address, str) and address:
+            cidr = self._guarded_cidr(address)
+            if cidr is not None:
+                seen.guarded_cidrs.add(cidr)
+        evidence = seen.ports.setdefault(port, set())
+        if isinstance(protocol, str):
+            evidence.add(protocol)
+
+    def _guarded_cidr(self, address: str) -> str | None:
+        cached = self._guarded.get(address, "")
+        if cached != "":
+            return cached
+        try:
+            ip = parse_ip_address(address)
+        except ValueError:
+            return None
+        cidr = f"{ip}/{ip.max_prefixlen}" if self.options.guard.classify(ip) is not None else None
+        if len(self._guarded) < _GUARD_CACHE_SIZE:
+            self._guarded[address] = cidr
+        return cidr
+
+    def tunnel_closed(
+        self,
+        workload: ObservedWorkload,
+        *,
+        domain: object,
+        address: object,
+        port: object,
+        reason: object,
+        protocol: object = None,
+    ) -> None:
+        """A tunnel's close can say what it carried: `protocol_mismatch` means not TLS."""
+        host = domain if isinstance(domain, str) and domain else address
+        if not isinstance(port, int) or not isinstance(host, str):
+            return
+        table = workload.names if host == domain else workload.addresses
+        seen = table.get(host)
+        if seen is None or port not in seen.ports:
+            return  # not an allowed destination of this workload
+        if isinstance(protocol, str):
+            seen.ports[port].add(protocol)
+        elif reason == "protocol_mismatch":
+            seen.ports[port].add(_tunnel_protocol(port))
+
+
 class _Collector:
     def __init__(self, options: SuggestOptions) -> None:
         self.options = options
-        self.workloads: dict[WorkloadKey, _Workload] = {}
+        self.observer = Observer(options)
+        self.workloads: dict[WorkloadKey, ObservedWorkload] = {}
         self.records = 0
         self.unknown = 0
         self.unreadable = 0
-        self._guarded: dict[str, str | None] = {}  # address -> its /32 when guarded
-        self._by_raw: dict[tuple[object, object, str], _Workload | None] = {}
+        self._by_raw: dict[tuple[object, object, str], ObservedWorkload | None] = {}
 
     def feed(self, lines: Iterable[bytes | str]) -> None:
         for raw in lines:
@@ -285,7 +378,7 @@ class _Collector:
             elif action == "close":
                 self._close(record)
 
-    def _workload(self, record: Mapping[str, Any]) -> _Workload | None:
+    def _workload(self, record: Mapping[str, Any]) -> ObservedWorkload | None:
         kubernetes = record.get("kubernetes")
         if not isinstance(kubernetes, dict):
             return None
@@ -301,7 +394,7 @@ class _Collector:
         if key is not None:
             workload = self.workloads.get(key)
             if workload is None:
-                workload = self.workloads[key] = _Workload()
+                workload = self.workloads[key] = ObservedWorkload()
         if len(self._by_raw) < _GUARD_CACHE_SIZE:
             self._by_raw[raw] = workload
         return workload
@@ -320,55 +413,18 @@ class _Collector:
             if stamp > workload.last_seen:
                 workload.last_seen = stamp
         destination = record.get("destination") or {}
-        port = destination.get("port")
-        domain = destination.get("domain")
-        address = destination.get("ip")
-        if not isinstance(port, int):
-            return
         outgate = record.get("outgate") or {}
-        decision, reason = outgate.get("decision"), outgate.get("reason")
-        host = domain if isinstance(domain, str) and domain else address
-        if not isinstance(host, str) or not host:
-            return
-        if reason == _GUARDED:
-            workload.guarded[(host, port)] = workload.guarded.get((host, port), 0) + 1
-            return
-        if decision != "allow" and reason not in _ALLOWED_THEN_FAILED:
-            if reason not in _POLICY_DENIALS:
-                return  # refused before policy decided: malformed, limits, not ready
-            if not self.options.include_denied:
-                key = (host, port, str(reason))
-                workload.denied[key] = workload.denied.get(key, 0) + 1
-                return
-        table = workload.names if host == domain else workload.addresses
-        seen = table.get(host)
-        if seen is None:
-            seen = table[host] = _Destination()
-        seen.requests += 1
-        if host == domain and isinstance(address, str) and address:
-            cidr = self._guarded_cidr(address)
-            if cidr is not None:
-                seen.guarded_cidrs.add(cidr)
-        evidence = seen.ports.setdefault(port, set())
-        protocol = outgate.get("protocol")
-        if isinstance(protocol, str):
-            evidence.add(protocol)
-
-    def _guarded_cidr(self, address: str) -> str | None:
-        cached = self._guarded.get(address, "")
-        if cached != "":
-            return cached
-        try:
-            ip = parse_ip_address(address)
-        except ValueError:
-            return None
-        cidr = f"{ip}/{ip.max_prefixlen}" if self.options.guard.classify(ip) is not None else None
-        if len(self._guarded) < _GUARD_CACHE_SIZE:
-            self._guarded[address] = cidr
-        return cidr
+        self.observer.decision(
+            workload,
+            domain=destination.get("domain"),
+            address=destination.get("ip"),
+            port=destination.get("port"),
+            decision=outgate.get("decision"),
+            reason=outgate.get("reason"),
+            protocol=outgate.get("protocol"),
+        )
 
     def _close(self, record: Mapping[str, Any]) -> None:
-        """A close record can say what a tunnel carried: `protocol_mismatch` means not TLS."""
         outgate = record.get("outgate") or {}
         if outgate.get("connection") != "tunnel":
             return
@@ -376,19 +432,14 @@ class _Collector:
         if workload is None:
             return
         destination = record.get("destination") or {}
-        port, domain = destination.get("port"), destination.get("domain")
-        host = domain if isinstance(domain, str) and domain else destination.get("ip")
-        if not isinstance(port, int) or not isinstance(host, str):
-            return
-        table = workload.names if host == domain else workload.addresses
-        seen = table.get(host)
-        if seen is None or port not in seen.ports:
-            return  # not an allowed destination of this workload
-        protocol = outgate.get("protocol")
-        if isinstance(protocol, str):
-            seen.ports[port].add(protocol)
-        elif outgate.get("reason") == "protocol_mismatch":
-            seen.ports[port].add(_tunnel_protocol(port))
+        self.observer.tunnel_closed(
+            workload,
+            domain=destination.get("domain"),
+            address=destination.get("ip"),
+            port=destination.get("port"),
+            reason=outgate.get("reason"),
+            protocol=outgate.get("protocol"),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +523,7 @@ def _cidr(address: str) -> str | None:
     return f"{ip}/{ip.max_prefixlen}"
 
 
-def _rules(workload: _Workload, collapser: _Collapser) -> tuple[SuggestedRule, ...]:
+def _rules(workload: ObservedWorkload, collapser: _Collapser) -> tuple[SuggestedRule, ...]:
     # protocol -> name -> ports, and protocol -> cidr -> ports
     by_protocol: dict[str, dict[str, set[int]]] = {}
     cidrs: dict[str, dict[str, set[int]]] = {}
@@ -534,16 +585,41 @@ def _selector(key: WorkloadKey, options: SuggestOptions) -> tuple[dict[str, str]
     )
 
 
+def static_identity_labels(
+    identities: Iterable[StaticIdentity],
+) -> dict[tuple[str, str], dict[str, str]]:
+    """`SuggestOptions.static_labels` from the runtime config's static identities."""
+    return {(identity.namespace, identity.name): dict(identity.labels) for identity in identities}
+
+
 def suggest(lines: Iterable[bytes | str], options: SuggestOptions | None = None) -> Suggestion:
     options = options or SuggestOptions()
     collector = _Collector(options)
     collector.feed(lines)
-    collapser = _Collapser(options.wildcard_threshold, PublicSuffixList())
+    return propose(
+        collector.workloads,
+        options,
+        records=collector.records,
+        unknown_source_requests=collector.unknown,
+        unreadable_lines=collector.unreadable,
+    )
+
+
+def propose(
+    workloads: Mapping[WorkloadKey, ObservedWorkload],
+    options: SuggestOptions,
+    *,
+    records: int,
+    unknown_source_requests: int = 0,
+    unreadable_lines: int = 0,
+) -> Suggestion:
+    """One EgressPolicy per observed workload (the module docstring says how it is built)."""
+    collapser = _Collapser(options.wildcard_threshold, _public_suffixes())
     suggestions: list[WorkloadSuggestion] = []
     empty: list[WorkloadSuggestion] = []
     names_taken: set[tuple[str, str]] = set()
-    for key in sorted(collector.workloads):
-        workload = collector.workloads[key]
+    for key in sorted(workloads):
+        workload = workloads[key]
         base = _slug(f"{key.owner_name}-egress", 240)
         if (key.namespace, base) in names_taken:
             base = _slug(f"{key.owner_name}-{key.owner_kind}-egress", 240)
@@ -570,8 +646,14 @@ def suggest(lines: Iterable[bytes | str], options: SuggestOptions | None = None)
     return Suggestion(
         workloads=tuple(suggestions),
         without_rules=tuple(empty),
-        records=collector.records,
-        unknown_source_requests=collector.unknown,
-        unreadable_lines=collector.unreadable,
+        records=records,
+        unknown_source_requests=unknown_source_requests,
+        unreadable_lines=unreadable_lines,
         options=options,
     )
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    """Parsed once per process (tens of milliseconds): the admin page proposes on every view."""
+    return PublicSuffixList()

@@ -84,6 +84,23 @@ def request_line_hint(head: bytes) -> tuple[str | None, str | None]:
     return parts[0].decode("latin-1"), parts[1].decode("latin-1")
 
 
+def sent_fields(head: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+    """Method, target, Host and User-Agent as a client sent them, read leniently from a head
+    that may not parse: shown on the admin page for a refused request (which escapes them)."""
+    method, target = request_line_hint(head)
+    host = agent = None
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        lowered = name.strip().lower()
+        if lowered == b"host" and host is None:
+            host = value.strip().decode("latin-1")
+        elif lowered == b"user-agent" and agent is None:
+            agent = value.strip().decode("latin-1")
+    return method, target, host, agent
+
+
 def render_inner_request(inner: InnerRequest, *, scheme: str) -> bytes:
     """The request for the upstream: the core rendering (hop-by-hop and proxy fields dropped,
     framing re-rendered), with the client's own Host value, which it may have signed (AWS

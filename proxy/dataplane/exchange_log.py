@@ -10,7 +10,9 @@ For every exchange, whatever path it takes, exactly one decision record and one 
   - byte accounting: the wire bytes of an exchange are counted in `outgate_bytes_total` once.
     A request inside a tunnel (interception, `protocol: http`) keeps its own byte counts in its
     record, but the metric counts its tunnel's bytes only, which already hold them;
-  - the per-exchange metrics: decisions, shadow differences, guard refusals, open relays.
+  - the per-exchange metrics: decisions, shadow differences, guard refusals, open relays;
+  - the live traffic aggregate (proxy.traffic: the admin page and the per-destination metrics),
+    fed beside the decision and the close record, so it counts exactly what they record.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from proxy.dataplane.proxy_header import ClientSource
 from proxy.dataplane.responses import render_error
 from proxy.dataplane.router import Route
 from proxy.errors import OutgateError, Reason, UpstreamProxyRefused
+from proxy.traffic import TrafficAggregate
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +56,16 @@ def settle_reason(reason: Reason, *peers: Peer) -> Reason:
 class ExchangeLog:
     """Creates exchanges and writes everything about them: records, replies, metrics."""
 
-    def __init__(self, *, audit: AuditSink, identity: IdentityLookup) -> None:
+    def __init__(
+        self,
+        *,
+        audit: AuditSink,
+        identity: IdentityLookup,
+        traffic: TrafficAggregate | None = None,
+    ) -> None:
         self._audit = audit
         self._identity = identity
+        self.traffic = traffic if traffic is not None else TrafficAggregate()
 
     # -- start --------------------------------------------------------------------------------
     def open(self, source: ClientSource, kind: str = "forward") -> Exchange:
@@ -142,6 +152,7 @@ class ExchangeLog:
                 shadow_action=str(decision.shadow.action), namespace=namespace
             ).inc()
         self._audit.decision(ex)
+        self.traffic.decided(ex, allowed=allowed)
 
     # -- refusals -----------------------------------------------------------------------------
     def refuse(self, client: Peer, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> None:
@@ -153,7 +164,7 @@ class ExchangeLog:
         if not ex.decided:
             ex.reason = error.reason
             self._record_decision(ex)
-        self._audit.close(ex, error.reason)
+        self._write_close(ex, error.reason)
         client.write(self.reply(ex, error, keep_alive=keep_alive))
         if not keep_alive:
             client.close()
@@ -167,7 +178,7 @@ class ExchangeLog:
         if not ex.decided:
             ex.reason = reason
             self._record_decision(ex)
-        self._audit.close(ex, reason)
+        self._write_close(ex, reason)
         client.close()
 
     def reply(self, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> bytes:
@@ -199,5 +210,11 @@ class ExchangeLog:
             if ex.source_bytes:  # most requests carry no body: skip the no-op update
                 metrics.BYTES.labels(direction="egress").inc(ex.source_bytes)
             metrics.BYTES.labels(direction="ingress").inc(ex.destination_bytes)
-        self._audit.close(ex, reason)
+        self._write_close(ex, reason)
         return reason
+
+    def _write_close(self, ex: Exchange, reason: Reason) -> None:
+        """The close record, once (a second call writes nothing), and the aggregate with it."""
+        if not ex.closed:
+            self.traffic.closed(ex, reason)
+        self._audit.close(ex, reason)

@@ -162,6 +162,15 @@ class Router:
         self._routes = routes
         self._memo: dict[tuple[int, str, bool, int], _Memo] = {}
 
+    @property
+    def engine(self) -> Engine:
+        """The policy in force (the admin page lists its policies)."""
+        return self._policy.engine
+
+    @property
+    def guard(self) -> AddressGuard:
+        return self._guard
+
     def decide(
         self, workload: Workload, destination: Destination, *, explain: bool = False
     ) -> Decision:

@@ -39,6 +39,7 @@ from proxy.config import Settings
 from proxy.core.hosts import Host, IPAddress
 from proxy.core.http1 import UnsupportedScheme, parse_request_head
 from proxy.core.identity import WorkloadKind
+from proxy.core.inspection import sent_fields
 from proxy.dataplane.clients import (
     AcceptedPeer,
     ClientConnections,
@@ -234,6 +235,7 @@ class ProxyServer:
             if isinstance(exc, UnsupportedScheme):  # the target is refused, but says what it asked
                 ex.method, ex.path = exc.method, exc.path
                 _name_destination(ex, exc.host, exc.port)
+            _, ex.raw_target, ex.host_field, ex.user_agent = sent_fields(head)
             self._log.refuse(client, ex, exc, keep_alive=False)
             return False
         ex.kind = "tunnel" if req.is_connect else "forward"
@@ -272,6 +274,8 @@ class ProxyServer:
             if held_tunnel is not None:
                 self._admission.close_tunnel(held_tunnel)
             keep = keeps_connection_after_refusal(req)
+            ex.raw_target, ex.user_agent = req.raw_target, req.header("user-agent")
+            ex.host_field = req.header("host")
             self._log.refuse(client, ex, exc, keep_alive=keep)
             return keep
         if held_tunnel is not None:

@@ -22,6 +22,7 @@ OWN_DOCS = [
     "operations.md",
     "threat-model.md",
     "transparent-mode.md",
+    "ui.md",
 ]
 PATH = re.compile(r"(?<![\w/.-])((?:manifests|config|docs|proxy|tests)/[\w./-]*[\w/])")
 
