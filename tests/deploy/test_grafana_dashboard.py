@@ -23,7 +23,7 @@ from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fakekube import FakeKube, namespace
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, get_from, ready
-from tests.support.squid import free_port
+from tests.support.tools import free_port
 from tests.support.waiting import wait_for
 
 DASHBOARD = kube.MANIFESTS / "components" / "monitoring" / "grafana-dashboard.json"
