@@ -85,6 +85,9 @@ class Timeouts:
     sni_peek: float = 10.0  # ClientHello after a CONNECT 200 (TLS issue)
     body: float = 60.0  # longest silence inside a request body (slow-body / slowloris-POST)
     drain: float = 30.0  # SIGTERM: how long open connections may finish
+    # Issue 18: a Kubernetes watch with no line for this long is renewed (see
+    # proxy.control.kube.reflector.ReflectorTuning.inactivity_timeout).
+    kube_watch_inactivity: float = 150.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +234,7 @@ _SHAPE: dict[str, Any] = {
         "sniPeek": None,
         "drain": None,
         "body": None,
+        "kubeWatchInactivity": None,
     },
     "limits": {
         "maxHeaderBytes": None,
@@ -611,6 +615,7 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
             sni_peek=duration("timeouts.sniPeek", t.sni_peek),
             drain=duration("timeouts.drain", t.drain),
             body=duration("timeouts.body", t.body),
+            kube_watch_inactivity=duration("timeouts.kubeWatchInactivity", t.kube_watch_inactivity),
         ),
         limits=Limits(
             max_header_bytes=reader.get(

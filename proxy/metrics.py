@@ -333,9 +333,26 @@ KUBE_EVENTS = Counter(
 )
 KUBE_SECONDS_SINCE_EVENT = Gauge(
     "outgate_kube_seconds_since_last_event",
-    "Seconds since the last list, watch event or bookmark of a resource (a stalled watch "
-    "shows as a growing value); refreshed every second.",
+    "Seconds since the last list, watch event or bookmark of a resource; refreshed every "
+    "second. Grows on a resource nobody writes to (a 1.20 API server sends no bookmark there): "
+    "informational, not a fault; outgate_kube_seconds_since_last_sync is the health signal.",
     ["resource"],
+    registry=REGISTRY,
+)
+KUBE_SECONDS_SINCE_SYNC = Gauge(
+    "outgate_kube_seconds_since_last_sync",
+    "Seconds since the informer of a resource was last in sync: 0 while its watch is open and "
+    "healthy (open a second, or delivered an event), growing while the watch or the list "
+    "fails (since the start, before the first sync); refreshed every second.",
+    ["resource"],
+    registry=REGISTRY,
+)
+KUBE_WATCH_ESTABLISHED = Gauge(
+    "outgate_kube_watch_established",
+    "1 while a watch of the resource is open (the API server answered it), else 0 (listing, "
+    "backing off, or reconnecting).",
+    ["resource"],
+    multiprocess_mode="livemin",
     registry=REGISTRY,
 )
 KUBE_OBJECTS = Gauge(

@@ -94,10 +94,14 @@ def test_the_alerts_use_only_exported_metrics() -> None:
 
 
 PROXY = 'namespace="outgate-system", pod="outgate-a"'
+PROXY_B = 'namespace="outgate-system", pod="outgate-b"'
+PROXY_C = 'namespace="outgate-system", pod="outgate-c"'
 DENIES = 'outgate_decisions_total{action="deny", '
 # 1530 minutes of history: team-a denies 10/s for the last 30 minutes and never before (a spike);
-# team-b a steady 2/s (no spike); the policy reload fails for the last 20 minutes; the pods watch
-# delivers nothing for the last 30 minutes; two replicas stay available.
+# team-b a steady 2/s (no spike); the policy reload fails for the last 20 minutes; two replicas
+# stay available. Informers: outgate-a is synced and idle (no event on pods for 30 minutes, its
+# watch healthy: not stale); outgate-b's namespaces watch has failed for the last 20 minutes;
+# outgate-c never finished listing pods.
 UNIT_TESTS = {
     "rule_files": ["rules.yaml"],
     "evaluation_interval": "1m",
@@ -115,6 +119,27 @@ UNIT_TESTS = {
                 {
                     "series": f'outgate_kube_seconds_since_last_event{{{PROXY}, resource="pods"}}',
                     "values": "30x1500 30+60x30",
+                },
+                {
+                    "series": f'outgate_kube_seconds_since_last_sync{{{PROXY}, resource="pods"}}',
+                    "values": "0x1530",
+                },
+                {
+                    "series": f'outgate_kube_synced{{{PROXY_B}, resource="namespaces"}}',
+                    "values": "1x1530",
+                },
+                {
+                    "series": "outgate_kube_seconds_since_last_sync"
+                    f'{{{PROXY_B}, resource="namespaces"}}',
+                    "values": "0x1510 0+60x20",
+                },
+                {
+                    "series": f'outgate_kube_synced{{{PROXY_C}, resource="pods"}}',
+                    "values": "0x1530",
+                },
+                {
+                    "series": f'outgate_kube_seconds_since_last_sync{{{PROXY_C}, resource="pods"}}',
+                    "values": "0+60x1530",
                 },
                 # Upstream corp: both parents down for the last 10 minutes; upstream partial:
                 # one of its two parents down, the other up.
@@ -167,7 +192,24 @@ UNIT_TESTS = {
                             "exp_labels": {
                                 "severity": "critical",
                                 "namespace": "outgate-system",
-                                "pod": "outgate-a",
+                                "pod": pod,
+                                "resource": resource,
+                            }
+                        }
+                        for pod, resource in (("outgate-b", "namespaces"), ("outgate-c", "pods"))
+                    ],
+                },
+                {
+                    # outgate-b's watch has failed for 5 minutes: past the threshold, not yet
+                    # for the alert's 5 minutes.
+                    "eval_time": "1515m",
+                    "alertname": "OutgateInformerStale",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "critical",
+                                "namespace": "outgate-system",
+                                "pod": "outgate-c",
                                 "resource": "pods",
                             }
                         }

@@ -19,7 +19,10 @@ What it speaks, as the real API server does:
 Faults to inject: queued error answers (401/403/429 with Retry-After/500), a watch aborted in
 the middle of an event, a stalled watch, an event split into many chunks (one cut inside a
 UTF-8 character), raw lines (malformed JSON, unknown types), held LISTs (readiness), changes
-made without any event (only a relist finds them), a cap on every watch's length.
+made without any event (only a relist finds them), a cap on every watch's length, and a
+restart (`go_down`, `come_back`): every watch is cut, connections are refused while it is
+down, and every older resourceVersion is expired when it is back, as a real API server's
+restart does (its watch cache starts again at etcd's current revision).
 
 The server runs on its own event loop in its own thread; every public method is thread-safe
 and may be called from a test's thread or event loop. Run as a module, it serves N generated
@@ -161,6 +164,9 @@ class FakeKube:
         self.port = 0
         self.compaction_error = "event"  # or "http"
         self.watch_max_seconds: float | None = None
+        # Every watch is answered as if its version were compacted (a broken server that lists
+        # fine and expires every version it hands out).
+        self.expire_every_watch = False
         self.requests: list[RequestRecord] = []
         self.events_posted: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -174,6 +180,7 @@ class FakeKube:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._stopping = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -200,9 +207,16 @@ class FakeKube:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.pki.server_context())
-        await site.start()
+        await self._listen()
         self.port = int(self._runner.addresses[0][1])
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(
+            self._runner, "127.0.0.1", self.port, ssl_context=self.pki.server_context()
+        )
+        await site.start()
+        self._site = site
 
     async def _stop(self) -> None:
         self._stopping.set()
@@ -365,6 +379,38 @@ class FakeKube:
             self._rv += count
 
         self._run(bump)
+
+    def go_down(self) -> None:
+        """An API-server restart, first half: every watch is cut and every connection dropped,
+        and new connections are refused until `come_back`. Objects are kept (etcd is)."""
+
+        async def down() -> None:
+            if self._site is not None:
+                await self._site.stop()
+                self._site = None
+            for collection in self._collections.values():
+                for watcher in list(collection.watchers):
+                    watcher.queue.put_nowait(("abort", None))
+            server = self._runner.server if self._runner is not None else None
+            for handler in list(server.connections) if server is not None else []:
+                if handler.transport is not None:
+                    handler.transport.abort()
+
+        self._call(down())
+
+    def come_back(self) -> None:
+        """An API-server restart, second half: listening again on the same port, with every
+        version older than now expired (a watch from one gets 410)."""
+
+        async def back() -> None:
+            self._rv += 1  # a starting API server writes (its lease, its endpoints)
+            self._compacted = self._rv
+            for collection in self._collections.values():
+                collection.history.clear()
+            self._snapshots.clear()
+            await self._listen()
+
+        self._call(back())
 
     # -- faults ---------------------------------------------------------------------------
     def fail(
@@ -697,13 +743,14 @@ class FakeKube:
         gone = _status(
             410, "Expired", f"too old resource version: {requested} ({encode_rv(self._compacted)})"
         )
-        if start < self._compacted and self.compaction_error == "http":
+        expired = start < self._compacted or self.expire_every_watch
+        if expired and self.compaction_error == "http":
             return web.json_response(gone, status=410)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            if start < self._compacted:
+            if expired:
                 error = json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n"
                 await response.write(error)
                 await response.write_eof()

@@ -12,26 +12,45 @@ The loop, step by step:
      `timeoutSeconds` (so a thousand proxies do not all re-watch in the same second).
      resourceVersions are opaque strings: stored and sent back, never parsed or compared.
   3. Each line is one event. ADDED/MODIFIED/DELETED go to the sink; BOOKMARK only moves the
-     resourceVersion; ERROR with code 410 (history compacted) -> back to step 1 at once;
-     another ERROR -> backoff, watch again. An unknown type is counted and skipped
+     resourceVersion; ERROR with code 410 (history compacted) -> back to step 1; another
+     ERROR -> backoff, watch again. An unknown type is counted and skipped
      (forward-compatible); a line that is not JSON ends the watch (the stream is suspect).
   4. A clean close (the server's timeout) -> watch again from the last resourceVersion seen,
      at once. A watch that closed within a second having delivered nothing is not "clean"
      but a failure (client-go's "very short watch"), so a server closing every watch at once
      is met with backoff, not a request spin.
-  5. No line for `inactivity_timeout` (not even a bookmark) -> the connection is presumed
-     dead (a NAT or load balancer dropped it silently): reconnect from the last version.
+  5. No line for `inactivity_timeout` (not even a bookmark) -> reconnect from the last version.
+     Silence is normal: a 1.20 API server sent no bookmark on a resource without writes for 16
+     minutes. The reconnect only replaces a connection a NAT or load balancer may have dropped
+     silently; it is not a fault, and it is logged at debug level.
   6. Errors (connection, 5xx, 403) back off exponentially with jitter; a 429 waits at least
-     its Retry-After; an HTTP 410 on the watch request relists at once.
+     its Retry-After; an HTTP 410 on the watch request relists.
+
+Recovery (issue 18, D1). A watch that stayed open `min_watch_seconds`, or delivered an event,
+is *progress*: it ends the failure streak, so the next failure starts again from the shortest
+delay (client-go's backoff manager resets after a quiet period too; `Backoff` does both, and
+bounds each delay by the length of the outage so far). After an API-server restart every older
+version is expired, so a 410 relists at once, whether or not an event came since the last
+LIST: "a version fresh from a LIST cannot be expired" is false across a restart. One case
+waits for the backoff: a 410 answering the first watch after a LIST that was itself made for
+a 410. That is a server that lists fine and expires every version it hands out; it sees one
+LIST per backoff step, not a storm. A server that refuses every watch is never relisted.
+Only a 429's Retry-After is a floor on the delay: a restarting server's 503 "starting" says
+10 s, which would leave a new policy unenforced long after the server is ready.
+
+Staleness (issue 18, D3). The informer is *in sync* while a watch is open and healthy (as
+above); `outgate_kube_seconds_since_last_sync` counts from the last moment it was. It grows
+only while the watch or the list is failing, never on silence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -53,7 +72,9 @@ from proxy.metrics import (
     KUBE_OBJECTS,
     KUBE_RELISTS,
     KUBE_SECONDS_SINCE_EVENT,
+    KUBE_SECONDS_SINCE_SYNC,
     KUBE_SYNCED,
+    KUBE_WATCH_ESTABLISHED,
     KUBE_WATCH_RESTARTS,
 )
 
@@ -78,14 +99,24 @@ class ReflectorTuning:
     page_size: int = 500
     # client-go: timeoutSeconds is uniformly random in [5 min, 10 min).
     watch_timeout_seconds: float = 300.0
-    # The API server sends a bookmark about once a minute on an idle watch; two and a half
-    # missed bookmarks mean the connection is gone, whatever TCP thinks.
+    # A watch with no line (not even a bookmark) for this long is replaced, in case a NAT or
+    # load balancer dropped the connection silently. Newer API servers send a bookmark about
+    # once a minute; a 1.20 server sends none on a resource without writes, so on such a
+    # resource this is simply how often the idle watch is renewed (`timeouts.kubeWatchInactivity`).
     inactivity_timeout: float = 150.0
     # client-go: a watch that ends within a second with no event is an error ("very short").
+    # A watch open this long (or that delivered an event) is progress: see the module docstring.
     min_watch_seconds: float = 1.0
-    # client-go's reflector backoff: 800 ms doubling to 30 s, with jitter.
+    # client-go's reflector backoff: 800 ms doubling to 30 s, with jitter...
     backoff_initial: float = 0.8
     backoff_max: float = 30.0
+    # ...started over after this long without a failure (client-go's backoff manager: 2 min)...
+    backoff_reset_after: float = 120.0
+    # ...and never longer than this share of the failure streak so far, so that recovery lags
+    # the server's return by at most a quarter of the outage: an API server restarting in 5 s
+    # is listed again within about 1.3 s of its readiness (issue 18's target: 2 s), and an
+    # outage of hours still settles at 30 s between attempts.
+    backoff_outage_fraction: float = 0.25
     max_line_bytes: int = MAX_WATCH_LINE_BYTES
 
 
@@ -126,22 +157,50 @@ class Restart(StrEnum):
 
 class Backoff:
     """Exponential backoff with "equal jitter": each delay is uniform in [d/2, d], d doubling
-    from `initial` up to `maximum`. A Retry-After is honoured as a floor."""
+    from `initial` up to `maximum`. A Retry-After is honoured as a floor.
 
-    def __init__(self, initial: float, maximum: float, *, rng: random.Random | None = None) -> None:
+    The delays of one failure *streak* climb; a streak ends with `reset()` (progress), or when
+    `reset_after` passes after the last delay ended with no new failure (client-go's backoff
+    manager). Within a streak, d is also at most `outage_fraction` of the streak's length so
+    far (and at least `initial`), which bounds how late the first attempt after the server's
+    return can come."""
+
+    def __init__(
+        self,
+        initial: float,
+        maximum: float,
+        *,
+        reset_after: float = math.inf,
+        outage_fraction: float = math.inf,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
+        self.reset_after = reset_after
+        self.outage_fraction = outage_fraction
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._clock = clock
         self._current = initial
+        self._streak_start: float | None = None
+        self._quiet_since = 0.0
 
     def next(self, retry_after: float | None = None) -> float:
-        ceiling = min(self._current, self.maximum)
+        now = self._clock()
+        if self._streak_start is None or now - self._quiet_since > self.reset_after:
+            self._streak_start = now
+            self._current = self.initial
+        outage_bound = max(self.initial, (now - self._streak_start) * self.outage_fraction)
+        ceiling = min(self._current, self.maximum, outage_bound)
         self._current = min(self._current * 2, self.maximum)
         delay = ceiling / 2 + self._rng.random() * ceiling / 2
-        return max(delay, retry_after or 0.0)
+        delay = max(delay, retry_after or 0.0)
+        self._quiet_since = now + delay
+        return delay
 
     def reset(self) -> None:
         self._current = self.initial
+        self._streak_start = None
 
 
 class Reflector:
@@ -163,27 +222,62 @@ class Reflector:
         self.tuning = tuning
         self._on_synced = on_synced
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-        self._backoff = Backoff(tuning.backoff_initial, tuning.backoff_max, rng=self._rng)
+        self._backoff = Backoff(
+            tuning.backoff_initial,
+            tuning.backoff_max,
+            reset_after=tuning.backoff_reset_after,
+            outage_fraction=tuning.backoff_outage_fraction,
+            rng=self._rng,
+        )
         self.resource_version = ""
         self.synced = False
         self._synced_event = asyncio.Event()
-        self.last_activity = time.monotonic()
+        now = time.monotonic()
+        self.last_activity = now
         self.relists = 0
         self.watches = 0
-        self._events_since_list = 0
         self._watch_events = 0
+        # The open watch: when its answer came (None: no watch open), and the last moment the
+        # informer was known in sync (a healthy watch open, or one that ended healthy).
+        self._watch_opened: float | None = None
+        self._in_sync_at = now
+        # Watches made from the last LIST's version, and why that LIST was made: a 410 to
+        # the first watch after a LIST that was itself made for a 410 waits for the backoff.
+        self._watches_since_list = 0
+        self._last_list_reason = ""
         label = resource.name
         self._events = {
             kind: KUBE_EVENTS.labels(resource=label, type=kind) for kind in _EVENT_TYPES
         }
         self._objects = KUBE_OBJECTS.labels(resource=label)
         self._age = KUBE_SECONDS_SINCE_EVENT.labels(resource=label)
+        self._sync_age = KUBE_SECONDS_SINCE_SYNC.labels(resource=label)
+        self._established = KUBE_WATCH_ESTABLISHED.labels(resource=label)
+        self._established.set(0)
         KUBE_SYNCED.labels(resource=label).set(0)
 
     def publish_age(self) -> None:
-        """Set the seconds-since-last-event gauge (a ticker calls this: values are written,
-        not computed at scrape time, so `workers` processes can share them)."""
-        self._age.set(time.monotonic() - self.last_activity)
+        """Set the age gauges (a ticker calls this: values are written, not computed at scrape
+        time, so `workers` processes can share them)."""
+        now = time.monotonic()
+        if self._watch_healthy(now):
+            self._in_sync_at = now
+        self._age.set(now - self.last_activity)
+        self._sync_age.set(now - self._in_sync_at)
+
+    @property
+    def seconds_since_sync(self) -> float:
+        """What `outgate_kube_seconds_since_last_sync` shows, computed now."""
+        now = time.monotonic()
+        return 0.0 if self._watch_healthy(now) else now - self._in_sync_at
+
+    def _watch_healthy(self, now: float) -> bool:
+        """A watch is open and is progress: it delivered an event (not an ERROR), or it has
+        stayed open `min_watch_seconds` (the "very short watch" bound of client-go)."""
+        opened = self._watch_opened
+        return opened is not None and (
+            self._watch_events > 0 or now - opened >= self.tuning.min_watch_seconds
+        )
 
     async def wait_synced(self) -> None:
         await self._synced_event.wait()
@@ -205,7 +299,11 @@ class Reflector:
                 if exc.status == 410 and list_reason is None:
                     restart = Restart.EXPIRED  # an HTTP 410 on the watch request itself
                 else:
-                    delay = self._backoff.next(exc.retry_after)
+                    # Only a 429 (the API server's flow control) sets a floor: the 503 "server
+                    # is starting" of a restarting API server says Retry-After 10, and waiting
+                    # that long would leave a new policy unenforced long after it is ready.
+                    retry_after = exc.retry_after if exc.status == 429 else None
+                    delay = self._backoff.next(retry_after)
                     log.warning(
                         "kube_api_error",
                         resource=name,
@@ -232,10 +330,13 @@ class Reflector:
                 KUBE_WATCH_RESTARTS.labels(resource=name, reason=restart).inc()
                 if restart is Restart.EXPIRED:
                     list_reason = "expired"
-                    if self._events_since_list == 0:
-                        # A version fresh from a LIST cannot be expired already: a server
-                        # that says so anyway is met with backoff, not a list/watch spin.
+                    if self._watches_since_list == 1 and self._last_list_reason == "expired":
+                        # The version a relist just handed out expired at once, again: the
+                        # server expires every version. Relist at the backoff's pace.
                         delay = self._backoff.next()
+                        log.info(
+                            "kube_watch_expired_again", resource=name, retry_in=round(delay, 3)
+                        )
                 elif restart not in (Restart.CLOSED, Restart.INACTIVE) and delay == 0:
                     # Every other ending is a failure (an exception above has its delay set).
                     delay = self._backoff.next()
@@ -277,7 +378,8 @@ class Reflector:
             self.sink.delete(key, None)  # the deletion no watch event told us about
         self._objects.set(len(self.sink))
         self.resource_version = version
-        self._events_since_list = 0
+        self._watches_since_list = 0
+        self._last_list_reason = reason
         log.info(
             "kube_listed",
             resource=name,
@@ -326,6 +428,7 @@ class Reflector:
             "timeoutSeconds": str(max(timeout, 1)),
         }
         self.watches += 1
+        self._watches_since_list += 1
         self._watch_events = 0
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -337,6 +440,8 @@ class Reflector:
                 inactivity_timeout=tuning.inactivity_timeout,
                 max_line_bytes=tuning.max_line_bytes,
             ) as stream:
+                self._watch_opened = time.monotonic()
+                self._established.set(1)
                 async for line in stream:
                     lines += 1
                     self.last_activity = time.monotonic()
@@ -344,7 +449,8 @@ class Reflector:
                     if outcome is not None:
                         return outcome
         except WatchInactive:
-            log.warning(
+            # Silence, not a fault (see the module docstring): the watch is renewed.
+            log.debug(
                 "kube_watch_inactive",
                 resource=self.resource.name,
                 seconds=tuning.inactivity_timeout,
@@ -356,9 +462,21 @@ class Reflector:
         except (WatchStreamError, aiohttp.ClientPayloadError) as exc:
             log.warning("kube_watch_cut", resource=self.resource.name, error=str(exc))
             return Restart.ERROR
+        finally:
+            self._watch_ended()
         if lines == 0 and loop.time() - started < tuning.min_watch_seconds:
             return Restart.TOO_SHORT
         return Restart.CLOSED
+
+    def _watch_ended(self) -> None:
+        """A watch ended (or was never answered). If it was progress, the failure streak ends
+        and the informer was in sync up to now."""
+        now = time.monotonic()
+        if self._watch_healthy(now):
+            self._in_sync_at = now
+            self._backoff.reset()
+        self._watch_opened = None
+        self._established.set(0)
 
     def _handle_line(self, line: bytes) -> Restart | None:
         name = self.resource.name
@@ -380,10 +498,7 @@ class Reflector:
             return None
         self._events[kind].inc()
         if kind != "ERROR":
-            if self._watch_events == 0:
-                self._backoff.reset()  # progress: the next failure starts from the short delay
-            self._watch_events += 1
-            self._events_since_list += 1
+            self._watch_events += 1  # progress (see `_watch_healthy`)
         if kind == "ERROR":
             code, reason = obj.get("code"), obj.get("reason")
             log.info("kube_watch_error_event", resource=name, code=code, reason=reason)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from proxy.config import Settings
@@ -163,6 +163,9 @@ class KubeControlPlane:
             on_source_gone=on_source_gone,
             watch_jobs=settings.identity_watch_jobs,
             status=StatusWriting.from_settings(settings),
+            tuning=replace(
+                DEFAULT_TUNING, inactivity_timeout=settings.timeouts.kube_watch_inactivity
+            ),
         )
 
     @property
