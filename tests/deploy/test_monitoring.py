@@ -5,32 +5,15 @@ rule unit tests on synthetic series)."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-import yaml
-
 from proxy import metrics
 from tests.deploy import kube
+from tests.support.alerts import promtool, rules_file, run_rule_tests
 
 # Metrics from elsewhere: kube-state-metrics and Prometheus itself.
 EXTERNAL_METRICS = {"kube_deployment_status_replicas_available", "up"}
-
-
-def _rules_file(tmp_path: Path) -> Path:
-    rule = kube.one(kube.render("overlays/monitoring"), "PrometheusRule", "outgate")
-    path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump(rule["spec"]))
-    return path
-
-
-def _promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        pytest.fail("promtool is missing: run `make install-test` (Debian package prometheus)")
-    return found
 
 
 def _exported() -> set[str]:
@@ -57,7 +40,7 @@ def test_the_servicemonitor_scrapes_the_admin_service() -> None:
 
 def test_the_alert_rules_are_valid_promql(tmp_path: Path) -> None:
     result = subprocess.run(
-        [_promtool(), "check", "rules", str(_rules_file(tmp_path))],
+        [promtool(), "check", "rules", str(rules_file(tmp_path))],
         capture_output=True,
         text=True,
         check=False,
@@ -229,19 +212,5 @@ UNIT_TESTS = {
 
 
 def test_the_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
-    rules = _rules_file(tmp_path)
-    spec = yaml.safe_load(rules.read_text())
-    for group in spec["groups"]:  # promtool compares annotations too; these tests are on labels
-        for alert in group["rules"]:
-            alert.pop("annotations", None)
-    rules.write_text(yaml.safe_dump(spec))
-    tests = tmp_path / "tests.yaml"
-    tests.write_text(yaml.safe_dump(UNIT_TESTS))
-    result = subprocess.run(
-        [_promtool(), "test", "rules", str(tests)],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-    )
+    result = run_rule_tests(tmp_path, UNIT_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr

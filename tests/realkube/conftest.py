@@ -98,10 +98,36 @@ def pod_ip() -> Callable[[], str]:
     return allocate
 
 
+def proxy_on(
+    kube: RealKube,
+    workdir: Path,
+    policies: str = "",
+    *,
+    nameserver: str | None = None,
+    account: str = PROXY_ACCOUNT,
+    **config: Any,
+) -> ProxyProcess:
+    """A proxy (not started) as the Deployment runs it against `kube`: identity and policies
+    from the API server, authenticated with a token of the ServiceAccount `account` (the
+    `outgate` one unless said), bound by the shipped RBAC. `config` entries are merged into
+    the settings."""
+    workdir.mkdir()
+    kubeconfig = kube.service_account_kubeconfig(PROXY_NAMESPACE, account, workdir / "kubeconfig")
+    settings: dict[str, Any] = {
+        "identity": {"kubernetes": True, "kubeconfig": str(kubeconfig), "static": []},
+        "policies": {"paths": ["policies"], "kubernetes": True},
+    }
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return ProxyProcess(workdir, policies=policies, nameserver=nameserver, config=settings)
+
+
 @pytest.fixture
 def kube_proxy(realkube: RealKube, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start proxies as the Deployment runs them: identity and policies from the API server,
-    authenticated with a token of the `outgate` ServiceAccount, bound by the shipped RBAC."""
+    """Start proxies on the session's API server (see `proxy_on`)."""
     started: list[ProxyProcess] = []
 
     def start(
@@ -114,21 +140,9 @@ def kube_proxy(realkube: RealKube, tmp_path: Path) -> Iterator[Callable[..., Pro
     ) -> ProxyProcess:
         """`account`: another ServiceAccount of PROXY_NAMESPACE, bound to the same roles, so
         that the audit log tells two proxies apart."""
-        workdir = tmp_path / name
-        workdir.mkdir()
-        kubeconfig = realkube.service_account_kubeconfig(
-            PROXY_NAMESPACE, account, workdir / "kubeconfig"
+        proxy = proxy_on(
+            realkube, tmp_path / name, policies, nameserver=nameserver, account=account, **config
         )
-        settings: dict[str, Any] = {
-            "identity": {"kubernetes": True, "kubeconfig": str(kubeconfig), "static": []},
-            "policies": {"paths": ["policies"], "kubernetes": True},
-        }
-        for key, value in config.items():
-            if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                settings[key] = {**settings[key], **value}
-            else:
-                settings[key] = value
-        proxy = ProxyProcess(workdir, policies=policies, nameserver=nameserver, config=settings)
         started.append(proxy.start())
         return proxy
 

@@ -267,11 +267,15 @@ class RealKube:
         _terminate(self.apiserver)
         self.apiserver = None
 
-    def restart_apiserver(self) -> float:
+    def restart_apiserver(self, *, down_for: float = 0.0) -> float:
         """Stop the API server (etcd keeps running) and start it again: every watch is cut, and
-        every older resourceVersion expires. Returns the moment it is ready (time.monotonic())."""
+        every older resourceVersion expires. `down_for`: seconds between the old process's exit
+        and the new one's start (a kubelet restarting a static pod takes some; clients meet
+        refused connections meanwhile). Returns the moment it is ready (time.monotonic())."""
         self.stop_apiserver()
         self._resources.clear()
+        if down_for > 0:
+            time.sleep(down_for)
         return self.start_apiserver()
 
     def stop(self) -> None:
