@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.config import settings_from_mapping
-from proxy.control.kube.reflector import ReflectorTuning
+from proxy.control.kube.reflector import Backoff, ReflectorTuning
 from proxy.control.kube.runtime import KubeControlPlane
 from proxy.control.policy_source import PolicyStore
 from proxy.core.hosts import parse_host
@@ -53,6 +54,47 @@ def allowed(informers: Informers, host: str) -> bool:
 
 def connection_errors(resource: str) -> float:
     return metric("outgate_kube_api_errors_total", resource=resource, status="connection")
+
+
+class _Ceiling(random.Random):
+    """Jitter that always picks the top of the range, so a delay is its ceiling."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "calls", "expected"),
+    [
+        # client-go's doubling to the cap.
+        ({}, [(0, None)] * 5, [1, 2, 4, 8, 8]),
+        # A delay is at most a quarter of the streak so far (never under the initial one).
+        ({"outage_fraction": 0.25}, [(0, None), (1, None), (10, None), (40, None)], [1, 1, 2.5, 8]),
+        # A quiet period after the last delay ended starts the climb over.
+        ({"reset_after": 5}, [(0, None), (1, None), (3.5, None), (13, None)], [1, 2, 4, 1]),
+        # A 429's Retry-After is a floor.
+        ({}, [(0, None), (0, 6.0)], [1, 6.0]),
+        # reset() (progress) ends the streak.
+        (
+            {"outage_fraction": 0.25},
+            [(0, None), (20, None), ("reset", None), (30, None)],
+            [1, 2, 1],
+        ),
+    ],
+)
+def test_backoff_delays(
+    settings: dict[str, float], calls: list[tuple[Any, float | None]], expected: list[float]
+) -> None:
+    now = [0.0]
+    backoff = Backoff(1, 8, rng=_Ceiling(), clock=lambda: now[0], **settings)
+    delays: list[float] = []
+    for at, retry_after in calls:
+        if at == "reset":
+            backoff.reset()
+            continue
+        now[0] = at
+        delays.append(backoff.next(retry_after))
+    assert delays == expected
 
 
 async def test_after_each_of_three_restarts_a_new_policy_is_enforced_promptly(

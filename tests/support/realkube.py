@@ -393,7 +393,8 @@ class RealKube:
             _, crd = self.api(
                 "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd_name}"
             )
-            conditions = crd.get("status", {}).get("conditions", [])
+            # A CRD just created may show `conditions: null` for a moment.
+            conditions = (crd.get("status") or {}).get("conditions") or []
             return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
         wait_for(established, 30, what=f"CRD {crd_name} Established")

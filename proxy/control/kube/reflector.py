@@ -190,8 +190,10 @@ class Backoff:
         if self._streak_start is None or now - self._quiet_since > self.reset_after:
             self._streak_start = now
             self._current = self.initial
-        outage_bound = max(self.initial, (now - self._streak_start) * self.outage_fraction)
-        ceiling = min(self._current, self.maximum, outage_bound)
+        ceiling = min(self._current, self.maximum)
+        if not math.isinf(self.outage_fraction):
+            outage = now - self._streak_start
+            ceiling = min(ceiling, max(self.initial, outage * self.outage_fraction))
         self._current = min(self._current * 2, self.maximum)
         delay = ceiling / 2 + self._rng.random() * ceiling / 2
         delay = max(delay, retry_after or 0.0)
