@@ -106,6 +106,10 @@ async def test_after_each_of_three_restarts_a_new_policy_is_enforced_promptly(
     async with Informers(fake, identity=False, policies=True, tuning=RESTART) as informers:
         await informers.synced()
         for restart in range(3):
+            # In sync before each restart (a watch open a second), as between real restarts.
+            await eventually(
+                lambda: all(r.seconds_since_sync == 0.0 for r in informers.plane.reflectors)
+            )
             errors = connection_errors("egresspolicies")
             fake.go_down()
             # Down long enough for a few refused attempts (the backoff climbs meanwhile).
