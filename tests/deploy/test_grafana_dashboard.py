@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy import kube
-from tests.deploy.test_monitoring import _promtool
+from tests.support.alerts import promtool
 from tests.support.dnsserver import ScriptedDNSServer
 from tests.support.fakekube import FakeKube, namespace
 from tests.support.origin import OriginServer
@@ -140,7 +140,7 @@ def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run(
-        [_promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False
+        [promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
