@@ -14,6 +14,7 @@ Fixtures (a pytest plugin, tests/conftest.py), skipped with the reason where no 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -141,7 +142,7 @@ class Engine:
     def build(self, tag: str, *, base: str | None, scratch: Path) -> None:
         """Build the image as `tag`, and as CACHE_TAG. That second tag keeps the latest build's
         layers after the run removes `tag`, so the next run's build reuses all of them; the
-        build it replaces is removed unless a run still uses it."""
+        build it replaces is removed once no other run's tag names it."""
         replaced = self.image_id(CACHE_TAG)
         args = ["build", "--network", "host", "-t", tag, "-t", CACHE_TAG]
         if base is not None:
@@ -156,8 +157,17 @@ class Engine:
                 f"{pip_conf}:/etc/pip.conf:ro",
             ]
         self.checked(*args, str(REPO), timeout=BUILD_TIMEOUT)
-        if replaced is not None and replaced != self.image_id(tag):
-            self("rmi", replaced)  # refused while another run's tag names it
+        if replaced is not None and replaced != self.image_id(tag) and not self.tags(replaced):
+            # Only an image no name points at any more: removing one by its ID removes every
+            # tag it has, and another test run on this machine may still be using its own.
+            self("rmi", replaced)
+
+    def tags(self, image_id: str) -> list[str]:
+        """The names an image still has (both engines: `RepoTags`)."""
+        found = self("image", "inspect", "--format", "{{json .RepoTags}}", image_id)
+        if found.returncode != 0:
+            return []
+        return list(json.loads(found.stdout.strip() or "[]") or [])
 
     # -- containers -----------------------------------------------------------------------
     def hardened(self) -> list[str]:
