@@ -40,6 +40,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.core.frozen import maker
 from proxy.errors import Reason, TunnelViolation
 
 # --- Limits ---------------------------------------------------------------------------------------
@@ -109,6 +110,9 @@ class ClientHello:
     def encrypted(self) -> bool:
         """The client hides its real server name (ECH or ESNI)."""
         return self.ech or self.esni
+
+
+_new_client_hello = maker(ClientHello)  # without object.__setattr__ per field
 
 
 class ClientHelloReader:
@@ -357,7 +361,7 @@ def _parse_body(buf: bytes, pos: int, end: int, *, size: int, records: int) -> C
             elif ext_type == EXT_ALPN:
                 alpn = _parse_alpn(buf, pos, pos + length)
             pos += length
-    return ClientHello(
+    return _new_client_hello(
         server_name=server_name,
         alpn=alpn,
         ech=EXT_ECH in seen,
