@@ -211,7 +211,8 @@ def head_results() -> dict[str, Any]:
     return {"bytes": len(REQUEST_HEAD), "us": round(best_of(find_and_parse, 5_000), 3)}
 
 
-def audit_results() -> dict[str, Any]:
+def audit_exchange() -> Exchange:
+    """One allowed request of a Deployment's pod, as the records of a request describe it."""
     engine = build_engine(10)
     workload = Workload(
         kind=WorkloadKind.POD,
@@ -234,6 +235,11 @@ def audit_results() -> dict[str, Any]:
     exchange.decided = True
     exchange.status = 200
     exchange.source_bytes, exchange.destination_bytes = 312, 5120
+    return exchange
+
+
+def audit_results() -> dict[str, Any]:
+    exchange = audit_exchange()
 
     def both() -> None:
         render(decision_record(exchange))

@@ -150,49 +150,75 @@ def _timestamp() -> str:
     return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
-def _common(ex: Exchange, action: str) -> dict[str, Any]:
-    wl = ex.workload
-    record: dict[str, Any] = {
-        "@timestamp": _timestamp(),
-        "event": {
-            "kind": "event",
-            "category": ["network"],
-            "action": action,
-            "id": ex.id,
-            "dataset": "outgate.audit",
-        },
-        "source": {"ip": ex.source_ip, "port": ex.source_port},
-        "destination": {
-            "domain": ex.destination_domain,
-            "ip": ex.destination_ip,
-            "port": ex.destination_port,
-        },
-        "outgate": {"connection": ex.kind, "source_kind": str(wl.kind)},
-    }
+# What a record says about its workload depends on the Workload alone, and one workload sends
+# many requests: (workload, source_kind, the `kubernetes` object, outgate.workload), per
+# Workload object (compared by identity, held so that its id cannot be reused while here).
+# Records share the `kubernetes` object; nothing changes a record once built. Bounded, and
+# emptied when full.
+WORKLOAD_PARTS_CACHE_SIZE = 1024
+_WorkloadParts = tuple[Workload, str, dict[str, Any] | None, str | None]
+_workload_parts: dict[int, _WorkloadParts] = {}
+
+
+def _parts_of(wl: Workload) -> _WorkloadParts:
+    found = _workload_parts.get(id(wl))
+    if found is not None and found[0] is wl:
+        return found
+    kubernetes: dict[str, Any] | None = None
+    owner: str | None = None
     if wl.kind is not WorkloadKind.UNKNOWN:
-        record["kubernetes"] = {
+        kubernetes = {
             "namespace": wl.namespace,
             "pod": {"name": wl.name, "uid": wl.uid or None, "labels": dict(wl.labels)},
             "service_account": wl.service_account or None,
         }
-        record["outgate"]["workload"] = (
-            f"{wl.owner_kind}/{wl.owner_name}" if wl.owner_kind else None
-        )
+        owner = f"{wl.owner_kind}/{wl.owner_name}" if wl.owner_kind else None
+    if len(_workload_parts) >= WORKLOAD_PARTS_CACHE_SIZE:
+        _workload_parts.clear()
+    found = (wl, str(wl.kind), kubernetes, owner)
+    _workload_parts[id(wl)] = found
+    return found
+
+
+def _common(
+    ex: Exchange,
+    event: dict[str, Any],
+    source: dict[str, Any],
+    destination: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The record's fields both actions carry, in the order of the schema, around the `event`,
+    `source` and `destination` objects the caller built whole; returns the record and its
+    `outgate` object, for the caller to finish."""
+    _, source_kind, kubernetes, owner = _parts_of(ex.workload)
+    out: dict[str, Any] = {"connection": ex.kind, "source_kind": source_kind}
+    record: dict[str, Any] = {
+        "@timestamp": _timestamp(),
+        "event": event,
+        "source": source,
+        "destination": destination,
+        "outgate": out,
+    }
+    if kubernetes is not None:
+        record["kubernetes"] = kubernetes
+        out["workload"] = owner
     if ex.server_name is not None:
         record["tls"] = {"client": {"server_name": _cut(ex.server_name)}}
     if ex.user_name is not None:
         record["user"] = {"name": _cut(ex.user_name)}
     if ex.proxy_protocol is not None:
-        record["outgate"]["proxy_protocol"] = {
+        out["proxy_protocol"] = {
             "version": ex.proxy_protocol,
             "peer": {"ip": ex.proxy_peer_ip, "port": ex.proxy_peer_port},
         }
-    _tls_fields(ex, record["outgate"])
-    if ex.method is not None:
-        record["http"] = {"request": {"method": _cut(ex.method)}}
-    if ex.path is not None:
-        record["url"] = {"path": _cut(ex.path)}
-    return record
+    _tls_fields(ex, out)
+    method, path = ex.method, ex.path
+    if method is not None:
+        # _cut's test inline: these two are in nearly every record and nearly never cut.
+        cut = method if len(method) <= MAX_RAW_FIELD_CHARS else _cut(method)
+        record["http"] = {"request": {"method": cut}}
+    if path is not None:
+        record["url"] = {"path": path if len(path) <= MAX_RAW_FIELD_CHARS else _cut(path)}
+    return record, out
 
 
 def _tls_fields(ex: Exchange, out: dict[str, Any]) -> None:
@@ -224,16 +250,33 @@ def _tls_fields(ex: Exchange, out: dict[str, Any]) -> None:
         out["upgrade"] = _cut(ex.upgrade)
 
 
+def _response_status(record: dict[str, Any], status: int) -> None:
+    http = record.get("http")
+    if http is None:
+        record["http"] = {"response": {"status_code": status}}
+    else:
+        http["response"] = {"status_code": status}
+
+
 def decision_record(ex: Exchange) -> dict[str, Any]:
     """The record written once, when the request or tunnel is decided (or refused before that)."""
-    record = _common(ex, "decision")
     decision = ex.decision
     allowed = decision is not None and decision.action == "allow" and ex.status is None
-    outcome = "allow" if allowed else "deny"
-    record["event"]["outcome"] = "success" if allowed else "failure"
-    record["event"]["type"] = ["connection", "allowed" if allowed else "denied"]
-    out = record["outgate"]
-    out["decision"] = outcome
+    record, out = _common(
+        ex,
+        {
+            "kind": "event",
+            "category": ["network"],
+            "action": "decision",
+            "id": ex.id,
+            "dataset": "outgate.audit",
+            "outcome": "success" if allowed else "failure",
+            "type": ["connection", "allowed" if allowed else "denied"],
+        },
+        {"ip": ex.source_ip, "port": ex.source_port},
+        {"domain": ex.destination_domain, "ip": ex.destination_ip, "port": ex.destination_port},
+    )
+    out["decision"] = "allow" if allowed else "deny"
     out["reason"] = str(ex.reason) if ex.reason is not None else None
     if decision is not None:
         out["policy_revision"] = decision.revision
@@ -244,28 +287,41 @@ def decision_record(ex: Exchange) -> dict[str, Any]:
         if decision.rule is not None:
             record["rule"] = {"name": decision.rule, "ruleset": decision.ruleset}
     if ex.status is not None:
-        record["http"] = record.get("http", {})
-        record["http"]["response"] = {"status_code": ex.status}
+        _response_status(record, ex.status)
     return record
 
 
 def close_record(ex: Exchange, reason: Reason) -> dict[str, Any]:
     """The record written once, when the request or tunnel ends: bytes, duration, status."""
-    record = _common(ex, "close")
-    record["event"]["outcome"] = "success" if reason is Reason.COMPLETED else "failure"
-    record["event"]["type"] = ["connection", "end"]
-    record["event"]["duration"] = int((time.monotonic() - ex.started) * 1e9)
-    record["source"]["bytes"] = ex.source_bytes
-    record["destination"]["bytes"] = ex.destination_bytes
-    record["outgate"]["reason"] = str(reason)
-    if ex.decision is not None:
-        record["outgate"]["decision"] = str(ex.decision.action) if ex.decided else "deny"
-        record["outgate"]["policy_revision"] = ex.decision.revision
-        if ex.decision.rule is not None:
-            record["rule"] = {"name": ex.decision.rule, "ruleset": ex.decision.ruleset}
+    record, out = _common(
+        ex,
+        {
+            "kind": "event",
+            "category": ["network"],
+            "action": "close",
+            "id": ex.id,
+            "dataset": "outgate.audit",
+            "outcome": "success" if reason is Reason.COMPLETED else "failure",
+            "type": ["connection", "end"],
+            "duration": int((time.monotonic() - ex.started) * 1e9),
+        },
+        {"ip": ex.source_ip, "port": ex.source_port, "bytes": ex.source_bytes},
+        {
+            "domain": ex.destination_domain,
+            "ip": ex.destination_ip,
+            "port": ex.destination_port,
+            "bytes": ex.destination_bytes,
+        },
+    )
+    out["reason"] = str(reason)
+    decision = ex.decision
+    if decision is not None:
+        out["decision"] = str(decision.action) if ex.decided else "deny"
+        out["policy_revision"] = decision.revision
+        if decision.rule is not None:
+            record["rule"] = {"name": decision.rule, "ruleset": decision.ruleset}
     if ex.status is not None:
-        record["http"] = record.get("http", {})
-        record["http"]["response"] = {"status_code": ex.status}
+        _response_status(record, ex.status)
     return record
 
 

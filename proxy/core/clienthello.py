@@ -5,6 +5,11 @@ arrive, however the TCP stream or the TLS records split them, and returns a `Cli
 the whole message is in. Every byte is looked at once, so a hello delivered one byte at a time
 costs the same as one delivered whole.
 
+Speed: this runs once per `tls` tunnel. The usual first read is one record holding the whole
+hello; it is parsed where it lies, without reassembly, and anything else takes the record by
+record path, which ends in the same body parser. The body is read in one pass with `struct` and
+offsets (see there), not one call per field.
+
 Rules this module enforces, and why:
 
 1. Only a handshake record may come first (RFC 8446 section 5.1: handshake messages MUST NOT be
@@ -30,9 +35,12 @@ TLS that breaks the rules is CLIENTHELLO_MALFORMED. Both are `TunnelViolation`s.
 
 from __future__ import annotations
 
+import re
+import struct
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.core.frozen import maker
 from proxy.errors import Reason, TunnelViolation
 
 # --- Limits ---------------------------------------------------------------------------------------
@@ -49,6 +57,9 @@ MAX_SERVER_NAME_BYTES: Final = 255
 
 RECORD_HEADER_BYTES: Final = 5
 HANDSHAKE_HEADER_BYTES: Final = 4
+# A record header (content type, version major and minor, length; RFC 8446 section 5.1) and the
+# first handshake header after it (msg_type in the top byte, then a 24-bit length; section 4).
+_FIRST_RECORD = struct.Struct(">BBBHI")
 
 # Record content types (RFC 8446 section 5.1).
 CHANGE_CIPHER_SPEC: Final = 20
@@ -101,6 +112,9 @@ class ClientHello:
         return self.ech or self.esni
 
 
+_new_client_hello = maker(ClientHello)  # without object.__setattr__ per field
+
+
 class ClientHelloReader:
     """Feed the client's first bytes; get a `ClientHello`, None (need more), or a TunnelViolation.
 
@@ -139,10 +153,40 @@ class ClientHelloReader:
         if self._result is not None:
             return self._result
         try:
+            if not self._seen:
+                hello = self._whole_hello(data)
+                if hello is not None:
+                    return hello
             return self._feed(memoryview(data))
         except TunnelViolation as exc:
             self._error = exc
             raise
+
+    def _whole_hello(self, data: bytes | bytearray | memoryview) -> ClientHello | None:
+        """The first read is one valid handshake record that holds exactly one whole ClientHello
+        (what clients send): parse it in place. None, with nothing consumed, for anything else,
+        which `_feed` then takes record by record and refuses as the rules say."""
+        if len(data) < RECORD_HEADER_BYTES + HANDSHAKE_HEADER_BYTES:
+            return None
+        content_type, major, minor, length, message = _FIRST_RECORD.unpack_from(data)
+        if (
+            content_type != HANDSHAKE
+            or major != 3
+            or minor > 4
+            or length > MAX_RECORD_PAYLOAD
+            or len(data) < RECORD_HEADER_BYTES + length
+            or message >> 24 != CLIENT_HELLO
+            or HANDSHAKE_HEADER_BYTES + (message & 0xFFFFFF) != length
+        ):
+            return None
+        end = RECORD_HEADER_BYTES + length
+        self._seen = end  # the bytes after the record are the rest of the stream: not ours
+        self._records = 1
+        buf = data if isinstance(data, bytes) else bytes(data[:end])
+        self._result = _parse_body(
+            buf, RECORD_HEADER_BYTES + HANDSHAKE_HEADER_BYTES, end, size=length, records=1
+        )
+        return self._result
 
     def _feed(self, view: memoryview) -> ClientHello | None:
         pos, end = 0, len(view)
@@ -222,7 +266,9 @@ class ClientHelloReader:
         if have < self._needed:
             return None
         self._result = _parse_body(
-            memoryview(self._handshake)[HANDSHAKE_HEADER_BYTES:],
+            bytes(self._handshake),
+            HANDSHAKE_HEADER_BYTES,
+            self._needed,
             size=self._needed,
             records=self._records,
         )
@@ -230,74 +276,92 @@ class ClientHelloReader:
         return self._result
 
 
-class _Cursor:
-    """Bounds-checked reads over one vector; every overrun is a malformed hello."""
+# --- The message body ----------------------------------------------------------------------------
+#
+# One pass over the reassembled bytes with explicit offsets: each fixed group of fields is one
+# `struct` unpack, each vector one bounds check against what contains it. Every check and every
+# error message is what a field-by-field cursor would give (length L runs past the N bytes left,
+# N trailing bytes), named after the vector being read, in the order the fields come.
 
-    __slots__ = ("_end", "_pos", "_view", "_what")
-
-    def __init__(self, view: memoryview, what: str) -> None:
-        self._view = view
-        self._pos = 0
-        self._end = len(view)
-        self._what = what
-
-    @property
-    def left(self) -> int:
-        return self._end - self._pos
-
-    def take(self, count: int) -> memoryview:
-        if count > self.left:
-            raise _malformed(f"{self._what}: length {count} runs past the {self.left} bytes left")
-        chunk = self._view[self._pos : self._pos + count]
-        self._pos += count
-        return chunk
-
-    def take_all(self) -> memoryview:
-        return self.take(self.left)
-
-    def uint(self, width: int) -> int:
-        return int.from_bytes(self.take(width), "big")
-
-    def vector(self, length_bytes: int, what: str) -> _Cursor:
-        return _Cursor(self.take(self.uint(length_bytes)), what)
-
-    def expect_end(self) -> None:
-        if self.left:
-            raise _malformed(f"{self._what}: {self.left} trailing bytes")
+_U16 = struct.Struct(">H")
+# An extension's header: extension_type, then the length of extension_data (RFC 8446 4.2).
+_EXTENSION_HEADER = struct.Struct(">HH")
+# legacy_version, random (skipped), then legacy_session_id's 1-byte length (RFC 8446 4.1.2).
+_VERSION_RANDOM_SESSION = struct.Struct(">H32xB")
+_RANDOM_BYTES = 32
+MAX_SESSION_ID_BYTES = 32
+# RFC 6066 section 3 host names: printable ASCII without space; bytes outside it are refused.
+_NOT_HOST_NAME_BYTE = re.compile(rb"[^\x21-\x7e]")
 
 
-def _parse_body(body: memoryview, *, size: int, records: int) -> ClientHello:
-    """RFC 8446 section 4.1.2 (TLS 1.2's ClientHello is the same shape, RFC 5246 7.4.1.2)."""
-    cursor = _Cursor(body, "ClientHello")
-    legacy_version = cursor.uint(2)
-    if legacy_version >> 8 != 3:
-        raise _malformed(f"ClientHello version {legacy_version:#06x} is not TLS")
-    cursor.take(32)  # random
-    session_id = cursor.vector(1, "legacy_session_id")
-    if session_id.left > 32:
+def _overrun(what: str, count: int, left: int) -> TunnelViolation:
+    return _malformed(f"{what}: length {count} runs past the {left} bytes left")
+
+
+def _trailing(what: str, count: int) -> TunnelViolation:
+    return _malformed(f"{what}: {count} trailing bytes")
+
+
+def _parse_body(buf: bytes, pos: int, end: int, *, size: int, records: int) -> ClientHello:
+    """The ClientHello in `buf[pos:end]` (after its handshake header): RFC 8446 section 4.1.2
+    (TLS 1.2's ClientHello is the same shape, RFC 5246 7.4.1.2)."""
+    if end - pos >= _VERSION_RANDOM_SESSION.size:
+        legacy_version, length = _VERSION_RANDOM_SESSION.unpack_from(buf, pos)
+        if legacy_version >> 8 != 3:
+            raise _malformed(f"ClientHello version {legacy_version:#06x} is not TLS")
+        pos += _VERSION_RANDOM_SESSION.size
+    else:
+        legacy_version, length = _short_start(buf, pos, end)  # always raises
+    # legacy_session_id<0..32>
+    if length > end - pos:
+        raise _overrun("ClientHello", length, end - pos)
+    if length > MAX_SESSION_ID_BYTES:
         raise _malformed("legacy_session_id longer than 32 bytes")
-    suites = cursor.vector(2, "cipher_suites")
-    if suites.left < 2 or suites.left % 2:
+    pos += length
+    # cipher_suites<2..2^16-2>
+    if end - pos < 2:
+        raise _overrun("ClientHello", 2, end - pos)
+    (length,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    if length > end - pos:
+        raise _overrun("ClientHello", length, end - pos)
+    if length < 2 or length % 2:
         raise _malformed("cipher_suites is empty or not a list of 2-byte values")
-    if cursor.vector(1, "legacy_compression_methods").left < 1:
+    pos += length
+    # legacy_compression_methods<1..2^8-1>
+    if pos >= end:
+        raise _overrun("ClientHello", 1, 0)
+    length = buf[pos]
+    pos += 1
+    if length > end - pos:
+        raise _overrun("ClientHello", length, end - pos)
+    if length < 1:
         raise _malformed("legacy_compression_methods is empty")
+    pos += length
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
     seen: set[int] = set()
-    if cursor.left:  # TLS 1.2 and earlier may omit the extensions block entirely
-        extensions = cursor.vector(2, "extensions")
-        cursor.expect_end()
-        while extensions.left:
-            ext_type = extensions.uint(2)
-            data = extensions.vector(2, f"extension {ext_type}")
+    if pos < end:  # TLS 1.2 and earlier may omit the extensions block entirely
+        _vector_filling(buf, pos, end, "ClientHello")
+        pos += 2
+        while pos < end:
+            if end - pos < _EXTENSION_HEADER.size:
+                # The type (2 bytes) or the length after it does not fit.
+                short = end - pos if end - pos < 2 else end - pos - 2
+                raise _overrun("extensions", 2, short)
+            ext_type, length = _EXTENSION_HEADER.unpack_from(buf, pos)
+            pos += _EXTENSION_HEADER.size
+            if length > end - pos:
+                raise _overrun("extensions", length, end - pos)
             if ext_type in seen:
                 raise _malformed(f"extension {ext_type} appears twice (RFC 8446 section 4.2)")
             seen.add(ext_type)
             if ext_type == EXT_SERVER_NAME:
-                server_name = _parse_server_name(data)
+                server_name = _parse_server_name(buf, pos, pos + length)
             elif ext_type == EXT_ALPN:
-                alpn = _parse_alpn(data)
-    return ClientHello(
+                alpn = _parse_alpn(buf, pos, pos + length)
+            pos += length
+    return _new_client_hello(
         server_name=server_name,
         alpn=alpn,
         ech=EXT_ECH in seen,
@@ -308,39 +372,75 @@ def _parse_body(body: memoryview, *, size: int, records: int) -> ClientHello:
     )
 
 
-def _parse_server_name(data: _Cursor) -> str:
+def _short_start(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A body too short for version, random and the session id's length: say which is cut."""
+    if end - pos < 2:
+        raise _overrun("ClientHello", 2, end - pos)
+    (legacy_version,) = _U16.unpack_from(buf, pos)
+    if legacy_version >> 8 != 3:
+        raise _malformed(f"ClientHello version {legacy_version:#06x} is not TLS")
+    left = end - pos - 2
+    if left < _RANDOM_BYTES:
+        raise _overrun("ClientHello", _RANDOM_BYTES, left)
+    raise _overrun("ClientHello", 1, 0)  # the random ends the body: no session id length
+
+
+def _vector_filling(buf: bytes, pos: int, end: int, what: str) -> int:
+    """The 2-byte-length vector at `pos`, which must fill `what` up to `end` (the extensions
+    block, an extension's one list); returns its length (its bytes start at pos + 2)."""
+    if end - pos < 2:
+        raise _overrun(what, 2, end - pos)
+    length: int = _U16.unpack_from(buf, pos)[0]
+    left = end - pos - 2
+    if length > left:
+        raise _overrun(what, length, left)
+    if left > length:
+        raise _trailing(what, left - length)
+    return length
+
+
+def _parse_server_name(buf: bytes, pos: int, end: int) -> str:
     """RFC 6066 section 3: ServerNameList server_name_list<1..2^16-1>."""
-    names = data.vector(2, "server_name list")
-    data.expect_end()
-    if not names.left:
+    if not _vector_filling(buf, pos, end, "extension 0"):
         raise _malformed("server_name extension with an empty list")
-    name_type = names.uint(1)
+    pos += 3  # the list's length, then the entry's NameType
+    name_type = buf[pos - 1]
     if name_type != HOST_NAME_TYPE:
         raise _malformed(f"server_name entry of type {name_type}, not host_name")
-    raw = bytes(names.vector(2, "host_name").take_all())
-    if names.left:
+    # HostName host_name<1..2^16-1>
+    if end - pos < 2:
+        raise _overrun("server_name list", 2, end - pos)
+    (length,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    if length > end - pos:
+        raise _overrun("server_name list", length, end - pos)
+    raw = buf[pos : pos + length]
+    if end - pos > length:
         raise _malformed("server_name lists more than one name (RFC 6066 section 3)")
     if not raw:
         raise _malformed("empty server name")
-    if len(raw) > MAX_SERVER_NAME_BYTES:
+    if length > MAX_SERVER_NAME_BYTES:
         raise _malformed(f"server name longer than {MAX_SERVER_NAME_BYTES} bytes")
     if b"\x00" in raw:
         raise _malformed("NUL byte in the server name")
-    if not all(0x21 <= byte <= 0x7E for byte in raw):
+    if _NOT_HOST_NAME_BYTE.search(raw):
         raise _malformed("server name is not printable ASCII (RFC 6066: ASCII host name)")
     return raw.decode("ascii")
 
 
-def _parse_alpn(data: _Cursor) -> tuple[str, ...]:
+def _parse_alpn(buf: bytes, pos: int, end: int) -> tuple[str, ...]:
     """RFC 7301 section 3.1: ProtocolName protocol_name_list<2..2^16-1>, names <1..2^8-1>."""
-    names = data.vector(2, "ALPN list")
-    data.expect_end()
-    if not names.left:
+    if not _vector_filling(buf, pos, end, "extension 16"):
         raise _malformed("ALPN extension with an empty list")
+    pos += 2
     protocols: list[str] = []
-    while names.left:
-        name = bytes(names.vector(1, "ALPN protocol name").take_all())
-        if not name:
+    while pos < end:
+        length = buf[pos]
+        pos += 1
+        if length > end - pos:
+            raise _overrun("ALPN list", length, end - pos)
+        if not length:
             raise _malformed("empty ALPN protocol name")
-        protocols.append(name.decode("ascii", "backslashreplace"))
+        protocols.append(buf[pos : pos + length].decode("ascii", "backslashreplace"))
+        pos += length
     return tuple(protocols)

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from types import MappingProxyType
 
+from proxy.core.frozen import maker
 from proxy.core.hosts import Host, split_authority
 from proxy.errors import (
     BadGateway,
@@ -153,6 +154,8 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # request-target characters: visible ASCII only (RFC 3986 has no raw space, control or 8-bit).
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 _ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?]*)(.*)", re.DOTALL)
+# Its scheme and authority only: the rest of the target is sliced off, not scanned.
+_ABSOLUTE_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*+)://([^/?]*+)")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _DIGITS = re.compile(rf"[0-9]{{1,{MAX_CONTENT_LENGTH_DIGITS}}}")
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ).
@@ -177,16 +180,18 @@ _HEAD_END = b"\r\n\r\n"
 # The fast path (module docstring), over the head decoded as latin-1 (one byte, one character).
 _TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 # Field lines: token ":" then field-value characters only (no CR, LF, NUL or other controls).
+# Every repeat is possessive (`++`, `*+`, `{m,n}+`): each stops at a byte it cannot take (":",
+# CR, SP), so giving bytes back could never make a match, and the engine keeps no state to try.
 _FIELD_BLOCK_RE = (
-    r"((?:" + _TCHAR + r"+:[\t\x20-\x7e\x80-\xff]*\r\n){0," + str(MAX_HEADER_COUNT) + r"})\r\n"
+    r"((?:" + _TCHAR + r"++:[\t\x20-\x7e\x80-\xff]*+\r\n){0," + str(MAX_HEADER_COUNT) + r"}+)\r\n"
 )
 # method SP target SP version: a short token, visible ASCII without "#", HTTP/1.0 or 1.1.
 _FAST_REQUEST = re.compile(
-    "(" + _TCHAR + "{1," + str(MAX_METHOD_BYTES) + "}) "
-    r"([\x21\x22\x24-\x7e]{1," + str(MAX_TARGET_BYTES) + r"}) (HTTP/1\.[01])\r\n" + _FIELD_BLOCK_RE
+    "(" + _TCHAR + "{1," + str(MAX_METHOD_BYTES) + "}+) "
+    r"([\x21\x22\x24-\x7e]{1," + str(MAX_TARGET_BYTES) + r"}+) (HTTP/1\.[01])\r\n" + _FIELD_BLOCK_RE
 )
 _FAST_RESPONSE = re.compile(
-    r"(HTTP/1\.[0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _FIELD_BLOCK_RE
+    r"(HTTP/1\.[0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*+))?\r\n" + _FIELD_BLOCK_RE
 )
 
 # Authorities seen recently -> (Host, port). Kept-alive clients name the same few hosts on every
@@ -259,25 +264,29 @@ def find_head_end(
     (`is_request=False`) both are BadGateway (upstream_bad_response).
     """
     skip = 0
-    if is_request:
+    if is_request and buf.startswith(_CRLF):
         skip = _count_leading_empty_lines(buf)
-        # A previous call with a longer buffer than this already saw the request line end.
-        if start <= skip + MAX_REQUEST_LINE_BYTES:
-            line_end = buf.find(b"\n", skip, skip + MAX_REQUEST_LINE_BYTES)
-            if line_end < 0:
-                if len(buf) - skip >= MAX_REQUEST_LINE_BYTES or len(buf) >= max_head_bytes:
-                    raise UriTooLong(
-                        f"request line longer than {min(MAX_REQUEST_LINE_BYTES, max_head_bytes)}"
-                        " bytes"
-                    )
-                return -1
-            if line_end >= max_head_bytes:
-                raise UriTooLong(f"request line longer than the {max_head_bytes}-byte head limit")
-    search_from = max(skip, start - 2)  # a terminator can straddle the previous end
+    search_from = skip if start - 2 < skip else start - 2  # a terminator can straddle the end
     crlf_end = buf.find(b"\n\r\n", search_from, max_head_bytes)
     # A bare-LF blank line before a CRLF one must win; it can only end before crlf_end + 2.
     lf_limit = crlf_end + 2 if crlf_end >= 0 else max_head_bytes
     lf_end = buf.find(b"\n\n", search_from, lf_limit)
+    # The request line must end within MAX_REQUEST_LINE_BYTES. A terminator that starts before
+    # that bound ends it there (it is a LF at or after `skip`, inside max_head_bytes), so the
+    # line is looked for only when there is none; a previous call with a longer buffer than
+    # this (`start` past the bound) already saw it end.
+    first_lf = lf_end if lf_end >= 0 else crlf_end
+    line_bound = skip + MAX_REQUEST_LINE_BYTES
+    if is_request and start <= line_bound and not 0 <= first_lf < line_bound:
+        line_end = buf.find(b"\n", skip, line_bound)
+        if line_end < 0:
+            if len(buf) - skip >= MAX_REQUEST_LINE_BYTES or len(buf) >= max_head_bytes:
+                raise UriTooLong(
+                    f"request line longer than {min(MAX_REQUEST_LINE_BYTES, max_head_bytes)} bytes"
+                )
+            return -1
+        if line_end >= max_head_bytes:
+            raise UriTooLong(f"request line longer than the {max_head_bytes}-byte head limit")
     if lf_end >= 0:
         return lf_end + 2
     if crlf_end >= 0:
@@ -371,22 +380,24 @@ def _index(headers: Headers) -> FieldIndex:
     for name, value in headers:
         lower = name.lower()
         if lower in _INDEXED_FIELDS:
-            found = index.get(lower)
-            if found is None:
-                index[lower] = [value]
-            else:
-                found.append(value)
+            index.setdefault(lower, []).append(value)
     return index
 
 
-def _fast_fields(block: str) -> Headers:
-    """The fields of a block one of the _FAST_* patterns accepted, as _parse_fields gives them:
-    every line is `token:value CRLF` there, so the first colon ends the name."""
+def _fast_fields(block: str) -> tuple[Headers, FieldIndex]:
+    """The fields of a block one of the _FAST_* patterns accepted, as _parse_fields gives them,
+    and their `_index`, in one pass: every line is `token:value CRLF` there, so the first colon
+    ends the name."""
     fields = []
+    index: FieldIndex = {}
     for line in block.split("\r\n")[:-1]:
         name, _, value = line.partition(":")
-        fields.append((name, value.strip(" \t")))
-    return tuple(fields)
+        value = value.strip(" \t")
+        fields.append((name, value))
+        lower = name.lower()
+        if lower in _INDEXED_FIELDS:
+            index.setdefault(lower, []).append(value)
+    return tuple(fields), index
 
 
 def _list_elements(values: list[str]) -> list[str]:
@@ -473,6 +484,10 @@ class RequestHead:
         return tuple(_values(self.headers, name.lower()))
 
 
+# Every parsed head is built without object.__setattr__ per field (proxy.core.frozen).
+_new_request_head = maker(RequestHead)
+
+
 def parse_request_head(
     head: bytes,
     *,
@@ -495,11 +510,13 @@ def parse_request_head(
     fast = _FAST_REQUEST.fullmatch(head.decode("latin-1"))
     if fast is not None:
         method, raw_target, version, block = fast.groups()
-        return _request(method, raw_target, version, _fast_fields(block), form, authority)
+        headers, index = _fast_fields(block)
+        return _request(method, raw_target, version, headers, index, form, authority)
     skip = _count_leading_empty_lines(head)
     lines = _split_head_lines(head[skip:])
     method, raw_target, version = _parse_request_line(lines[0])
-    return _request(method, raw_target, version, _parse_fields(lines[1:]), form, authority)
+    headers = _parse_fields(lines[1:])
+    return _request(method, raw_target, version, headers, _index(headers), form, authority)
 
 
 def _request(
@@ -507,11 +524,12 @@ def _request(
     raw_target: str,
     version: str,
     headers: Headers,
+    index: FieldIndex,
     form: RequestForm,
     authority: tuple[Host, int] | None,
 ) -> RequestHead:
-    """The checks after the lines are split: target, Host, framing, Connection, Expect."""
-    index = _index(headers)  # never raises: the target is still the first thing checked
+    """The checks after the lines are split (and indexed, which never raises: the target is
+    still the first thing checked): target, Host, framing, Connection, Expect."""
     # The PROXY branch calls no helper of its own: it runs for every request on the proxy
     # listener, and a Python call is a measurable part of a head's parse.
     if form is _PROXY:
@@ -537,7 +555,7 @@ def _request(
         and version == "HTTP/1.1"
         and any(value.lower() == "100-continue" for value in _list_elements(expect))
     )
-    return RequestHead(
+    return _new_request_head(
         method=method,
         version=version,
         is_connect=is_connect,
@@ -621,10 +639,12 @@ def _parse_absolute_form(target: str, method: str, form: RequestForm) -> tuple[s
     WebSocket client sends a proxy that target as it is. A port the target omits is 80 in PROXY
     form and 0 in ORIGIN form (see `target_authority`).
     """
-    match = _ABSOLUTE_FORM.fullmatch(target)
+    match = _ABSOLUTE_PREFIX.match(target)
     if match is None:
         raise _not_absolute_form(target, form)
-    scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
+    scheme, authority = match.groups()
+    scheme = scheme.lower()
+    rest = target[match.end() :]
     if scheme == "ws":
         scheme = "http"
     if not rest:
@@ -913,6 +933,9 @@ class ResponseHead:
         return tuple(_values(self.headers, name.lower()))
 
 
+_new_response_head = maker(ResponseHead)
+
+
 def parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
     """Parse an upstream response head or raise BadGateway (reason upstream_bad_response)."""
     try:
@@ -931,7 +954,7 @@ def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
         version, status_text, reason_text, block = fast.groups()
         status = int(status_text)
         reason = reason_text or ""
-        headers = _fast_fields(block)
+        headers, index = _fast_fields(block)
     else:
         lines = _split_head_lines(head)
         match = _STATUS_LINE.fullmatch(lines[0])
@@ -941,12 +964,12 @@ def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
         status = int(match.group(2))
         reason = (match.group(3) or b"").decode("latin-1")
         headers = _parse_fields(lines[1:])
-    index = _index(headers)
+        index = _index(headers)
     tokens = _connection_tokens(index)
     framing, content_length, codings = _response_framing(
         index, version=version, status=status, request_method=request_method
     )
-    return ResponseHead(
+    return _new_response_head(
         version=version,
         status=status,
         reason=reason,

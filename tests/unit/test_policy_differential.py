@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.control.policy_source import PolicyStore
@@ -28,19 +27,11 @@ from proxy.core.policy.model import API_VERSION, Action, Destination, Mode, Poli
 from proxy.dataplane.router import Router
 from proxy.errors import Reason
 from proxy.explainer import explain_route
+from tests.support.budget import budget
 from tests.support.inprocess import FakeResolver
 
 # Most of an example's time is the loader's pure-Python YAML parse (milliseconds a policy set),
 # so `make test` runs few; the fuzz profile (as tests/fuzz/test_properties.py) runs many.
-FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-
-
-def budget(examples: int) -> settings:
-    return settings(
-        max_examples=examples * 50 if FUZZ else examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 # --------------------------------------------------------------------------------------------
