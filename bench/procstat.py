@@ -73,3 +73,26 @@ def sample(pid: int) -> Sample:
         rss_kib=sum(_status_kib(p, "VmRSS:") for p in pids),
         peak_kib=sum(_status_kib(p, "VmHWM:") for p in pids),
     )
+
+
+def open_descriptors(pid: int) -> int:
+    """Open file descriptors of the whole tree (/proc/PID/fd of each process)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+    return total
+
+
+def per_process(pid: int) -> dict[int, tuple[int, int]]:
+    """pid -> (VmRSS KiB, open descriptors) for every process of the tree alive now."""
+    found = {}
+    for p in tree(pid):
+        try:
+            fds = len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+        found[p] = (_status_kib(p, "VmRSS:"), fds)
+    return found

@@ -70,13 +70,18 @@ class ProxyProcess:
         embedded_config: bool = False,
         command: Callable[[Path], list[str]] | None = None,
         env: Mapping[str, str] | None = None,
+        on_record: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
-        """`embedded_config`: run with no --config, on the embedded laptop default (its fixed
-        ports: only in the network namespace); `policies` and `config` are then unused.
+        """`on_record`: called with each audit record as it is read; the record is kept (in
+        `records`, its line in `raw_stdout`) only if it returns True, so a long run can count
+        millions of records without holding them. `embedded_config`: run with no --config, on
+        the embedded laptop default (its fixed ports: only in the network namespace);
+        `policies` and `config` are then unused.
         `command`: the argv that runs `outgate run` on the given config file in another way
         (in a container: tests/support/image.py), with `env` as its environment."""
         self.command = command
         self.env = env
+        self.on_record = on_record
         self.rlimit_nofile = rlimit_nofile
         self.embedded_config = embedded_config
         self._stdout_gate = threading.Event()
@@ -175,9 +180,12 @@ class ProxyProcess:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self._stdout_gate.wait()
+            record = json.loads(line)
+            if self.on_record is not None and not self.on_record(record):
+                continue
             with self._cond:
                 self.raw_stdout.append(line)
-                self.records.append(json.loads(line))
+                self.records.append(record)
                 self._cond.notify_all()
 
     def _read_stderr(self) -> None:
