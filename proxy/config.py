@@ -101,6 +101,9 @@ class Limits:
     new_connections_per_second: float = 200.0
     new_connections_burst: int = 400
     max_tunnels_per_workload: int = 1000
+    # New connections are refused with 503 `overloaded` (Retry-After) while the event loop runs
+    # this far behind: a flood is shed instead of queued. 0 turns shedding off.
+    shed_loop_lag: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,6 +246,7 @@ _SHAPE: dict[str, Any] = {
         "newConnectionsPerSecond": None,
         "newConnectionsBurst": None,
         "maxTunnelsPerWorkload": None,
+        "shedLoopLag": None,
     },
     "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None, "certCacheSize": None},
     "dlp": {"custom": None, "credentialHosts": None},
@@ -645,6 +649,7 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
                 _positive_int,
                 "a count",
             ),
+            shed_loop_lag=duration("limits.shedLoopLag", lim.shed_loop_lag),
         ),
         tls_ca_cert=reader.get("tls.caCert", None, str, "a path to a PEM file"),
         tls_ca_key=reader.get("tls.caKey", None, str, "a path to a PEM file"),

@@ -78,6 +78,7 @@ class Reason(StrEnum):
     # Proxy state.
     NOT_READY = "not_ready"
     CONNECTION_LIMIT = "connection_limit"
+    OVERLOADED = "overloaded"  # the event loop runs behind by more than limits.shedLoopLag
     INTERNAL_ERROR = "internal_error"
     # Close records (how a connection or request ended).
     COMPLETED = "completed"
@@ -170,6 +171,14 @@ class UpstreamProxyRefused(BadGateway):
 class ServiceUnavailable(OutgateError):
     status = 503
     default_reason = Reason.NOT_READY
+
+
+class Overloaded(OutgateError):
+    """A new connection refused at once because the event loop is behind (limits.shedLoopLag):
+    cheaper than serving it late, and every connection already open keeps its pace."""
+
+    status = 503
+    default_reason = Reason.OVERLOADED
 
 
 class GatewayTimeout(OutgateError):

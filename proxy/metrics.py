@@ -269,6 +269,18 @@ GUARD_REFUSALS = Counter(
     ["address_class"],
     registry=REGISTRY,
 )
+EVENT_LOOP_LAG = Gauge(
+    "outgate_event_loop_lag_seconds",
+    "How late the event loop ran its last periodic tick: past limits.shedLoopLag new "
+    "connections are shed (503 overloaded). With workers, the largest of the workers.",
+    registry=REGISTRY,
+)
+SHED_CONNECTIONS = Counter(
+    "outgate_shed_connections_total",
+    "New connections refused with 503 overloaded because the event loop ran behind.",
+    registry=REGISTRY,
+)
+
 POLICY_REVISION = Gauge(
     "outgate_policy_revision",
     "Revision number of the policy set in force (increments on every successful load).",

@@ -1,14 +1,21 @@
-"""Admission limits: global and per-source connection caps, a per-workload rate of new
-connections (token bucket), and a per-workload cap on open tunnels.
+"""Admission limits: load shedding on event-loop lag, global and per-source connection caps, a
+per-workload rate of new connections (token bucket), and a per-workload cap on open tunnels.
 
 Plain bookkeeping with an injected clock, so the arithmetic is tested without sockets; the
 listener asks `admit` per accepted connection and `open_tunnel` per CONNECT. A refusal is a
-TooManyRequests (429 with Retry-After). Admin and health endpoints live on another listener
-and never pass through here.
+TooManyRequests (429 with Retry-After), or, while the loop is behind, Overloaded (503 with
+Retry-After). Admin and health endpoints live on another listener and never pass through here.
+
+Why lag: past the rate a worker can serve, accepted connections wait in the loop's queue of
+ready callbacks, every open connection slows down with them, and memory grows with the queue.
+LoopLag measures how late a periodic tick runs; while it is later than limits.shedLoopLag a
+new connection gets a 503 at once (a few hundred bytes and its two records), which costs far
+less than serving it, so the loop catches up and the admin listener keeps answering.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -17,7 +24,11 @@ from dataclasses import dataclass
 from proxy.config import Limits
 from proxy.core.hosts import IPAddress
 from proxy.core.identity import Workload, WorkloadKind
-from proxy.errors import TooManyRequests
+from proxy.errors import Overloaded, TooManyRequests
+from proxy.metrics import EVENT_LOOP_LAG, SHED_CONNECTIONS
+
+# How often LoopLag's tick runs: finer sees a backlog sooner, each tick costs a wake-up.
+LAG_TICK_SECONDS = 0.05
 
 # Buckets of workloads not seen for a while are dropped oldest-first past this many: a full
 # bucket and a forgotten one admit the same, so forgetting costs nothing but bounds memory.
@@ -38,12 +49,42 @@ class _Bucket:
     stamp: float
 
 
+class LoopLag:
+    """How far behind the event loop runs, in seconds: the lateness of the last tick, or, while
+    the next tick is overdue (the loop is busy with a backlog), how overdue it is now."""
+
+    def __init__(self, *, tick: float = LAG_TICK_SECONDS) -> None:
+        self._tick = tick
+        self._last = 0.0
+        self._due: float | None = None
+
+    def __call__(self) -> float:
+        if self._due is None:
+            return 0.0
+        return max(self._last, time.monotonic() - self._due)
+
+    async def run(self) -> None:
+        """Tick until cancelled."""
+        while True:
+            self._due = time.monotonic() + self._tick
+            await asyncio.sleep(self._tick)
+            self._last = max(0.0, time.monotonic() - self._due)
+            EVENT_LOOP_LAG.set(self._last)
+
+
 class Admission:
     """Counts what is open and refuses what is over a limit. One per listener."""
 
-    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        lag: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self._limits = limits
         self._clock = clock
+        self._lag = lag
         self.open_connections = 0
         self._per_source: Counter[IPAddress] = Counter()
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
@@ -61,8 +102,15 @@ class Admission:
             del self._per_source[source]
 
     def check_connection(self, source: IPAddress, key: str) -> None:
-        """Raise TooManyRequests if the connection just opened is over a limit."""
+        """Raise Overloaded while the loop is behind, TooManyRequests if the connection just
+        opened is over a limit."""
         limits = self._limits
+        lag = self._lag()
+        if limits.shed_loop_lag and lag > limits.shed_loop_lag:
+            SHED_CONNECTIONS.inc()
+            raise Overloaded(
+                f"the proxy is overloaded (event loop {lag * 1000:.0f} ms behind); retry shortly"
+            )
         if self.open_connections > limits.max_connections:
             raise TooManyRequests(f"over {limits.max_connections} open connections")
         if self._per_source[source] > limits.max_connections_per_source:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from proxy.errors import OutgateError, ProxyAuthRequired, TooManyRequests
+from proxy.errors import OutgateError, Overloaded, ProxyAuthRequired, TooManyRequests
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-# Seconds a client should wait after a 429 before trying again.
+# Seconds a client should wait after a 429 or a 503 `overloaded` before trying again.
 RETRY_AFTER_SECONDS = 1
 
 
@@ -60,7 +60,7 @@ def render_error(
         f"X-Outgate-Event-Id: {event_id}",
         "Cache-Control: no-store",
     ]
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, (TooManyRequests, Overloaded)):
         headers.append(f"Retry-After: {RETRY_AFTER_SECONDS}")
     if isinstance(error, ProxyAuthRequired):
         headers.append(f"Proxy-Authenticate: {error.challenge}")

@@ -55,7 +55,7 @@ from proxy.dataplane.http_relay import (
     read_request_head,
 )
 from proxy.dataplane.inspector import RequestInspector
-from proxy.dataplane.limits import Admission, workload_key
+from proxy.dataplane.limits import Admission, LoopLag, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.proxy_auth import ProxyAuth
 from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
@@ -104,7 +104,9 @@ class ProxyServer:
         self._is_ready = is_ready
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
-        self._admission = Admission(settings.limits)
+        self._lag = LoopLag()
+        self._lag_task: asyncio.Task[None] | None = None
+        self._admission = Admission(settings.limits, lag=self._lag)
         self._proxy_header = proxy_header
         self._clients = ClientConnections()
         self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
@@ -129,11 +131,14 @@ class ProxyServer:
             )
         name = self._server.sockets[0].getsockname()
         self.bound = (name[0], name[1])
+        self._lag_task = asyncio.create_task(self._lag.run(), name="loop lag")
         return self.bound
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, close idle connections now, let busy ones finish their exchange for

@@ -1,16 +1,19 @@
 """Admission bookkeeping with a fake clock: connection caps, the per-workload token bucket,
-and the per-workload tunnel cap."""
+the per-workload tunnel cap, and shedding while the event loop runs behind."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from ipaddress import ip_address
 
 import pytest
 
 from proxy.config import Limits
 from proxy.core.identity import UNKNOWN_WORKLOAD, Workload, WorkloadKind
-from proxy.dataplane.limits import Admission, workload_key
-from proxy.errors import TooManyRequests
+from proxy.dataplane.limits import Admission, LoopLag, workload_key
+from proxy.dataplane.responses import render_error
+from proxy.errors import Overloaded, TooManyRequests
 
 A = ip_address("10.0.0.1")
 B = ip_address("10.0.0.2")
@@ -101,3 +104,46 @@ def test_workload_key_groups_pods_by_owner_and_keeps_unknown_sources_apart() -> 
     )
     assert workload_key(pod, A) == workload_key(sibling, B) == "pay/Deployment/api"
     assert workload_key(UNKNOWN_WORKLOAD, A) != workload_key(UNKNOWN_WORKLOAD, B)
+
+
+def test_a_new_connection_is_shed_with_503_while_the_loop_is_behind() -> None:
+    lag = [0.0]
+    adm = Admission(Limits(shed_loop_lag=0.25), lag=lambda: lag[0])
+    adm.connection_opened(A)
+    adm.check_connection(A, "k")  # on time: admitted
+    lag[0] = 0.3
+    with pytest.raises(Overloaded) as info:
+        adm.check_connection(A, "k")
+    assert (info.value.status, str(info.value.reason)) == (503, "overloaded")
+    lag[0] = 0.2
+    adm.check_connection(A, "k")  # caught up: admitted again
+
+
+def test_shedding_off_admits_whatever_the_lag() -> None:
+    adm = Admission(Limits(shed_loop_lag=0.0), lag=lambda: 10.0)
+    adm.connection_opened(A)
+    adm.check_connection(A, "k")
+
+
+def test_loop_lag_sees_a_blocked_loop_while_it_is_still_blocked() -> None:
+    async def measure() -> tuple[float, float]:
+        lag = LoopLag(tick=0.01)
+        ticking = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.05)
+        idle = lag()
+        time.sleep(0.2)  # the loop is blocked: the next tick is overdue
+        blocked = lag()
+        ticking.cancel()
+        return idle, blocked
+
+    idle, blocked = asyncio.run(measure())
+    assert idle < 0.15
+    assert blocked >= 0.15
+
+
+def test_an_overloaded_refusal_says_when_to_retry() -> None:
+    head = render_error(
+        Overloaded("behind"), event_id="e", workload="w", destination="d", keep_alive=False
+    ).split(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 1" in head
