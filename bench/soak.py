@@ -12,7 +12,8 @@ so a 90 s run still has every one; the long run reaches the issue's 30 s):
                  name is served again within RECOVERY_SECONDS of the DNS answering again.
   upstream_reset the origin resets mid-body; close records carry upstream_reset.
   audit_block    nobody reads the proxy's stdout; no record is lost, /healthz answers throughout.
-  policy_storm   the policy file changes 10 times a second, every fourth version invalid; bad
+  policy_storm   the policy file changes 10 times a second (for twice `fault_seconds`, at most
+                 a minute), every fourth version invalid; bad
                  versions are refused (policy_reload_failed), and every decision on the toggled
                  name agrees with the version its rule names, replayed through `outgate explain`
                  for a sample.
@@ -69,6 +70,7 @@ DESCRIPTOR_SETTLE_SECONDS = 40.0  # idle connections close within timeouts.idle 
 DESCRIPTOR_SLACK = 4  # a resolver socket or two opened lazily by a restarted worker
 REPLAY_SAMPLE = 12
 STORM_WRITES_PER_SECOND = 10
+STORM_SECONDS = 60.0
 SIGHUPS_PER_SECOND = 20
 HEALTH_PROBE_SECONDS = 5.0  # /healthz must answer within this during the audit block
 RECORDS_QUIET = 10.0  # after the traffic: no record for this long means no more will come
@@ -242,7 +244,8 @@ class Soak:
         w.watched = "toggle"
         failed_before = count_logs(proxy, "policy_reload_failed")
         loaded_before = count_logs(proxy, "policy_loaded")
-        ends = time.monotonic() + self.fault_seconds
+        # Twice the other faults (a whole slot): the long run reaches the full minute.
+        ends = time.monotonic() + min(STORM_SECONDS, 2 * self.fault_seconds)
         version = max(self.storm_versions, default=0)
         while time.monotonic() < ends:
             version += 1
