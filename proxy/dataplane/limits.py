@@ -8,9 +8,10 @@ Retry-After). Admin and health endpoints live on another listener and never pass
 
 Why lag: past the rate a worker can serve, accepted connections wait in the loop's queue of
 ready callbacks, every open connection slows down with them, and memory grows with the queue.
-LoopLag measures how late a periodic tick runs; while it is later than limits.shedLoopLag a
-new connection gets a 503 at once (a few hundred bytes and its two records), which costs far
-less than serving it, so the loop catches up and the admin listener keeps answering.
+LoopLag measures how late a periodic tick runs; while two ticks in a row are later than
+limits.shedLoopLag a new connection gets a 503 at once (a few hundred bytes and its two
+records), which costs far less than serving it, so the loop catches up and the admin listener
+keeps answering.
 """
 
 from __future__ import annotations
@@ -50,25 +51,25 @@ class _Bucket:
 
 
 class LoopLag:
-    """How far behind the event loop runs, in seconds: the lateness of the last tick, or, while
-    the next tick is overdue (the loop is busy with a backlog), how overdue it is now."""
+    """How far behind the event loop runs, in seconds: the smaller lateness of the last two
+    ticks. A loop with a backlog is late tick after tick; one late tick alone is a single stall
+    (a long callback, or the process stopped or descheduled for a while), after which the loop
+    is on time again and nothing should be shed."""
 
     def __init__(self, *, tick: float = LAG_TICK_SECONDS) -> None:
         self._tick = tick
+        self._previous = 0.0
         self._last = 0.0
-        self._due: float | None = None
 
     def __call__(self) -> float:
-        if self._due is None:
-            return 0.0
-        return max(self._last, time.monotonic() - self._due)
+        return min(self._previous, self._last)
 
     async def run(self) -> None:
         """Tick until cancelled."""
         while True:
-            self._due = time.monotonic() + self._tick
+            due = time.monotonic() + self._tick
             await asyncio.sleep(self._tick)
-            self._last = max(0.0, time.monotonic() - self._due)
+            self._previous, self._last = self._last, max(0.0, time.monotonic() - due)
             EVENT_LOOP_LAG.set(self._last)
 
 
