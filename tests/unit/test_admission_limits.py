@@ -131,20 +131,22 @@ def test_loop_lag_sees_a_loop_behind_tick_after_tick_and_forgets_a_single_stall(
         ticking = asyncio.create_task(lag.run())
         await asyncio.sleep(0.05)
         idle = lag()
-        for _ in range(5):  # a backlog: every turn of the loop takes 0.1 s
-            time.sleep(0.1)
+        for _ in range(6):  # a backlog: every turn of the loop takes 0.3 s
+            time.sleep(0.3)
             await asyncio.sleep(0)
         behind = lag()
-        time.sleep(0.3)  # one stall (a stopped process looks the same), then on time again
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # on time again
+        time.sleep(1.0)  # one stall (a stopped process looks the same): the first connection
+        await asyncio.sleep(0)  # after it must not be shed
         after_stall = lag()
         ticking.cancel()
         return idle, behind, after_stall
 
     idle, behind, after_stall = asyncio.run(measure())
-    assert idle < 0.05
-    assert behind >= 0.05
-    assert after_stall < 0.05
+    # A busy machine makes ticks a little late; only a backlog makes two in a row 0.25 s late.
+    assert idle < 0.25
+    assert behind >= 0.25
+    assert after_stall < 0.25
 
 
 def test_an_overloaded_refusal_says_when_to_retry() -> None:
