@@ -63,6 +63,7 @@ from tests.support.fixtures import ORIGIN_PORTS, policy_allowing
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, run_outgate
 from tests.support.rawserver import RawServer, read_head, reset
+from tests.support.waiting import wait_for
 
 RSS_GROWTH_LIMIT = 0.10  # of the RSS after the warm-up
 RECOVERY_SECONDS = 5.0  # service is back this long after a fault ends (DNS timeout 2 s + margin)
@@ -503,7 +504,7 @@ def run(
         assert proxy.proc is not None
         pid = proxy.proc.pid
         if soak.args.workers > 1:
-            proxy._wait(proxy.logs, lambda e: e.get("event") == "listening", soak.args.workers, 30)
+            wait_for(lambda: count_logs(proxy, "listening") >= soak.args.workers, 30.0)
         baseline = per_process(pid)
         ports = Ports(proxy.port, proxy.admin_port, origin.port, raw.port)
         warm: dict[int, tuple[int, int]] = {}
