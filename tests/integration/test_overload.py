@@ -6,7 +6,9 @@ carries Retry-After, and every exchange still has its two records.
 What meets the flood first on this machine is the audit path's backpressure: new connections
 wait to be admitted while records are written (proxy.dataplane.clients.wait_for_audit_room),
 the event loop stays on time (measured lag ~1 ms with 1,000 connections from wrk), so the
-loop-lag shed seldom fires here; tests/unit/test_admission_limits.py shows the shed itself."""
+loop-lag shed seldom fires here, and this test does not claim it did: it shows what holds under
+the flood whichever way the proxy meets it. tests/unit/test_admission_limits.py shows the shed
+itself; shedding at twice the rate the proxy can serve is not shown yet (issue 17)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ ADMIN_ANSWER_SECONDS = 5.0  # generous on a shared machine; an unshed flood take
 RSS_GROWTH_LIMIT_KIB = 150 * 1024
 
 
-def test_a_flood_is_shed_with_503_and_retry_after_while_admin_answers(
+def test_under_a_flood_admin_answers_memory_stays_bounded_and_refusals_say_when_to_retry(
     start_proxy: Callable[..., ProxyProcess],
     dns_server: ScriptedDNSServer,
     tmp_path: Path,
