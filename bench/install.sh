@@ -22,7 +22,7 @@ if [ -n "$missing" ]; then
 fi
 
 mkdir -p .build
-if [ ! -x .build/loadgen ] || [ loadgen/main.go -nt .build/loadgen ]; then
+if [ ! -x .build/loadgen ] || [ -n "$(find loadgen -name '*.go' -newer .build/loadgen)" ]; then
     echo "bench: building the load generator"
     # Standard library only: no module download, so the build works without the Go proxy.
     (cd loadgen && GOFLAGS=-mod=mod GOPROXY=off CGO_ENABLED=0 go build -o ../.build/loadgen .)

@@ -369,6 +369,7 @@ class OutgateProxy(Proxy):
         python: Path,
         name: str = "outgate",
         source: Path | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
@@ -419,6 +420,7 @@ class OutgateProxy(Proxy):
                 "newConnectionsPerSecond": 1000000,
                 "newConnectionsBurst": 1000000,
                 "maxTunnelsPerWorkload": 20000,
+                **(limits or {}),
             },
         }
         (odir / "outgate.yaml").write_text(yaml.safe_dump(config))

@@ -47,6 +47,7 @@ from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
+from proxy.dataplane.limits import LoadMeter
 from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope, ProxyAuth
 from proxy.dataplane.proxy_header import ProxyHeaderAdmission
 from proxy.dataplane.router import Router
@@ -222,6 +223,8 @@ def build_data_plane(
     tunnels = TunnelRelay(
         timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
     )
+    # One loop, one measure of how far behind it runs: every listener sheds on it.
+    load = LoadMeter()
     proxy = ProxyServer(
         settings=settings,
         router=router,
@@ -233,6 +236,7 @@ def build_data_plane(
         audit=audit,
         is_ready=is_ready,
         proxy_header=proxy_header,
+        load=load,
         auth=None
         if settings.auth_basic is None or passwords is None
         else ProxyAuth(settings.auth_basic, passwords),
@@ -249,6 +253,7 @@ def build_data_plane(
         login=None if settings.auth_basic is None else LoginScope(settings.auth_basic),
         audit=audit,
         is_ready=is_ready,
+        load=load,
     )
     return proxy, transparent
 

@@ -104,6 +104,10 @@ class Limits:
     # New connections are refused with 503 `overloaded` (Retry-After) while the event loop runs
     # this far behind: a flood is shed instead of queued. 0 turns shedding off.
     shed_loop_lag: float = 1.0
+    # ... or while a listener's kernel accept queue is at least this full (a fraction of its
+    # backlog) on two ticks in a row: a saturated worker keeps its loop on time while the
+    # queue fills, and a full queue drops SYNs (clients retry after 1, 3, 7 s). 0 turns it off.
+    shed_accept_queue: float = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,6 +251,7 @@ _SHAPE: dict[str, Any] = {
         "newConnectionsBurst": None,
         "maxTunnelsPerWorkload": None,
         "shedLoopLag": None,
+        "shedAcceptQueue": None,
     },
     "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None, "certCacheSize": None},
     "dlp": {"custom": None, "credentialHosts": None},
@@ -372,6 +377,12 @@ def _nonempty(value: Any) -> str:
 def _positive_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError("expected a number > 0")
+    return float(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError("expected a number from 0 to 1")
     return float(value)
 
 
@@ -650,6 +661,12 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
                 "a count",
             ),
             shed_loop_lag=duration("limits.shedLoopLag", lim.shed_loop_lag),
+            shed_accept_queue=reader.get(
+                "limits.shedAcceptQueue",
+                lim.shed_accept_queue,
+                _fraction,
+                "a fraction of the listen backlog, e.g. 0.5 (0 turns it off)",
+            ),
         ),
         tls_ca_cert=reader.get("tls.caCert", None, str, "a path to a PEM file"),
         tls_ca_key=reader.get("tls.caKey", None, str, "a path to a PEM file"),

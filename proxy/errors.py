@@ -78,7 +78,7 @@ class Reason(StrEnum):
     # Proxy state.
     NOT_READY = "not_ready"
     CONNECTION_LIMIT = "connection_limit"
-    OVERLOADED = "overloaded"  # the event loop runs behind by more than limits.shedLoopLag
+    OVERLOADED = "overloaded"  # behind: limits.shedAcceptQueue or limits.shedLoopLag (limits.py)
     INTERNAL_ERROR = "internal_error"
     # Close records (how a connection or request ended).
     COMPLETED = "completed"
@@ -139,7 +139,13 @@ class MisdirectedRequest(OutgateError):
     default_reason = Reason.MISDIRECTED_REQUEST
 
 
-class TooManyRequests(OutgateError):
+class AdmissionRefused(OutgateError):
+    """A new connection refused before anything is read from it (proxy.dataplane.limits):
+    over a limit (TooManyRequests) or while the event loop is behind (Overloaded). Every
+    listener answers either with the refusal and both audit records."""
+
+
+class TooManyRequests(AdmissionRefused):
     status = 429
     default_reason = Reason.CONNECTION_LIMIT
 
@@ -173,9 +179,10 @@ class ServiceUnavailable(OutgateError):
     default_reason = Reason.NOT_READY
 
 
-class Overloaded(OutgateError):
-    """A new connection refused at once because the event loop is behind (limits.shedLoopLag):
-    cheaper than serving it late, and every connection already open keeps its pace."""
+class Overloaded(AdmissionRefused):
+    """A new connection refused at once because the process is behind (limits.shedAcceptQueue,
+    limits.shedLoopLag): cheaper than serving it late, and every connection already open keeps
+    its pace."""
 
     status = 503
     default_reason = Reason.OVERLOADED

@@ -275,11 +275,22 @@ EVENT_LOOP_LAG = Gauge(
     "connections are shed (503 overloaded). With workers, the largest of the workers.",
     registry=REGISTRY,
 )
-SHED_CONNECTIONS = Counter(
-    "outgate_shed_connections_total",
-    "New connections refused with 503 overloaded because the event loop ran behind.",
+ACCEPT_QUEUE_FILL = Gauge(
+    "outgate_accept_queue_fill_ratio",
+    "How full the fullest listener's kernel accept queue was at the last periodic tick (0 to "
+    "1): from limits.shedAcceptQueue new connections are shed (503 overloaded). With workers, "
+    "the largest of the workers.",
     registry=REGISTRY,
 )
+SHED_CONNECTIONS = Counter(
+    "outgate_shed_connections_total",
+    "New connections refused with 503 overloaded because the process ran behind, by the "
+    "signal that said so: loop_lag or accept_queue.",
+    ["signal"],
+    registry=REGISTRY,
+)
+for _signal in ("loop_lag", "accept_queue"):
+    SHED_CONNECTIONS.labels(signal=_signal)  # both series from the start, at 0
 
 POLICY_REVISION = Gauge(
     "outgate_policy_revision",

@@ -11,6 +11,8 @@
 //	bulk         -c kept tunnels, each downloads -path again and again; counts bytes
 //	idle         open -c tunnels (TLS done), report, wait for a line on stdin, then one GET
 //	             on every tunnel and count the answers
+//	http-close   plain HTTP, a new connection per GET, closed loop (overload.go)
+//	flood        plain HTTP, a new connection per GET, open loop at -rate (overload.go)
 //
 // Every mode is bounded in time (-warmup + -duration) and in count (-max-ops). Protocol on
 // stdout, for the orchestrator (bench/run.py), which samples the proxy's /proc at each marker:
@@ -24,7 +26,6 @@ package main
 import (
 	"bufio"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -39,17 +40,19 @@ import (
 )
 
 type config struct {
-	mode     string
-	proxy    string
-	target   string
-	sni      string
-	path     string
-	conc     int
-	warmup   time.Duration
-	duration time.Duration
-	maxOps   int64
-	openPar  int
-	timeout  time.Duration
+	mode           string
+	proxy          string
+	target         string
+	sni            string
+	path           string
+	conc           int
+	warmup         time.Duration
+	duration       time.Duration
+	maxOps         int64
+	openPar        int
+	timeout        time.Duration
+	rate           float64
+	maxOutstanding int
 }
 
 type result struct {
@@ -374,7 +377,8 @@ func modeIdle(cfg *config, st *stats) (float64, int, int64) {
 
 func main() {
 	cfg := &config{}
-	flag.StringVar(&cfg.mode, "mode", "connect-tls", "connect-tls | tunnel-gets | bulk | idle")
+	flag.StringVar(&cfg.mode, "mode", "connect-tls",
+		"connect-tls | tunnel-gets | bulk | idle | http-close | flood")
 	flag.StringVar(&cfg.proxy, "proxy", "127.0.0.1:3128", "proxy address")
 	flag.StringVar(&cfg.target, "target", "", "CONNECT target host:port")
 	flag.StringVar(&cfg.sni, "sni", "", "TLS server name and Host (default: the target's host)")
@@ -385,6 +389,8 @@ func main() {
 	flag.Int64Var(&cfg.maxOps, "max-ops", 5_000_000, "stop the window after this many operations")
 	flag.IntVar(&cfg.openPar, "open-parallel", 100, "idle: tunnels opened (and asked) at once")
 	flag.DurationVar(&cfg.timeout, "timeout", 60*time.Second, "per-operation and idle-wait bound")
+	flag.Float64Var(&cfg.rate, "rate", 1000, "flood: new connections a second")
+	flag.IntVar(&cfg.maxOutstanding, "max-outstanding", 20000, "flood: connections open at once")
 	flag.Parse()
 	if cfg.target == "" {
 		fmt.Fprintln(os.Stderr, "-target host:port is required")
@@ -407,6 +413,11 @@ func main() {
 		res.Seconds = modeKept(cfg, st)
 	case "idle":
 		res.Seconds, res.Opened, res.Answered = modeIdle(cfg, st)
+	case "http-close":
+		res.Seconds = modeHTTPClose(cfg, st)
+	case "flood":
+		printJSON(modeFlood(cfg))
+		return
 	default:
 		fmt.Fprintln(os.Stderr, "unknown -mode", cfg.mode)
 		os.Exit(2)
@@ -423,6 +434,5 @@ func main() {
 	if res.Seconds > 0 {
 		res.OpsPerSec = float64(res.Ops) / res.Seconds
 	}
-	out, _ := json.Marshal(res)
-	fmt.Println(string(out))
+	printJSON(res)
 }

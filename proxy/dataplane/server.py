@@ -55,18 +55,18 @@ from proxy.dataplane.http_relay import (
     read_request_head,
 )
 from proxy.dataplane.inspector import RequestInspector
-from proxy.dataplane.limits import Admission, LoopLag, workload_key
+from proxy.dataplane.limits import Admission, LoadMeter, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.proxy_auth import ProxyAuth
 from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay
 from proxy.errors import (
+    AdmissionRefused,
     OutgateError,
     PolicyDenied,
     Reason,
     ServiceUnavailable,
-    TooManyRequests,
 )
 from proxy.tasks import TaskSet
 
@@ -90,6 +90,7 @@ class ProxyServer:
         audit: AuditSink,
         is_ready: Callable[[], bool],
         proxy_header: ProxyHeaderAdmission,
+        load: LoadMeter,
         auth: ProxyAuth | None = None,
     ) -> None:
         self._settings = settings
@@ -104,9 +105,13 @@ class ProxyServer:
         self._is_ready = is_ready
         self._tasks = TaskSet()
         self._server: asyncio.AbstractServer | None = None
-        self._lag = LoopLag()
-        self._lag_task: asyncio.Task[None] | None = None
-        self._admission = Admission(settings.limits, lag=self._lag)
+        # How far behind the process runs; shared with the transparent listeners
+        # (build_data_plane). This server runs its tick while it accepts.
+        self._load = load
+        self._load_task: asyncio.Task[None] | None = None
+        self._admission = Admission(
+            settings.limits, lag=load.lag, accept_queue_fill=load.accept_queue_fill
+        )
         self._proxy_header = proxy_header
         self._clients = ClientConnections()
         self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
@@ -131,14 +136,15 @@ class ProxyServer:
             )
         name = self._server.sockets[0].getsockname()
         self.bound = (name[0], name[1])
-        self._lag_task = asyncio.create_task(self._lag.run(), name="loop lag")
+        self._load.watch(self._server.sockets)
+        self._load_task = asyncio.create_task(self._load.run(), name="load meter")
         return self.bound
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
-        if self._lag_task is not None:
-            self._lag_task.cancel()
+        if self._load_task is not None:
+            self._load_task.cancel()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, close idle connections now, let busy ones finish their exchange for
@@ -188,7 +194,7 @@ class ProxyServer:
             ex = self._log.open(source)
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
-            except TooManyRequests as exc:
+            except AdmissionRefused as exc:
                 self._log.refuse(client, ex, exc, keep_alive=False)
                 return
             first = True

@@ -68,19 +68,19 @@ from proxy.dataplane.http_relay import (
     read_request_head,
 )
 from proxy.dataplane.inspector import RequestInspector
-from proxy.dataplane.limits import Admission, workload_key
+from proxy.dataplane.limits import Admission, LoadMeter, workload_key
 from proxy.dataplane.peer import Peer
 from proxy.dataplane.proxy_auth import LoginScope
 from proxy.dataplane.proxy_header import ClientSource, ProxyHeaderAdmission
 from proxy.dataplane.router import Router
 from proxy.dataplane.tunnel import TunnelRelay, read_first_bytes, record_violation
 from proxy.errors import (
+    AdmissionRefused,
     BadRequest,
     OutgateError,
     PolicyDenied,
     Reason,
     ServiceUnavailable,
-    TooManyRequests,
     TunnelViolation,
 )
 from proxy.tasks import TaskSet
@@ -207,6 +207,7 @@ class TransparentServer:
         login: LoginScope | None,
         audit: AuditSink,
         is_ready: Callable[[], bool],
+        load: LoadMeter,
     ) -> None:
         self._settings = settings
         self._router = router
@@ -221,7 +222,11 @@ class TransparentServer:
         self._is_ready = is_ready
         self._tasks = TaskSet()
         self._servers: list[asyncio.AbstractServer] = []
-        self._admission = Admission(settings.limits)
+        # The proxy listener's server runs the meter's tick (the loop is the same).
+        self._load = load
+        self._admission = Admission(
+            settings.limits, lag=load.lag, accept_queue_fill=load.accept_queue_fill
+        )
         self._clients = ClientConnections()
         self._idle: set[Peer] = set()  # HTTP connections between requests, nothing read
         self._draining = False
@@ -241,6 +246,7 @@ class TransparentServer:
                 backlog=LISTEN_BACKLOG,
             )
             self._servers.append(server)
+            self._load.watch([sock])
             name = sock.getsockname()
             serving.append((listener, (str(name[0]), int(name[1]))))
         return serving
@@ -323,7 +329,7 @@ class TransparentServer:
             ex = self._log.open(source, str(listener.kind))
             try:
                 self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
-            except TooManyRequests as exc:
+            except AdmissionRefused as exc:
                 if listener.kind is ListenerKind.HTTP:
                     self._log.refuse(client, ex, exc, keep_alive=False)
                 else:

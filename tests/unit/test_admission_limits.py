@@ -4,6 +4,7 @@ the per-workload tunnel cap, and shedding while the event loop runs behind."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from ipaddress import ip_address
 
@@ -11,9 +12,10 @@ import pytest
 
 from proxy.config import Limits
 from proxy.core.identity import UNKNOWN_WORKLOAD, Workload, WorkloadKind
-from proxy.dataplane.limits import Admission, LoopLag, workload_key
+from proxy.dataplane.limits import Admission, LoadMeter, accept_queue, workload_key
 from proxy.dataplane.responses import render_error
 from proxy.errors import Overloaded, TooManyRequests
+from tests.support.waiting import eventually
 
 A = ip_address("10.0.0.1")
 B = ip_address("10.0.0.2")
@@ -127,8 +129,9 @@ def test_shedding_off_admits_whatever_the_lag() -> None:
 
 def test_loop_lag_sees_a_loop_behind_tick_after_tick_and_forgets_a_single_stall() -> None:
     async def measure() -> tuple[float, float, float]:
-        lag = LoopLag(tick=0.01)
-        ticking = asyncio.create_task(lag.run())
+        meter = LoadMeter(tick=0.01)
+        lag = meter.lag
+        ticking = asyncio.create_task(meter.run())
         await asyncio.sleep(0.05)
         idle = lag()
         for _ in range(6):  # a backlog: every turn of the loop takes 0.3 s
@@ -147,6 +150,55 @@ def test_loop_lag_sees_a_loop_behind_tick_after_tick_and_forgets_a_single_stall(
     assert idle < 0.25
     assert behind >= 0.25
     assert after_stall < 0.25
+
+
+def test_a_new_connection_is_shed_with_503_while_an_accept_queue_stays_full() -> None:
+    fill = [0.0]
+    adm = Admission(Limits(shed_accept_queue=0.5), accept_queue_fill=lambda: fill[0])
+    adm.connection_opened(A)
+    adm.check_connection(A, "k")
+    fill[0] = 0.5
+    with pytest.raises(Overloaded) as info:
+        adm.check_connection(A, "k")
+    assert (info.value.status, str(info.value.reason)) == (503, "overloaded")
+    assert "accept queue 50% full" in str(info.value)
+    fill[0] = 0.4
+    adm.check_connection(A, "k")
+    off = Admission(Limits(shed_accept_queue=0.0), accept_queue_fill=lambda: 1.0)
+    off.connection_opened(A)
+    off.check_connection(A, "k")
+
+
+def test_the_meter_reads_a_real_accept_queue_filling_and_draining() -> None:
+    """Connections the kernel completed but nobody accepted yet fill the listening socket's
+    queue; the meter reads it (TCP_INFO), and once they are accepted it reads empty again."""
+
+    async def measure() -> tuple[tuple[int, int] | None, float, float]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            clients = [socket.create_connection(listener.getsockname()) for _ in range(6)]
+            try:
+                queue = accept_queue(listener)
+                meter = LoadMeter(tick=0.01)
+                meter.watch([listener])
+                ticking = asyncio.create_task(meter.run())
+                full = await eventually(meter.accept_queue_fill, what="a full queue read")
+                for _ in clients:
+                    listener.accept()[0].close()
+                await eventually(lambda: meter.accept_queue_fill() == 0.0, what="drained")
+                drained = meter.accept_queue_fill()
+                ticking.cancel()
+                return queue, full, drained
+            finally:
+                for client in clients:
+                    client.close()
+
+    queue, full, drained = asyncio.run(measure())
+    # The kernel's limit is the backlog asked for (somaxconn permitting).
+    assert queue is not None and queue[0] == 6 and queue[1] >= 6, queue
+    assert full == 6 / queue[1]
+    assert drained == 0.0
 
 
 def test_an_overloaded_refusal_says_when_to_retry() -> None:
