@@ -62,8 +62,8 @@ PROXY_CPU = "0"
 LOAD_CPU = "1"
 # A run that overstays this is killed: load loops are bounded in count and time.
 STEP_TIMEOUT = 240.0
-# Scripts other issues add (TLS, Kubernetes); run when present, their rows included.
-EXTRA_SCRIPTS = ("tls_bench.py", "kube_scale.py")
+# Scripts other issues add (TLS, Kubernetes, overload); run when present, their rows included.
+EXTRA_SCRIPTS = ("tls_bench.py", "kube_scale.py", "overload.py")
 EXTRA_TIMEOUT = 300.0
 GIT_TIMEOUT = 120.0
 
@@ -505,7 +505,7 @@ def pinned_module(
 
 
 def extra_scripts() -> dict[str, Any]:
-    """Run bench/tls_bench.py and bench/kube_scale.py when they exist; keep JSON and rows."""
+    """Run the EXTRA_SCRIPTS that exist (TLS, Kubernetes, overload); keep JSON and rows."""
     found: dict[str, Any] = {}
     for name in EXTRA_SCRIPTS:
         script = BENCH_DIR / name
