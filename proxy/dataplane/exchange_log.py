@@ -37,6 +37,19 @@ from proxy.traffic import TrafficAggregate
 log = structlog.get_logger(__name__)
 
 
+def refusal_for(caught: Exception, ex: Exchange) -> OutgateError:
+    """What to answer for an exception raised while an exchange is decided: an OutgateError as
+    it is. Any other is a defect of the proxy: it is logged with its traceback and refused as
+    500 `internal_error`, so the exchange still gets its two records and nothing is let
+    through (fail closed)."""
+    if isinstance(caught, OutgateError):
+        return caught
+    log.error("exchange_failed", event_id=ex.id, exc_info=caught)
+    return OutgateError(
+        f"internal error ({type(caught).__name__}); the proxy log names event {ex.id}"
+    )
+
+
 # Address text is memoised: a kept-alive client names the same few addresses on every request,
 # and the ipaddress module formats in Python (microseconds a call).
 @functools.lru_cache(maxsize=4096)

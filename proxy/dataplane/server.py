@@ -47,7 +47,7 @@ from proxy.dataplane.clients import (
     wait_for_audit_room,
 )
 from proxy.dataplane.dialer import Dialer
-from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.exchange_log import ExchangeLog, refusal_for
 from proxy.dataplane.http_relay import (
     HttpRelay,
     UpstreamPool,
@@ -281,13 +281,14 @@ class ProxyServer:
             upstream = None if req.is_connect else pool.take(route)
             if upstream is None:
                 upstream = await self._dialer.dial(route, tunnel=req.is_connect)
-        except OutgateError as exc:
+        except Exception as caught:
+            error = refusal_for(caught, ex)
             if held_tunnel is not None:
                 self._admission.close_tunnel(held_tunnel)
-            keep = keeps_connection_after_refusal(req)
+            keep = error is caught and keeps_connection_after_refusal(req)
             ex.raw_target, ex.user_agent = req.raw_target, req.header("user-agent")
             ex.host_field = req.header("host")
-            self._log.refuse(client, ex, exc, keep_alive=keep)
+            self._log.refuse(client, ex, error, keep_alive=keep)
             return keep
         if held_tunnel is not None:
             try:

@@ -60,7 +60,7 @@ from proxy.dataplane.clients import (
     wait_for_audit_room,
 )
 from proxy.dataplane.dialer import Dialer
-from proxy.dataplane.exchange_log import ExchangeLog
+from proxy.dataplane.exchange_log import ExchangeLog, refusal_for
 from proxy.dataplane.http_relay import (
     HttpRelay,
     UpstreamPool,
@@ -419,10 +419,10 @@ class TransparentServer:
             if refusal is not None:
                 raise refusal
             upstream = await self._dialer.dial(route, tunnel=True)
-        except OutgateError as exc:
+        except Exception as caught:
             if held is not None:
                 self._admission.close_tunnel(held)
-            self._log.drop(client, ex, exc)
+            self._log.drop(client, ex, refusal_for(caught, ex))
             return
         try:
             await self._tunnels.run(client, upstream, ex, route, announce=False)
@@ -500,8 +500,9 @@ class TransparentServer:
             upstream = pool.take(route)
             if upstream is None:
                 upstream = await self._dialer.dial(route, tunnel=False)
-        except OutgateError as exc:
-            keep = keeps_connection_after_refusal(req)
+        except Exception as caught:
+            exc = refusal_for(caught, ex)
+            keep = exc is caught and keeps_connection_after_refusal(req)
             self._log.refuse(client, ex, exc, keep_alive=keep)
             return keep
         if req.port != port:

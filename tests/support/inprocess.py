@@ -33,7 +33,7 @@ from proxy.core.policy.model import Action
 from proxy.dataplane.dialer import DirectDialer, Upstream
 from proxy.dataplane.router import Route, Router
 from proxy.dataplane.server import ProxyServer
-from proxy.errors import BadGateway, GatewayTimeout, OutgateError, Reason
+from proxy.errors import BadGateway, GatewayTimeout, Reason
 from proxy.tls.ca import init_ca, load_ca
 from proxy.tls.certs import CertCache
 from tests.support.fixtures import policy_allowing
@@ -51,7 +51,9 @@ LOOPBACK: tuple[IPAddress, ...] = (ipaddress.ip_address("127.0.0.1"),)
 class FakeResolver:
     """Answers from a table; records every name it was asked. An unlisted name is NXDOMAIN."""
 
-    answers: dict[str, tuple[IPAddress, ...] | OutgateError] = field(default_factory=dict)
+    # An exception is raised: an OutgateError as the real resolver raises them, any other to
+    # stand for a defect.
+    answers: dict[str, tuple[IPAddress, ...] | Exception] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)
 
     async def resolve(self, name: str) -> tuple[IPAddress, ...]:
@@ -59,7 +61,7 @@ class FakeResolver:
         answer = self.answers.get(name)
         if answer is None:
             raise BadGateway(f"{name} does not exist", reason=Reason.DNS_NXDOMAIN)
-        if isinstance(answer, OutgateError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
 
@@ -158,7 +160,7 @@ async def inprocess_proxy(
     tmp: Path,
     policies: str,
     *,
-    answers: dict[str, tuple[IPAddress, ...] | OutgateError] | None = None,
+    answers: dict[str, tuple[IPAddress, ...] | Exception] | None = None,
     certs: CertCache | None = None,
     **config: Any,
 ) -> AsyncIterator[Harness]:
