@@ -50,9 +50,9 @@ from tests.support.proxyproc import explain, get_from, ready
 from tests.support.realkube import PORTS, RealKube
 from tests.support.waiting import wait_for
 
-# docs/operations.md states this bound (the measured times are printed; about 1-2 s here).
+# docs/operations.md states this bound (the measured times are printed: at most 1.5 s so far).
 RECOVERY_SECONDS = 5.0
-DOWN_SECONDS = 3.0  # each outage lasts at least this, then the server takes ~5 s to be ready
+DOWN_SECONDS = 3.0  # each outage lasts at least this; the server then takes 4 to 9 s to be ready
 CLIENTS = 8
 # The soak's own kinds, from pods' addresses: keep-alive HTTP, short and long tunnels, a name a
 # policy allows and denies by turns, a name no policy allows.
