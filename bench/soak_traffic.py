@@ -31,6 +31,7 @@ class Ports:
     admin: int
     origin: int
     raw: int  # the origin that resets mid-body during the upstream_reset fault
+    source: str | None = None  # the client's address (a pod's loopback address); any if None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,10 @@ class Conn:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int) -> Conn:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, p: Ports) -> Conn:
+        """A connection to the proxy, from `p.source` when given."""
+        local = None if p.source is None else (p.source, 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.proxy, local_addr=local)
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
@@ -93,8 +96,8 @@ def _get(url: str, host: str, *, close: bool = True) -> bytes:
     return f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: {connection}\r\n\r\n".encode()
 
 
-async def _one(port: int, raw: bytes, expect: tuple[int, ...]) -> Outcome:
-    conn = await Conn.open(port)
+async def _one(p: Ports, raw: bytes, expect: tuple[int, ...]) -> Outcome:
+    conn = await Conn.open(p)
     try:
         await conn.send(raw)
         status, _, _ = await conn.response()
@@ -104,7 +107,7 @@ async def _one(port: int, raw: bytes, expect: tuple[int, ...]) -> Outcome:
 
 
 async def keepalive(p: Ports) -> Outcome:
-    conn = await Conn.open(p.proxy)
+    conn = await Conn.open(p)
     sent = 0
     try:
         for index in range(KEEPALIVE_REQUESTS):
@@ -122,7 +125,7 @@ async def keepalive(p: Ports) -> Outcome:
 
 
 async def _tunnel(p: Ports) -> Conn:
-    conn = await Conn.open(p.proxy)
+    conn = await Conn.open(p)
     await conn.send(f"CONNECT origin.test:{p.origin} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     status, _ = await conn.head()
     if status != 200:
@@ -163,35 +166,35 @@ async def bulk_tunnel(p: Ports) -> Outcome:
 
 
 async def denied(p: Ports) -> Outcome:
-    return await _one(p.proxy, _get("http://denied.test/", "denied.test"), (403,))
+    return await _one(p, _get("http://denied.test/", "denied.test"), (403,))
 
 
 async def guarded(p: Ports) -> Outcome:
     """A tunnel to the proxy's own admin port: allowed by policy (loopback), refused by the
     address guard."""
     raw = f"CONNECT 127.0.0.1:{p.admin} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-    return await _one(p.proxy, raw, (403,))
+    return await _one(p, raw, (403,))
 
 
 async def dns_failure(p: Ports) -> Outcome:
-    return await _one(p.proxy, _get(f"http://nx.test:{p.origin}/", "nx.test"), (502, 503, 504))
+    return await _one(p, _get(f"http://nx.test:{p.origin}/", "nx.test"), (502, 503, 504))
 
 
 async def flaky(p: Ports) -> Outcome:
     """A name whose DNS answers stop during the dns_outage fault (TTL 0: asked every time)."""
     raw = _get(f"http://flaky.test:{p.origin}/hello", "flaky.test")
-    return await _one(p.proxy, raw, (200,))
+    return await _one(p, raw, (200,))
 
 
 async def toggle(p: Ports) -> Outcome:
     """A name the policy storm allows and denies by turns: either answer is right."""
     raw = _get(f"http://toggle.test:{p.origin}/hello", "toggle.test")
-    return await _one(p.proxy, raw, (200, 403))
+    return await _one(p, raw, (200, 403))
 
 
 async def reset_origin(p: Ports) -> Outcome:
     """An origin that sends a whole body, or, during the upstream_reset fault, resets mid-body."""
-    conn = await Conn.open(p.proxy)
+    conn = await Conn.open(p)
     try:
         await conn.send(_get(f"http://reset.test:{p.raw}/", "reset.test"))
         status, _, got = await conn.response()
@@ -204,7 +207,7 @@ async def reset_origin(p: Ports) -> Outcome:
 
 async def slow_client(p: Ports) -> Outcome:
     raw = _get(f"http://origin.test:{p.origin}/hello", "origin.test")
-    conn = await Conn.open(p.proxy)
+    conn = await Conn.open(p)
     try:
         step = -(-len(raw) // SLOW_PIECES)
         for start in range(0, len(raw), step):
@@ -224,7 +227,7 @@ async def upgrade(p: Ports) -> Outcome:
         f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
         "Sec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
-    conn = await Conn.open(p.proxy)
+    conn = await Conn.open(p)
     try:
         await conn.send(raw)
         status, _ = await conn.head()
@@ -242,7 +245,7 @@ async def upgrade(p: Ports) -> Outcome:
 
 
 async def malformed(p: Ports) -> Outcome:
-    return await _one(p.proxy, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", (400,))
+    return await _one(p, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", (400,))
 
 
 Kind = Callable[[Ports], Awaitable[Outcome]]

@@ -183,6 +183,7 @@ class PolicyFileWatcher:
         log.info(
             "policy_loaded",
             revision=engine.revision,
+            digest=engine.digest,
             policies=len(engine.policies),
             rules=engine.rule_count,
         )

@@ -74,6 +74,21 @@ def realkube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealKube]:
         kube.stop()
 
 
+@pytest.fixture
+def private_kube(tmp_path: Path) -> Iterator[Callable[..., RealKube]]:
+    """An API server of the test's own (it may be restarted or compacted), stopped after it."""
+    started: list[RealKube] = []
+
+    def start(*apiserver_args: str) -> RealKube:
+        kube = start_cluster(tmp_path / f"kube-{len(started)}", *apiserver_args)
+        started.append(kube)
+        return kube
+
+    yield start
+    for kube in started:
+        kube.stop()
+
+
 _names = itertools.count(1)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.realkube.conftest import PROXY_NAMESPACE, proxy_on, start_cluster
+from tests.realkube.conftest import PROXY_NAMESPACE, proxy_on
 from tests.support.alerts import Scrapes, alert_expr, run_rule_tests
 from tests.support.origin import OriginServer
 from tests.support.proxyproc import ProxyProcess, get_from, ready
@@ -33,21 +33,6 @@ DOWN_SECONDS = 4.0
 INACTIVITY = 2.0
 STALENESS_INPUTS = ("outgate_kube_synced", "outgate_kube_seconds_since_last_sync")
 TARGET = {"namespace": PROXY_NAMESPACE, "pod": "outgate-test"}
-
-
-@pytest.fixture
-def private_kube(tmp_path: Path) -> Iterator[Callable[..., RealKube]]:
-    """An API server of the test's own (it may be restarted or compacted), stopped after it."""
-    started: list[RealKube] = []
-
-    def start(*apiserver_args: str) -> RealKube:
-        kube = start_cluster(tmp_path / f"kube-{len(started)}", *apiserver_args)
-        started.append(kube)
-        return kube
-
-    yield start
-    for kube in started:
-        kube.stop()
 
 
 @pytest.fixture

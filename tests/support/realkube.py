@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,16 +267,40 @@ class RealKube:
         _terminate(self.apiserver)
         self.apiserver = None
 
-    def restart_apiserver(self, *, down_for: float = 0.0) -> float:
+    def restart_apiserver(
+        self, *, down_for: float = 0.0, while_down: Callable[[], object] | None = None
+    ) -> float:
         """Stop the API server (etcd keeps running) and start it again: every watch is cut, and
         every older resourceVersion expires. `down_for`: seconds between the old process's exit
         and the new one's start (a kubelet restarting a static pod takes some; clients meet
-        refused connections meanwhile). Returns the moment it is ready (time.monotonic())."""
+        refused connections meanwhile). `while_down` is called once it has exited (the
+        outage lasts at least as long as the call). Returns the moment it is ready
+        (time.monotonic())."""
         self.stop_apiserver()
         self._resources.clear()
-        if down_for > 0:
-            time.sleep(down_for)
+        restart_at = time.monotonic() + down_for
+        if while_down is not None:
+            while_down()
+        time.sleep(max(0.0, restart_at - time.monotonic()))
         return self.start_apiserver()
+
+    def peer(self, state_dir: Path) -> RealKube:
+        """Another API server on this one's etcd, as a control plane of two replicas has: what
+        is written through it is what this one serves, also while this one is down. It has its
+        own port, certificates, admin token and audit log; its `stop()` stops only it."""
+        other = RealKube(
+            state_dir,
+            binaries=self.binaries,
+            # Both advertise 127.0.0.1: only one keeps the `kubernetes` Endpoints.
+            apiserver_args=[*self.extra_args, "--endpoint-reconciler-type=none"],
+        )
+        other.etcd_port = self.etcd_port
+        try:
+            other.start_apiserver()
+        except BaseException:
+            other.stop()
+            raise
+        return other
 
     def stop(self) -> None:
         self.stop_apiserver()

@@ -452,6 +452,7 @@ class KubePolicySource:
         log.info(
             "kube_policies_installed",
             revision=engine.revision,
+            digest=engine.digest,
             policies=len(policies) - len(shadowed),
             invalid=sum(1 for e in self.entries.values() if e.policy is None),
             left_out_as_duplicates=len(shadowed),
