@@ -7,7 +7,8 @@ samples the proxy (`--native`, so time inside compiled modules and C extensions 
 own frame; py-spy pauses the process for each sample, so read shares, not rates) and this
 script attributes each sample to the innermost frame in `proxy/` (its own
 time and what it calls outside `proxy/`: a write, an asyncio call, a C function), or to the
-event loop when no `proxy/` frame is on the stack. Prints a Markdown table of shares and the
+event loop when no `proxy/` frame is on the stack. Samples of a waiting thread (for the GIL, a
+lock, epoll) are left out. Prints a Markdown table of shares and the
 hottest leaf functions.
 
 py-spy is a profiling tool, not a dependency of the project: `.venv/bin/pip install py-spy`.
@@ -37,6 +38,20 @@ from bench.servers import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 LOADGEN = BENCH_DIR / ".build" / "loadgen"
+# A stack with one of these frames is a thread waiting (for the GIL, a lock, a queue, epoll),
+# not spending CPU: py-spy --native samples idle threads too.
+WAITING = frozenset(
+    (
+        "epoll_wait",
+        "epoll_pwait",
+        "pthread_cond_wait",
+        "pthread_cond_timedwait",
+        "PyThread_acquire_lock_timed",
+        "sem_wait",
+        "sem_timedwait",
+        "take_gil",
+    )
+)
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 
@@ -59,11 +74,13 @@ def owner(stack: list[str]) -> str:
     for frame in reversed(stack):
         match = FRAME.match(frame)
         path = match["file"] if match else frame
+        if "/proxy/" in path:
+            path = "proxy/" + path.split("/proxy/", 1)[1]
+        if path in ("proxy/cli.py", "proxy/__main__.py"):
+            break  # only the loop's run_forever below: the loop's own work
         if path.startswith("proxy/"):
             return path
-        if "/proxy/" in path:
-            return "proxy/" + path.split("/proxy/", 1)[1]
-    return "event loop and I/O outside proxy/ (uvloop, asyncio, kernel)"
+    return "the event loop itself (uvloop: accept, transports, timers, callbacks), asyncio"
 
 
 def leaf(stack: list[str]) -> str:
@@ -79,6 +96,8 @@ def summarise(raw: Path, top: int) -> tuple[int, list[str]]:
         if not count.isdigit():
             continue
         frames = [f for f in stacks.split(";") if f and not f.startswith(("process ", "thread "))]
+        if any(f.split(" (", 1)[0] in WAITING for f in frames):
+            continue
         n = int(count)
         total += n
         by_owner[owner(frames)] += n
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             nameserver.stop()
             origin.stop()
         total, rows = summarise(raw, args.top)
-    print(f"{args.scenario}: {total} samples at {args.rate}/s over {args.seconds:g} s")
+    print(f"{args.scenario}: {total} busy samples at {args.rate}/s over {args.seconds:g} s")
     print("\n".join(rows))
     return 0
 

@@ -168,9 +168,19 @@ class ExchangeLog:
         self.traffic.decided(ex, allowed=allowed)
 
     # -- refusals -----------------------------------------------------------------------------
-    def refuse(self, client: Peer, ex: Exchange, error: OutgateError, *, keep_alive: bool) -> None:
+    def refuse(
+        self,
+        client: Peer,
+        ex: Exchange,
+        error: OutgateError,
+        *,
+        keep_alive: bool,
+        linger: float = 0.0,
+    ) -> None:
         """Answer `error` with its decision record (unless the exchange was already decided)
-        and its close record; close the client connection unless `keep_alive`."""
+        and its close record; close the client connection unless `keep_alive`. With `linger`,
+        the connection is ended by Peer.finish (a FIN now, the close when the client closes or
+        `linger` seconds later) for a reply sent before the request was read."""
         ex.status = error.status
         if isinstance(error, UpstreamProxyRefused):
             ex.upstream_proxy, ex.upstream_status = error.proxy, error.parent_status
@@ -179,7 +189,11 @@ class ExchangeLog:
             self._record_decision(ex)
         self._write_close(ex, error.reason)
         client.write(self.reply(ex, error, keep_alive=keep_alive))
-        if not keep_alive:
+        if keep_alive:
+            return
+        if linger:
+            client.finish(linger)
+        else:
             client.close()
 
     def drop(self, client: Peer, ex: Exchange, error: OutgateError) -> None:

@@ -157,22 +157,30 @@ class Admission:
         if self._per_source[source] <= 0:
             del self._per_source[source]
 
-    def check_connection(self, source: IPAddress, key: str) -> None:
-        """Raise Overloaded while the process is behind, TooManyRequests if the connection
-        just opened is over a limit."""
+    def overloaded(self) -> Overloaded | None:
+        """The refusal for a new connection while the process is behind, else None."""
         limits = self._limits
         lag = self._lag()
         if limits.shed_loop_lag and lag > limits.shed_loop_lag:
             SHED_CONNECTIONS.labels(signal="loop_lag").inc()
-            raise Overloaded(
+            return Overloaded(
                 f"the proxy is overloaded (event loop {lag * 1000:.0f} ms behind); retry shortly"
             )
         fill = self._accept_queue_fill()
         if limits.shed_accept_queue and fill >= limits.shed_accept_queue:
             SHED_CONNECTIONS.labels(signal="accept_queue").inc()
-            raise Overloaded(
+            return Overloaded(
                 f"the proxy is overloaded (its accept queue {fill:.0%} full); retry shortly"
             )
+        return None
+
+    def check_connection(self, source: IPAddress, key: str) -> None:
+        """Raise Overloaded while the process is behind, TooManyRequests if the connection
+        just opened is over a limit."""
+        refusal = self.overloaded()
+        if refusal is not None:
+            raise refusal
+        limits = self._limits
         if self.open_connections > limits.max_connections:
             raise TooManyRequests(f"over {limits.max_connections} open connections")
         if self._per_source[source] > limits.max_connections_per_source:

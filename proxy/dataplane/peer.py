@@ -53,6 +53,7 @@ class Peer(asyncio.Protocol):
         self._paused_by_buffer = False
         self._paused_by_partner = False
         self._closed_waiter: asyncio.Future[None] | None = None
+        self._close_on_eof = False  # set by finish(): the client's FIN ends the connection
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,6 +82,9 @@ class Peer(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.last_activity = time.monotonic()
+        if self._close_on_eof:
+            self.close()
+            return True
         partner = self._partner
         if partner is not None:
             partner.write_eof()
@@ -246,6 +250,18 @@ class Peer(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+    def finish(self, linger: float) -> None:
+        """End a connection whose request may not have been read: a FIN after what was
+        written, then the close once the client closes its side, or `linger` seconds later.
+        Closing at once with unread bytes would send a reset, which can destroy the reply on
+        its way."""
+        self.write_eof()
+        if self.eof:
+            self.close()
+            return
+        self._close_on_eof = True
+        asyncio.get_running_loop().call_later(linger, self.close)
 
     def abort(self) -> None:
         if self.transport is not None:

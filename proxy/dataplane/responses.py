@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from http import HTTPStatus
 
 from proxy.errors import OutgateError, Overloaded, ProxyAuthRequired, TooManyRequests
@@ -13,6 +14,8 @@ RETRY_AFTER_SECONDS = 1
 
 def _safe(text: str, limit: int = 256) -> str:
     """Keep a reply to one line of printable ASCII: client text is echoed back here."""
+    if text.isascii() and text.isprintable():  # the usual case, checked in C: 32..126 only
+        return text[:limit]
     cleaned = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
     return cleaned[:limit]
 
@@ -27,6 +30,7 @@ def reason_phrase(error: OutgateError) -> str:
     return _safe(f"{_standard_phrase(error.status)} {origin}: {error.reason}")
 
 
+@functools.cache
 def _standard_phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase

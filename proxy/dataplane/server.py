@@ -72,6 +72,10 @@ from proxy.tasks import TaskSet
 
 # Kernel accept queue: absorbs bursts of new connections while the loop is busy.
 LISTEN_BACKLOG: Final = 1024
+# A connection shed at accept: its 503 and a FIN go at once, the socket is closed this much later
+# (or when the client closes): its request, never read, would otherwise turn the close into a
+# reset that can destroy the 503 in flight.
+SHED_LINGER: Final = 1.0
 
 
 class ProxyServer:
@@ -167,6 +171,17 @@ class ProxyServer:
     def _on_accept(self, client: Peer) -> None:
         peer_ip, peer_port = peer_address(client)
         metrics.CONNECTIONS_ACCEPTED.inc()
+        if not self._audit.congested and not self._proxy_header.trusts(peer_ip):
+            refusal = self._admission.overloaded()
+            if refusal is not None:
+                # Behind: refused here, before a task or anything else is made for it, the
+                # cheapest answer the proxy has (docs/operations.md, "Overload"). Not while
+                # the audit output is behind (its records would pile up: the connection waits
+                # for room in the task as any other), nor from a balancer whose PROXY header
+                # names the source.
+                ex = self._log.open(ClientSource(ip=peer_ip, port=peer_port))
+                self._log.refuse(client, ex, refusal, keep_alive=False, linger=SHED_LINGER)
+                return
         self._tasks.spawn(
             self._serve_client(client, peer_ip, peer_port), name=f"client {peer_ip}:{peer_port}"
         )
