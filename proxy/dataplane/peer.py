@@ -10,8 +10,11 @@ memory stays bounded by the transports' buffer limits. No Python runs per byte, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import socket
+import sys
 import time
+from collections.abc import Callable
 from typing import cast
 
 from proxy.core.http1 import find_head_end
@@ -53,6 +56,13 @@ class Peer(asyncio.Protocol):
         self._paused_by_buffer = False
         self._paused_by_partner = False
         self._closed_waiter: asyncio.Future[None] | None = None
+        # A byte mark (`watch_bytes`): past it, `_on_mark` is called once (the kernel relay's
+        # "this tunnel is worth splicing"). One comparison per read on the relay's hot path.
+        self._mark = sys.maxsize
+        self._on_mark: Callable[[], None] | None = None
+        # Set while the socket is relayed by the kernel (proxy.dataplane.kernel_splice): the
+        # transport is gone, so `abort` (a deleted source pod) must reach that relay.
+        self.on_abort: Callable[[], None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,6 +74,8 @@ class Peer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_activity = time.monotonic()
+        if self.bytes_in >= self._mark:
+            self._mark_reached()
         partner = self._partner
         if partner is not None:
             if partner.encrypts:
@@ -117,6 +129,21 @@ class Peer(asyncio.Protocol):
             feeder._apply_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _mark_reached(self) -> None:
+        self._mark = sys.maxsize
+        callback, self._on_mark = self._on_mark, None
+        if callback is not None:
+            callback()
+
+    def watch_bytes(self, more: int, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when `more` bytes past those read so far have been read."""
+        self._on_mark = callback
+        self._mark = self.bytes_in + more
+
+    def unwatch_bytes(self) -> None:
+        self._mark = sys.maxsize
+        self._on_mark = None
 
     # -- reading ----------------------------------------------------------------------------
     def _apply_reading(self) -> None:
@@ -248,14 +275,23 @@ class Peer(asyncio.Protocol):
             transport.close()
 
     def abort(self) -> None:
+        if self.on_abort is not None:
+            self.on_abort()
         if self.transport is not None:
             self.transport.abort()
 
+    def closed_future(self) -> asyncio.Future[None]:
+        """A future done once the connection is lost."""
+        waiter = self._closed_waiter
+        if waiter is None:
+            waiter = self._closed_waiter = asyncio.get_running_loop().create_future()
+            if self.closed:
+                waiter.set_result(None)
+        return waiter
+
     async def wait_closed(self) -> None:
-        if self.closed:
-            return
-        self._closed_waiter = asyncio.get_running_loop().create_future()
-        await self._closed_waiter
+        if not self.closed:
+            await self.closed_future()
 
     # -- relay ------------------------------------------------------------------------------
     def relay(self, other: Peer) -> None:
@@ -278,6 +314,39 @@ class Peer(asyncio.Protocol):
         elif other.closed:
             self.close()
 
+    def unjoin(self, other: Peer) -> None:
+        """Undo `relay`: reads go to each peer's buffer again, and neither pauses the other."""
+        self._partner = other._partner = None
+        for peer in (self, other):
+            peer._paused_by_partner = False
+            peer._apply_reading()
+
+    async def flush(self) -> None:
+        """Wait until the transport's write buffer is empty (ConnectionResetError if the
+        connection is lost first)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            raise ConnectionResetError("peer closed while we were writing")
+        transport.set_write_buffer_limits(high=0, low=0)  # pauses writing until it is all sent
+        try:
+            await self.drain()
+        finally:
+            if not self.closed:
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def hand_over(self) -> socket.socket:
+        """The connection's socket for a relay that moves bytes itself: a duplicate of the
+        descriptor, non-blocking. The caller closes the transport (`close`: its descriptor goes)
+        once it has everything it needs; the duplicate keeps the connection open after that.
+        Raises OSError (EMFILE, ENFILE) when no descriptor is left."""
+        transport = self.transport
+        if transport is None or self.closed:
+            raise ConnectionResetError("peer closed before its socket was handed over")
+        fd = cast(socket.socket, transport.get_extra_info("socket")).fileno()
+        duplicate = socket.socket(fileno=os.dup(fd))
+        duplicate.setblocking(False)
+        return duplicate
+
     @property
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
@@ -287,12 +356,28 @@ async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
     """Join the peers (buffered bytes go first) and wait until both close or go idle: a tunnel
     after its checks, an upgraded connection after its 101."""
     client.relay(upstream)
+    reason = await relayed(client, upstream, idle=idle)
+    assert reason is not None  # None only for a switch, and there is none
+    return reason
+
+
+async def relayed(
+    client: Peer, upstream: Peer, *, idle: float, switch: asyncio.Future[None] | None = None
+) -> Reason | None:
+    """Wait while joined peers relay: COMPLETED once both closed, IDLE_TIMEOUT after `idle`
+    with no byte either way, None as soon as `switch` (when given) is done."""
+    waits = [client.closed_future(), upstream.closed_future()]
+    if switch is not None:
+        waits.append(switch)
     while not (client.closed and upstream.closed):
+        if switch is not None and switch.done():
+            return None
         quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
         if quiet >= idle:
             return Reason.IDLE_TIMEOUT
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(idle - quiet):
-                await client.wait_closed()
-                await upstream.wait_closed()
+        await asyncio.wait(
+            [w for w in waits if not w.done()],
+            timeout=idle - quiet,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     return Reason.COMPLETED
