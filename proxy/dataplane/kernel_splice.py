@@ -73,7 +73,7 @@ class Splicer:
 
     async def relay(self, client: Peer, upstream: Peer, *, idle: float, event_id: str) -> Reason:
         """Join the peers (buffered bytes go first) until both close or the tunnel idles out."""
-        if self.max_tunnels == 0 or client.encrypts or upstream.encrypts:
+        if self.max_tunnels == 0 or not (client.spliceable and upstream.spliceable):
             return await splice(client, upstream, idle=idle)
         loop = asyncio.get_running_loop()
         wanted: asyncio.Future[None] = loop.create_future()

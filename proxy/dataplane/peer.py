@@ -334,6 +334,18 @@ class Peer(asyncio.Protocol):
             if not self.closed:
                 transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
 
+    @property
+    def spliceable(self) -> bool:
+        """Its bytes are its socket's bytes: no TLS in this process, neither a TLSPeer nor an
+        SSL transport (a parent proxy reached over https)."""
+        transport = self.transport
+        return (
+            not self.encrypts
+            and transport is not None
+            and not self.closed
+            and transport.get_extra_info("ssl_object") is None
+        )
+
     def hand_over(self) -> socket.socket:
         """The connection's socket for a relay that moves bytes itself: a duplicate of the
         descriptor, non-blocking. The caller closes the transport (`close`: its descriptor goes)

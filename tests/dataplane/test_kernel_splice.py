@@ -21,6 +21,7 @@ from proxy import metrics
 from proxy.dataplane.kernel_splice import SPLICE_AVAILABLE
 from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import EVENT_TIMEOUT, LOOPBACK, Harness, closes, inprocess_proxy
+from tests.support.pki import make_pki
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.skipif(not SPLICE_AVAILABLE, reason="splice(2) is Linux only")
@@ -34,6 +35,7 @@ MODES = {
     "splice-after-256KiB": {"spliceAfterBytes": 256 * 1024},
 }
 CHUNK = 64 * 1024
+PARENT_REPLY = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 OriginHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -300,3 +302,47 @@ async def test_with_no_descriptor_left_the_tunnel_stays_on_the_protocol_relay(
     assert (
         record["source"]["bytes"] == record["destination"]["bytes"] == 1 + (128 << 10) + (2 << 20)
     )
+
+
+async def test_a_tunnel_through_a_parent_reached_over_tls_is_never_spliced(
+    tmp_path: Path,
+) -> None:
+    """The upstream socket carries the parent's TLS records, not the tunnel's bytes: splicing
+    it would hand the client ciphertext."""
+    pki = make_pki(tmp_path / "parent-pki", ["127.0.0.1"])
+
+    async def tls_parent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(PARENT_REPLY)
+        writer.write(await reader.readexactly(2 << 20))  # echoed, then the parent closes
+        await writer.drain()
+        writer.close()
+
+    before = splice_outcomes()
+    server = await asyncio.start_server(tls_parent, "127.0.0.1", 0, ssl=pki.server_context())
+    port = server.sockets[0].getsockname()[1]
+    parent = {
+        "upstreams": [
+            {"name": "corp", "proxies": [f"https://127.0.0.1:{port}"], "caBundle": str(pki.ca_pem)}
+        ],
+        "routes": {"default": "corp"},
+    }
+    try:
+        async with inprocess_proxy(
+            tmp_path,
+            POLICY,
+            answers={"raw.test": LOOPBACK},
+            limits={"spliceAfterBytes": 0, "newConnectionsBurst": 10000},
+            **parent,
+        ) as h:
+            reader, writer = await open_tunnel(h, 443)
+            await echo_through(reader, writer)
+            assert await read_to_eof(reader) == b""
+            record = await close_record(h)
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert record["source"]["bytes"] == 2 << 20
+    assert record["destination"]["bytes"] == len(PARENT_REPLY) + (2 << 20)  # as ever: wire bytes
+    assert splice_outcomes() == before
