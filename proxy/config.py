@@ -110,11 +110,11 @@ class Limits:
     shed_accept_queue: float = 0.5
     # Issue 16: opaque tunnels relayed by the kernel with splice(2) once they have moved
     # `splice_after_bytes`, at most this many at a time per worker (0 turns splicing off).
-    # Each holds two pipes (4 descriptors) of PIPE_BYTES; 64 of them charge 8,192 pages of the
-    # per-user pipe allowance (Linux fs.pipe-user-pages-soft, 16,384 by default), so two workers
-    # stay inside it. Past the budget, or when descriptors run out, the Protocol relay carries on
+    # Each holds two 1 MiB pipes: 4 descriptors, and 512 pages of the per-user pipe allowance
+    # (Linux fs.pipe-user-pages-soft, 16,384 by default), so 16 per worker keep two workers
+    # inside it. Past the budget, or when descriptors run out, the Protocol relay carries on
     # (proxy.dataplane.kernel_splice).
-    splice_max_tunnels: int = 64
+    splice_max_tunnels: int = 16
     # 1 MiB: a TLS handshake and a few requests stay below it, so idle and chatty tunnels never
     # hold pipes; bulk transfers switch after their first MiB (0.1 % of a GiB).
     splice_after_bytes: int = 1 << 20

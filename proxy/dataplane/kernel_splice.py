@@ -42,21 +42,23 @@ from typing import Final
 import structlog
 
 from proxy import metrics
-from proxy.dataplane.peer import Peer, relayed, splice
+from proxy.dataplane.peer import Peer, RelayWait, splice
 from proxy.errors import Reason
 
 log = structlog.get_logger(__name__)
 
 SPLICE_AVAILABLE: Final = hasattr(os, "splice")
-# 256 KiB per pipe, the Protocol relay's read size: one splice call moves as much as one read
-# did. Pipe capacity is charged to the user whether used or not (fs.pipe-user-pages-soft); past
-# that allowance F_SETPIPE_SZ is refused and the pipe keeps its default size (64 KiB, or 8 KiB),
-# which still works, in smaller steps.
-PIPE_BYTES: Final = 256 * 1024
+# 1 MiB per pipe: the proxy's CPU per GB through one tunnel was 0.33 s with 256 KiB pipes, 0.28
+# with 512 KiB and 0.24 with 1 MiB (bench/tunnel_splice.py; the Protocol relay: 0.5). Pipe
+# capacity is charged to the user whether used or not (fs.pipe-user-pages-soft, 16,384 pages by
+# default), which is what limits.spliceMaxTunnels bounds; past that allowance F_SETPIPE_SZ is
+# refused and the pipe keeps its default size (64 KiB, or 8 KiB), which still works in smaller
+# steps.
+PIPE_BYTES: Final = 1024 * 1024
 F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # fcntl(2), Linux
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-# Pipe fills per callback before the loop serves others: 4 MiB, so one fast tunnel cannot hold
-# the loop for long, while a callback still amortises over many calls.
+# Pipe fills per callback before the loop serves others (at most 16 MiB, a few ms), so one fast
+# tunnel cannot hold the loop for long, while a callback still amortises over many calls.
 ROUNDS_PER_CALLBACK: Final = 16
 DESCRIPTORS_PER_TUNNEL: Final = 4  # two pipes, beyond the two sockets every tunnel holds
 # Socket kinds splice(2) reads and writes (TCP and Unix stream sockets).
@@ -64,35 +66,35 @@ _SPLICEABLE_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6, socket
 
 
 class Splicer:
-    """Relays opaque tunnels, switching them to splice(2) within the budget."""
+    """Relays opaque tunnels, switching them to splice(2) within the budget.
+
+    `join` starts the Protocol relay and returns its wait; the wait returns None when the
+    tunnel passed `after_bytes`, and then `switch` carries it on to its end. Nothing beyond
+    the wait is held by a tunnel that never gets there (an idle one)."""
 
     def __init__(self, *, max_tunnels: int, after_bytes: int) -> None:
         self.max_tunnels = max_tunnels if SPLICE_AVAILABLE else 0
         self.after_bytes = after_bytes
         self.spliced = 0  # tunnels on splice now
 
-    async def relay(self, client: Peer, upstream: Peer, *, idle: float, event_id: str) -> Reason:
-        """Join the peers (buffered bytes go first) until both close or the tunnel idles out."""
-        if self.max_tunnels == 0 or not (client.spliceable and upstream.spliceable):
-            return await splice(client, upstream, idle=idle)
-        loop = asyncio.get_running_loop()
-        wanted: asyncio.Future[None] = loop.create_future()
+    def join(self, client: Peer, upstream: Peer) -> RelayWait:
+        """Join the peers (buffered bytes go first) on the Protocol relay."""
+        wait = RelayWait()
+        if self.max_tunnels > 0 and client.spliceable and upstream.spliceable:
+            if self.after_bytes == 0:
+                wait.interrupted = True
+            else:
+                interrupt = wait.interrupt
+                client.watch_bytes(self.after_bytes, interrupt)
+                upstream.watch_bytes(self.after_bytes, interrupt)
+        client.relay(upstream)
+        return wait
 
-        def want() -> None:
-            if not wanted.done():
-                wanted.set_result(None)
-
-        if self.after_bytes > 0:
-            client.watch_bytes(self.after_bytes, want)
-            upstream.watch_bytes(self.after_bytes, want)
-            client.relay(upstream)
-            try:
-                reason = await relayed(client, upstream, idle=idle, switch=wanted)
-            finally:
-                client.unwatch_bytes()
-                upstream.unwatch_bytes()
-            if reason is not None:
-                return reason
+    async def switch(self, client: Peer, upstream: Peer, *, idle: float, event_id: str) -> Reason:
+        """After `join`'s wait returned None: splice the tunnel if it can be, else carry on with
+        the Protocol relay; either way until both sides close or the tunnel idles out."""
+        client.unwatch_bytes()
+        upstream.unwatch_bytes()
         tunnel = await self._switch(client, upstream, idle=idle, event_id=event_id)
         if tunnel is None:
             return await splice(client, upstream, idle=idle)

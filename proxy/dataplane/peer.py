@@ -10,6 +10,7 @@ memory stays bounded by the transports' buffer limits. No Python runs per byte, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -38,6 +39,14 @@ class Peer(asyncio.Protocol):
     # A relay writes to a partner that encrypts (TLSPeer) through its `write`, to others
     # straight into the transport.
     encrypts = False
+    # A byte mark (`watch_bytes`): past it, `_on_mark` is called once (the kernel relay's
+    # "this tunnel is worth splicing"). One comparison per read on the relay's hot path. Class
+    # defaults, set on an instance only when used: every idle tunnel holds two peers.
+    _mark: int = sys.maxsize
+    _on_mark: Callable[[], None] | None = None
+    # Set while the socket is relayed by the kernel (proxy.dataplane.kernel_splice): the
+    # transport is gone, so `abort` (a deleted source pod) must reach that relay.
+    on_abort: Callable[[], None] | None = None
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -56,13 +65,6 @@ class Peer(asyncio.Protocol):
         self._paused_by_buffer = False
         self._paused_by_partner = False
         self._closed_waiter: asyncio.Future[None] | None = None
-        # A byte mark (`watch_bytes`): past it, `_on_mark` is called once (the kernel relay's
-        # "this tunnel is worth splicing"). One comparison per read on the relay's hot path.
-        self._mark = sys.maxsize
-        self._on_mark: Callable[[], None] | None = None
-        # Set while the socket is relayed by the kernel (proxy.dataplane.kernel_splice): the
-        # transport is gone, so `abort` (a deleted source pod) must reach that relay.
-        self.on_abort: Callable[[], None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -280,18 +282,11 @@ class Peer(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def closed_future(self) -> asyncio.Future[None]:
-        """A future done once the connection is lost."""
-        waiter = self._closed_waiter
-        if waiter is None:
-            waiter = self._closed_waiter = asyncio.get_running_loop().create_future()
-            if self.closed:
-                waiter.set_result(None)
-        return waiter
-
     async def wait_closed(self) -> None:
-        if not self.closed:
-            await self.closed_future()
+        if self.closed:
+            return
+        self._closed_waiter = asyncio.get_running_loop().create_future()
+        await self._closed_waiter
 
     # -- relay ------------------------------------------------------------------------------
     def relay(self, other: Peer) -> None:
@@ -368,28 +363,39 @@ async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
     """Join the peers (buffered bytes go first) and wait until both close or go idle: a tunnel
     after its checks, an upgraded connection after its 101."""
     client.relay(upstream)
-    reason = await relayed(client, upstream, idle=idle)
-    assert reason is not None  # None only for a switch, and there is none
+    reason = await RelayWait().run(client, upstream, idle=idle)
+    assert reason is not None  # None only after interrupt(), and nothing holds this one
     return reason
 
 
-async def relayed(
-    client: Peer, upstream: Peer, *, idle: float, switch: asyncio.Future[None] | None = None
-) -> Reason | None:
-    """Wait while joined peers relay: COMPLETED once both closed, IDLE_TIMEOUT after `idle`
-    with no byte either way, None as soon as `switch` (when given) is done."""
-    waits = [client.closed_future(), upstream.closed_future()]
-    if switch is not None:
-        waits.append(switch)
-    while not (client.closed and upstream.closed):
-        if switch is not None and switch.done():
-            return None
-        quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
-        if quiet >= idle:
-            return Reason.IDLE_TIMEOUT
-        await asyncio.wait(
-            [w for w in waits if not w.done()],
-            timeout=idle - quiet,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-    return Reason.COMPLETED
+class RelayWait:
+    """Waits while two joined peers relay, until both close or `idle` passes with no byte
+    either way; `interrupt()` ends the wait early. No task and no future of its own: an idle
+    tunnel waits in this, and 5,000 of them must stay small."""
+
+    __slots__ = ("_timeout", "interrupted")
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._timeout: asyncio.Timeout | None = None
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        timeout = self._timeout
+        if timeout is not None and not timeout.expired():  # wake the wait now
+            timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def run(self, client: Peer, upstream: Peer, *, idle: float) -> Reason | None:
+        """COMPLETED, IDLE_TIMEOUT, or None once interrupted."""
+        while not (client.closed and upstream.closed):
+            if self.interrupted:
+                return None
+            quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
+            if quiet >= idle:
+                return Reason.IDLE_TIMEOUT
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle - quiet) as self._timeout:
+                    await client.wait_closed()
+                    await upstream.wait_closed()
+            self._timeout = None
+        return Reason.COMPLETED

@@ -251,9 +251,14 @@ class TunnelRelay:
                 )
             else:
                 # Opaque from here: nothing more of it is read by the proxy.
-                reason = await self._splicer.relay(
-                    client, raw_upstream, idle=self._timeouts.idle, event_id=ex.id
-                )
+                idle = self._timeouts.idle
+                wait = self._splicer.join(client, raw_upstream)
+                ended = await wait.run(client, raw_upstream, idle=idle)
+                if ended is None:  # past limits.spliceAfterBytes: worth the kernel's relay
+                    ended = await self._splicer.switch(
+                        client, raw_upstream, idle=idle, event_id=ex.id
+                    )
+                reason = ended
         except TunnelViolation as exc:
             reason = exc.reason
             record_violation(ex, client, exc)

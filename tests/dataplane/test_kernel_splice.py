@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from proxy import metrics
 from proxy.dataplane.kernel_splice import SPLICE_AVAILABLE
+from proxy.errors import Reason
 from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import EVENT_TIMEOUT, LOOPBACK, Harness, closes, inprocess_proxy
 from tests.support.pki import make_pki
@@ -346,3 +347,21 @@ async def test_a_tunnel_through_a_parent_reached_over_tls_is_never_spliced(
     assert record["source"]["bytes"] == 2 << 20
     assert record["destination"]["bytes"] == len(PARENT_REPLY) + (2 << 20)  # as ever: wire bytes
     assert splice_outcomes() == before
+
+
+@pytest.mark.parametrize("mode", ["protocol", "splice-at-once"])
+async def test_a_source_that_left_has_its_spliced_tunnel_closed_with_that_reason(
+    tmp_path: Path, mode: str
+) -> None:
+    """A deleted source pod's connections are aborted (ClientConnections.close_from): on a
+    spliced tunnel the transport is gone, so the abort must reach the kernel relay."""
+    async with origin_server(echo) as port, spliceable_proxy(tmp_path, **MODES[mode]) as h:
+        reader, writer = await open_tunnel(h, port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        assert h.server.close_connections_from(LOOPBACK[0], Reason.SOURCE_GONE) == 1
+        assert await read_to_eof(reader) == b""
+        record = await close_record(h)
+        writer.close()
+    assert record["outgate"]["reason"] == "source_gone"
+    assert record["source"]["bytes"] == record["destination"]["bytes"] == 4
