@@ -9,7 +9,8 @@ While the transfer runs, the proxy's descriptors are counted (a spliced tunnel h
 Then IDLE_TUNNELS tunnels are opened through each, each carrying a few bytes, and held: the
 descriptors and RSS per idle tunnel, which splicing must leave as they were.
 
-Prints one JSON object and a markdown table. Everything listens on 127.0.0.1.
+Prints one JSON object and a markdown table (`make bench` runs it among its extra scripts).
+Everything listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 import yaml
 
+if not __package__:  # run as a script (bench/run.py's extra scripts): the repository's root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procstat
 
 TOTAL_BYTES = 1 << 30
