@@ -460,7 +460,8 @@ TUNNEL_SPLICES = Counter(
     "Opaque tunnels that passed limits.spliceAfterBytes, by what happened: spliced (relayed by "
     "the kernel from then on), or why they stayed on the Protocol relay: budget "
     "(limits.spliceMaxTunnels reached), descriptors (no pipe or duplicate: EMFILE, ENFILE), "
-    "unsupported (splice refused a descriptor), closed (a side left while switching).",
+    "unsupported (splice refused a descriptor), closed (a side left, or read nothing for the "
+    "idle timeout, while switching).",
     ["outcome"],
     registry=REGISTRY,
 )

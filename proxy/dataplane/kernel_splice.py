@@ -60,7 +60,6 @@ _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 # Pipe fills per callback before the loop serves others (at most 16 MiB, a few ms), so one fast
 # tunnel cannot hold the loop for long, while a callback still amortises over many calls.
 ROUNDS_PER_CALLBACK: Final = 16
-DESCRIPTORS_PER_TUNNEL: Final = 4  # two pipes, beyond the two sockets every tunnel holds
 # Socket kinds splice(2) reads and writes (TCP and Unix stream sockets).
 _SPLICEABLE_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_UNIX})
 
@@ -98,7 +97,6 @@ class Splicer:
         tunnel = await self._switch(client, upstream, idle=idle, event_id=event_id)
         if tunnel is None:
             return await splice(client, upstream, idle=idle)
-        self.spliced += 1
         metrics.SPLICED_TUNNELS.inc()
         try:
             return await tunnel.run(idle=idle)
@@ -110,24 +108,34 @@ class Splicer:
     async def _switch(
         self, client: Peer, upstream: Peer, *, idle: float, event_id: str
     ) -> SplicedTunnel | None:
-        """Steps 2 and 3; None when the tunnel stays on the Protocol relay (counted, said)."""
+        """Steps 2 and 3; None when the tunnel stays on the Protocol relay (counted, said).
+        A place in the budget is taken before the first await (two tunnels switching at once
+        cannot both take the last one); `switch` gives it back when the tunnel ends."""
         client.unjoin(upstream)  # every None below leaves them apart: the caller joins again
         if self.spliced >= self.max_tunnels:
             _stay("budget", event_id)
             return None
+        self.spliced += 1
         try:
             async with asyncio.timeout(idle):
                 await client.flush()
                 await upstream.flush()
-        except (ConnectionResetError, TimeoutError):
-            _stay("closed", event_id)  # a side left while flushing: the rejoin closes the other
-            return None
-        try:
             tunnel = SplicedTunnel.take(client, upstream)
-        except OSError as exc:
-            cause = "unsupported" if exc.errno == errno.EINVAL else "descriptors"
-            _stay(cause, event_id, error=exc)
+        except (ConnectionResetError, TimeoutError):
+            # A side left (or read nothing for the idle timeout) while flushing: the rejoin
+            # closes the other, or the idle timeout ends the tunnel.
+            self.spliced -= 1
+            _stay("closed", event_id)
             return None
+        except OSError as exc:
+            self.spliced -= 1
+            _stay(
+                "unsupported" if exc.errno == errno.EINVAL else "descriptors", event_id, error=exc
+            )
+            return None
+        except BaseException:  # cancelled (drain) while flushing
+            self.spliced -= 1
+            raise
         metrics.TUNNEL_SPLICES.labels(outcome="spliced").inc()
         return tunnel
 
@@ -136,7 +144,6 @@ def _stay(cause: str, event_id: str, *, error: OSError | None = None) -> None:
     metrics.TUNNEL_SPLICES.labels(outcome=cause).inc()
     if error is not None:
         log.warning("tunnel_splice_fallback", cause=cause, error=str(error), event_id=event_id)
-    return None
 
 
 def _pipe() -> tuple[int, int]:
