@@ -365,3 +365,27 @@ async def test_a_source_that_left_has_its_spliced_tunnel_closed_with_that_reason
         writer.close()
     assert record["outgate"]["reason"] == "source_gone"
     assert record["source"]["bytes"] == record["destination"]["bytes"] == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_client_reset_mid_transfer_closes_the_origin_after_what_was_read(
+    tmp_path: Path, mode: str
+) -> None:
+    received: list[bytes] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await read_to_eof(reader))
+        writer.close()
+
+    async with origin_server(sink) as port, spliceable_proxy(tmp_path, **MODES[mode]) as h:
+        _, writer = await open_tunnel(h, port)
+        await send_all(writer, os.urandom(2 << 20))
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # RST
+        record = await close_record(h)
+        await eventually(lambda: received)
+    assert 0 < len(received[0]) <= 2 << 20
+    assert record["source"]["bytes"] == len(received[0])
+    assert record["destination"]["bytes"] == 0
+    assert record["outgate"]["reason"] == "completed"
