@@ -144,10 +144,6 @@ class Proxy:
                 return int(str(entry["proxy"]).rsplit(":", 1)[1])
         raise RuntimeError("the proxy did not start")
 
-    @property
-    def pid(self) -> int:
-        return procstat.tree(self.proc.pid)[-1]  # taskset execs: the same pid, or its child
-
     def tunnel(self, kind: bytes) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port))
         target = f"127.0.0.1:{self.origin_port}"

@@ -277,8 +277,9 @@ class Peer(asyncio.Protocol):
             transport.close()
 
     def abort(self) -> None:
-        if self.on_abort is not None:
+        if self.on_abort is not None:  # handed over: the transport is closed already
             self.on_abort()
+            return
         if self.transport is not None:
             self.transport.abort()
 
