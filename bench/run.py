@@ -62,8 +62,9 @@ PROXY_CPU = "0"
 LOAD_CPU = "1"
 # A run that overstays this is killed: load loops are bounded in count and time.
 STEP_TIMEOUT = 240.0
-# Scripts other issues add (TLS, Kubernetes, overload); run when present, their rows included.
-EXTRA_SCRIPTS = ("tls_bench.py", "kube_scale.py", "overload.py")
+# Scripts other issues add (TLS, Kubernetes, overload, splice); run when present, their rows
+# included.
+EXTRA_SCRIPTS = ("tls_bench.py", "kube_scale.py", "overload.py", "tunnel_splice.py")
 EXTRA_TIMEOUT = 300.0
 GIT_TIMEOUT = 120.0
 

@@ -47,6 +47,7 @@ from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.http_relay import HttpRelay
 from proxy.dataplane.inspector import RequestInspector
 from proxy.dataplane.intercept import Interceptor
+from proxy.dataplane.kernel_splice import Splicer
 from proxy.dataplane.limits import LoadMeter
 from proxy.dataplane.proxy_auth import LoggedInIdentity, LoginScope, ProxyAuth
 from proxy.dataplane.proxy_header import ProxyHeaderAdmission
@@ -221,7 +222,14 @@ def build_data_plane(
         inspector=inspector,
     )
     tunnels = TunnelRelay(
-        timeouts=settings.timeouts, router=router, log=log, interceptor=interceptor
+        timeouts=settings.timeouts,
+        router=router,
+        log=log,
+        interceptor=interceptor,
+        splicer=Splicer(
+            max_tunnels=settings.limits.splice_max_tunnels,
+            after_bytes=settings.limits.splice_after_bytes,
+        ),
     )
     # One loop, one measure of how far behind it runs: every listener sheds on it.
     load = LoadMeter()

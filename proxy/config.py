@@ -108,6 +108,16 @@ class Limits:
     # backlog) on two ticks in a row: a saturated worker keeps its loop on time while the
     # queue fills, and a full queue drops SYNs (clients retry after 1, 3, 7 s). 0 turns it off.
     shed_accept_queue: float = 0.5
+    # Issue 16: opaque tunnels relayed by the kernel with splice(2) once they have moved
+    # `splice_after_bytes`, at most this many at a time per worker (0 turns splicing off).
+    # Each holds two 1 MiB pipes: 4 descriptors, and 512 pages of the per-user pipe allowance
+    # (Linux fs.pipe-user-pages-soft, 16,384 by default), so 16 per worker keep two workers
+    # inside it. Past the budget, or when descriptors run out, the Protocol relay carries on
+    # (proxy.dataplane.kernel_splice).
+    splice_max_tunnels: int = 16
+    # 1 MiB: a TLS handshake and a few requests stay below it, so idle and chatty tunnels never
+    # hold pipes; bulk transfers switch after their first MiB (0.1 % of a GiB).
+    splice_after_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,6 +262,8 @@ _SHAPE: dict[str, Any] = {
         "maxTunnelsPerWorkload": None,
         "shedLoopLag": None,
         "shedAcceptQueue": None,
+        "spliceMaxTunnels": None,
+        "spliceAfterBytes": None,
     },
     "tls": {"caCert": None, "caKey": None, "upstreamCABundle": None, "certCacheSize": None},
     "dlp": {"custom": None, "credentialHosts": None},
@@ -666,6 +678,15 @@ def _read_settings(raw: Any, *, file: str, base_dir: Path) -> tuple[Settings, li
                 lim.shed_accept_queue,
                 _fraction,
                 "a fraction of the listen backlog, e.g. 0.5 (0 turns it off)",
+            ),
+            splice_max_tunnels=reader.get(
+                "limits.spliceMaxTunnels",
+                lim.splice_max_tunnels,
+                _count,
+                "a count (0 turns splice off)",
+            ),
+            splice_after_bytes=reader.get(
+                "limits.spliceAfterBytes", lim.splice_after_bytes, _count, "a byte count"
             ),
         ),
         tls_ca_cert=reader.get("tls.caCert", None, str, "a path to a PEM file"),

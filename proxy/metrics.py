@@ -455,6 +455,23 @@ POLICY_STATUS_WRITES = Counter(
 )
 
 # -- TLS: tunnel checks, interception, DLP (issue 4) ---------------------------------------------
+TUNNEL_SPLICES = Counter(
+    "outgate_tunnel_splices_total",
+    "Opaque tunnels that passed limits.spliceAfterBytes, by what happened: spliced (relayed by "
+    "the kernel from then on), or why they stayed on the Protocol relay: budget "
+    "(limits.spliceMaxTunnels reached), descriptors (no pipe or duplicate: EMFILE, ENFILE), "
+    "unsupported (splice refused a descriptor), closed (a side left, or read nothing for the "
+    "idle timeout, while switching).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SPLICED_TUNNELS = Gauge(
+    "outgate_spliced_tunnels",
+    "Tunnels relayed by splice(2) now; each holds 4 descriptors more than on the Protocol relay "
+    "(two pipes).",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
 TUNNEL_VIOLATIONS = Counter(
     "outgate_tunnel_violations_total",
     "Tunnels closed because their first bytes broke the rule: SNI, ECH, ClientHello and "

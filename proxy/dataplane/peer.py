@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import sys
 import time
+from collections.abc import Callable
 from typing import cast
 
 from proxy.core.http1 import find_head_end
@@ -35,6 +39,14 @@ class Peer(asyncio.Protocol):
     # A relay writes to a partner that encrypts (TLSPeer) through its `write`, to others
     # straight into the transport.
     encrypts = False
+    # A byte mark (`watch_bytes`): past it, `_on_mark` is called once (the kernel relay's
+    # "this tunnel is worth splicing"). One comparison per read on the relay's hot path. Class
+    # defaults, set on an instance only when used: every idle tunnel holds two peers.
+    _mark: int = sys.maxsize
+    _on_mark: Callable[[], None] | None = None
+    # Set while the socket is relayed by the kernel (proxy.dataplane.kernel_splice): the
+    # transport is gone, so `abort` (a deleted source pod) must reach that relay.
+    on_abort: Callable[[], None] | None = None
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -65,6 +77,8 @@ class Peer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.last_activity = time.monotonic()
+        if self.bytes_in >= self._mark:
+            self._mark_reached()
         partner = self._partner
         if partner is not None:
             if partner.encrypts:
@@ -121,6 +135,21 @@ class Peer(asyncio.Protocol):
             feeder._apply_reading()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
+
+    def _mark_reached(self) -> None:
+        self._mark = sys.maxsize
+        callback, self._on_mark = self._on_mark, None
+        if callback is not None:
+            callback()
+
+    def watch_bytes(self, more: int, callback: Callable[[], None]) -> None:
+        """Call `callback` once, when `more` bytes past those read so far have been read."""
+        self._on_mark = callback
+        self._mark = self.bytes_in + more
+
+    def unwatch_bytes(self) -> None:
+        self._mark = sys.maxsize
+        self._on_mark = None
 
     # -- reading ----------------------------------------------------------------------------
     def _apply_reading(self) -> None:
@@ -264,6 +293,9 @@ class Peer(asyncio.Protocol):
         asyncio.get_running_loop().call_later(linger, self.close)
 
     def abort(self) -> None:
+        if self.on_abort is not None:  # handed over: the transport is closed already
+            self.on_abort()
+            return
         if self.transport is not None:
             self.transport.abort()
 
@@ -294,6 +326,51 @@ class Peer(asyncio.Protocol):
         elif other.closed:
             self.close()
 
+    def unjoin(self, other: Peer) -> None:
+        """Undo `relay`: reads go to each peer's buffer again, and neither pauses the other."""
+        self._partner = other._partner = None
+        for peer in (self, other):
+            peer._paused_by_partner = False
+            peer._apply_reading()
+
+    async def flush(self) -> None:
+        """Wait until the transport's write buffer is empty (ConnectionResetError if the
+        connection is lost first)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            raise ConnectionResetError("peer closed while we were writing")
+        transport.set_write_buffer_limits(high=0, low=0)  # pauses writing until it is all sent
+        try:
+            await self.drain()
+        finally:
+            if not self.closed:
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    @property
+    def spliceable(self) -> bool:
+        """Its bytes are its socket's bytes: no TLS in this process, neither a TLSPeer nor an
+        SSL transport (a parent proxy reached over https)."""
+        transport = self.transport
+        return (
+            not self.encrypts
+            and transport is not None
+            and not self.closed
+            and transport.get_extra_info("ssl_object") is None
+        )
+
+    def hand_over(self) -> socket.socket:
+        """The connection's socket for a relay that moves bytes itself: a duplicate of the
+        descriptor, non-blocking. The caller closes the transport (`close`: its descriptor goes)
+        once it has everything it needs; the duplicate keeps the connection open after that.
+        Raises OSError (EMFILE, ENFILE) when no descriptor is left."""
+        transport = self.transport
+        if transport is None or self.closed:
+            raise ConnectionResetError("peer closed before its socket was handed over")
+        fd = cast(socket.socket, transport.get_extra_info("socket")).fileno()
+        duplicate = socket.socket(fileno=os.dup(fd))
+        duplicate.setblocking(False)
+        return duplicate
+
     @property
     def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
@@ -303,12 +380,39 @@ async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
     """Join the peers (buffered bytes go first) and wait until both close or go idle: a tunnel
     after its checks, an upgraded connection after its 101."""
     client.relay(upstream)
-    while not (client.closed and upstream.closed):
-        quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
-        if quiet >= idle:
-            return Reason.IDLE_TIMEOUT
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(idle - quiet):
-                await client.wait_closed()
-                await upstream.wait_closed()
-    return Reason.COMPLETED
+    reason = await RelayWait().run(client, upstream, idle=idle)
+    assert reason is not None  # None only after interrupt(), and nothing holds this one
+    return reason
+
+
+class RelayWait:
+    """Waits while two joined peers relay, until both close or `idle` passes with no byte
+    either way; `interrupt()` ends the wait early. No task and no future of its own: an idle
+    tunnel waits in this, and 5,000 of them must stay small."""
+
+    __slots__ = ("_timeout", "interrupted")
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._timeout: asyncio.Timeout | None = None
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        timeout = self._timeout
+        if timeout is not None and not timeout.expired():  # wake the wait now
+            timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def run(self, client: Peer, upstream: Peer, *, idle: float) -> Reason | None:
+        """COMPLETED, IDLE_TIMEOUT, or None once interrupted."""
+        while not (client.closed and upstream.closed):
+            if self.interrupted:
+                return None
+            quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
+            if quiet >= idle:
+                return Reason.IDLE_TIMEOUT
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle - quiet) as self._timeout:
+                    await client.wait_closed()
+                    await upstream.wait_closed()
+            self._timeout = None
+        return Reason.COMPLETED

@@ -12,7 +12,9 @@ Order (DESIGN section 1, step 6, and section 3 `protocol`):
   2. For `tls`, the ClientHello's SNI is held to the CONNECT host and the rule's `tls` options
      (proxy.core.tunnel_protocols.check_server_name); for a CONNECT to an IP literal, a present
      SNI is decided by policy as a name of its own.
-  3. Only then are the peers spliced (`splice`), the buffered first bytes flushed upstream first.
+  3. Only then are the peers spliced (`Splicer.relay`), the buffered first bytes flushed upstream
+     first: by the Protocol relay, and from `limits.spliceAfterBytes` on by splice(2) in the
+     kernel (proxy.dataplane.kernel_splice), since nothing more of such a tunnel is inspected.
 
 A rule that names no `protocol` takes TLS, or plain HTTP: when the first bytes start an HTTP
 request the tunnel is served as a `protocol: http` one (every request parsed, its Host held to
@@ -55,7 +57,8 @@ from proxy.core.tunnel_protocols import (
 from proxy.dataplane.dialer import Upstream
 from proxy.dataplane.exchange_log import ExchangeLog
 from proxy.dataplane.intercept import Interceptor
-from proxy.dataplane.peer import Peer, splice
+from proxy.dataplane.kernel_splice import Splicer
+from proxy.dataplane.peer import Peer
 from proxy.dataplane.responses import CONNECT_ESTABLISHED
 from proxy.dataplane.router import Route, Router
 from proxy.errors import OutgateError, PolicyDenied, Reason, TunnelViolation
@@ -179,11 +182,13 @@ class TunnelRelay:
         router: Router,
         log: ExchangeLog,
         interceptor: Interceptor,
+        splicer: Splicer,
     ) -> None:
         self._timeouts = timeouts
         self._router = router
         self._log = log
         self._interceptor = interceptor
+        self._splicer = splicer
 
     async def run(
         self,
@@ -245,7 +250,15 @@ class TunnelRelay:
                     tls=intercept_tls,
                 )
             else:
-                reason = await splice(client, raw_upstream, idle=self._timeouts.idle)
+                # Opaque from here: nothing more of it is read by the proxy.
+                idle = self._timeouts.idle
+                wait = self._splicer.join(client, raw_upstream)
+                ended = await wait.run(client, raw_upstream, idle=idle)
+                if ended is None:  # past limits.spliceAfterBytes: worth the kernel's relay
+                    ended = await self._splicer.switch(
+                        client, raw_upstream, idle=idle, event_id=ex.id
+                    )
+                reason = ended
         except TunnelViolation as exc:
             reason = exc.reason
             record_violation(ex, client, exc)
