@@ -12,7 +12,7 @@ ARGS ?=
 # echo nothing and send what they print to stderr.
 
 .PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench bench-instructions \
-	realkube
+	realkube native
 
 $(BIN)/python:
 	@echo "creating $(VENV)" >&2
@@ -21,8 +21,20 @@ $(BIN)/python:
 
 $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	@echo "installing outgate into $(VENV)" >&2
-	@$(BIN)/python -m pip install --quiet -e . >&2
+	@$(BIN)/python -m pip install --quiet -e '.[compile]' >&2
 	@touch $@
+
+# The compiled build (issue 16, docs/performance.md): mypyc compiles the modules proxy/native.py
+# lists, in place, and proxy/native-build.json records a hash of each source compiled. Redone when
+# a listed module (or the list) changes. Without a C compiler or Python's headers it records why,
+# says so once, and the proxy runs as pure Python; it never fails the install.
+NATIVE_RECORD := proxy/native-build.json
+NATIVE_SOURCES := proxy/native.py proxy/native_build.py $(shell $(PYTHON) proxy/native.py)
+
+$(NATIVE_RECORD): $(NATIVE_SOURCES) $(RUN_STAMP)
+	@$(BIN)/python -m proxy.native_build build >&2
+
+native: $(NATIVE_RECORD)
 
 # Node's undici for the real-client matrix, pinned with its integrity hash.
 NODE_CLIENT := tests/clients/programs/node
@@ -36,6 +48,13 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	@command -v promtool >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
+	@# The compiled build (proxy/native_build.py) needs a C compiler and this Python's headers;
+	@# without them the tests run the pure-Python build and tests/unit/test_native.py fails under CI.
+	@command -v gcc >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev)
+	@test -f "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
+		|| (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev)
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
@@ -77,10 +96,10 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
 	touch $(RUN_STAMP) $@
 
-install: $(RUN_STAMP)
-install-test: $(TEST_STAMP)
+install: $(RUN_STAMP) $(NATIVE_RECORD)
+install-test: $(TEST_STAMP) $(NATIVE_RECORD)
 
-run: $(RUN_STAMP)
+run: $(RUN_STAMP) $(NATIVE_RECORD)
 	@$(BIN)/outgate run $(ARGS)
 
 lint: $(TEST_STAMP)
@@ -98,20 +117,20 @@ realkube:
 	@test -n "$$OUTGATE_KUBE_APISERVER" || tests/realkube/build-apiserver.sh || \
 		echo "make: no kube-apiserver could be built here; tests/realkube will say why" >&2
 
-pytest: $(TEST_STAMP) realkube
+pytest: $(TEST_STAMP) $(NATIVE_RECORD) realkube
 	$(BIN)/python -m pytest $(ARGS)
 
 test: lint typecheck pytest
 
 # Outgate against Squid in one run (bench/README.md): installs squid, nginx, wrk and Go if missing,
 # prints the table and writes bench/results/latest.{json,md}. ARGS="--quick" for a short run.
-bench: $(RUN_STAMP)
+bench: $(RUN_STAMP) $(NATIVE_RECORD)
 	bench/install.sh
 	$(BIN)/python -m bench.run $(ARGS)
 
 # Instructions per operation under Valgrind, deterministic (bench/README.md, "Instruction counts").
 # ARGS="--baseline fad4617" compares with that revision; ARGS="--repeats 3" for medians.
-bench-instructions: $(RUN_STAMP)
+bench-instructions: $(RUN_STAMP) $(NATIVE_RECORD)
 	bench/install.sh
 	$(BIN)/python -m bench.instructions $(ARGS)
 
@@ -129,4 +148,5 @@ fuzz: $(TEST_STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/fuzz -q
 
 clean:
+	test ! -x $(BIN)/python || $(BIN)/python -m proxy.native_build clean
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 import yaml
 
-from proxy import __version__
+from proxy import __version__, native
 from proxy.config import Settings, check_settings, load_settings
 from proxy.core.identity import StaticIdentityIndex
 from proxy.core.policy.engine import Engine
@@ -48,6 +48,17 @@ def _print_config_error(exc: ConfigError) -> None:
         print(f"error: {issue.render()}", file=sys.stderr)
 
 
+def _build_description() -> str:
+    build = native.status()
+    return "compiled" if build.compiled else f"pure Python: {build.reason}"
+
+
+def _log_build() -> None:
+    """Once a start (by the supervisor, not its workers): compiled modules or pure Python, and
+    why (proxy/native.py)."""
+    structlog.get_logger("proxy.native").info("build", **native.status().fields())
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.app import App
 
@@ -57,8 +68,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from proxy import supervisor
 
             if not supervisor.in_worker():
+                _log_build()
                 return supervisor.Supervisor(settings, config=args.config).run()
             settings = supervisor.worker_settings(settings)
+        else:
+            _log_build()
         app = App(settings)
     except ConfigError as exc:
         _print_config_error(exc)
@@ -331,7 +345,9 @@ def _record_lines(sources: Sequence[str]) -> Iterator[bytes]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outgate", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"outgate {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"outgate {__version__} ({_build_description()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the proxy")

@@ -10,6 +10,9 @@ the same value for about a fifth of that. It fills an instance of a plain twin c
 value is one `cls(...)` would have given: the same type, slots and fields, equal, hashable,
 frozen from then on.
 
+A class mypyc compiled (a native class, proxy/native.py) cannot change `__class__` and needs no
+twin: its own `__init__` stores each field directly, so `maker` returns the class itself.
+
 Only for classes where that is all `__init__` does: `maker` refuses a class that is not a frozen,
 slotted dataclass, or has a default factory, an `init=False` field, an `InitVar` or a
 `__post_init__` (plain defaults are kept). Field names are the class's own identifiers; no
@@ -30,6 +33,8 @@ def maker(cls: type[T]) -> Callable[..., T]:
     params = getattr(cls, "__dataclass_params__", None)
     if not dataclasses.is_dataclass(cls) or params is None or not params.frozen:
         raise TypeError(f"{cls.__name__} is not a frozen dataclass")
+    if hasattr(cls, "__mypyc_attrs__"):
+        return cls  # compiled (proxy/native.py): its native __init__ stores fields directly
     slots = cls.__dict__.get("__slots__")
     if slots is None or cls.__bases__ != (object,):
         raise TypeError(f"{cls.__name__} is not a slotted dataclass on object")
