@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
 from typing import Final
 
-from proxy.core.frozen import maker
+# Built in a module mypyc does not compile (proxy.core.values says why); this module's type too.
+from proxy.core.values import ClientHello as ClientHello
+from proxy.core.values import new_client_hello
 from proxy.errors import Reason, TunnelViolation
 
 # --- Limits ---------------------------------------------------------------------------------------
@@ -92,27 +93,6 @@ def _malformed(message: str) -> TunnelViolation:
 
 def _not_tls(message: str) -> TunnelViolation:
     return TunnelViolation(message, reason=Reason.PROTOCOL_MISMATCH)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientHello:
-    """What a ClientHello asks for. `server_name` is as sent (ASCII), not yet normalised."""
-
-    server_name: str | None
-    alpn: tuple[str, ...]
-    ech: bool  # encrypted_client_hello (0xfe0d) present: the SNI seen is the outer one
-    esni: bool  # the old encrypted_server_name extension (0xffce) present
-    legacy_version: int
-    size: int  # bytes of the handshake message, header included
-    records: int  # TLS records it arrived in
-
-    @property
-    def encrypted(self) -> bool:
-        """The client hides its real server name (ECH or ESNI)."""
-        return self.ech or self.esni
-
-
-_new_client_hello = maker(ClientHello)  # without object.__setattr__ per field
 
 
 class ClientHelloReader:
@@ -361,7 +341,7 @@ def _parse_body(buf: bytes, pos: int, end: int, *, size: int, records: int) -> C
             elif ext_type == EXT_ALPN:
                 alpn = _parse_alpn(buf, pos, pos + length)
             pos += length
-    return _new_client_hello(
+    return new_client_hello(
         server_name=server_name,
         alpn=alpn,
         ech=EXT_ECH in seen,

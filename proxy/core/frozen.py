@@ -13,6 +13,10 @@ frozen from then on.
 A class mypyc compiled (a native class, proxy/native.py) cannot change `__class__` and needs no
 twin: its own `__init__` stores each field directly, so `maker` returns the class itself.
 
+Not for a class mypyc compiled (proxy/native.py): `__class__` cannot be assigned to a native
+class, and its dataclass `__init__` stays interpreted, so the compiled modules build their values
+from classes defined in proxy/core/values.py, which is not compiled.
+
 Only for classes where that is all `__init__` does: `maker` refuses a class that is not a frozen,
 slotted dataclass, or has a default factory, an `init=False` field, an `InitVar` or a
 `__post_init__` (plain defaults are kept). Field names are the class's own identifiers; no
@@ -35,6 +39,10 @@ def maker(cls: type[T]) -> Callable[..., T]:
         raise TypeError(f"{cls.__name__} is not a frozen dataclass")
     if hasattr(cls, "__mypyc_attrs__"):
         return cls  # compiled (proxy/native.py): its native __init__ stores fields directly
+    if hasattr(cls, "__mypyc_attrs__"):
+        # A native class cannot change __class__, and its dataclass __init__ stays interpreted,
+        # one object.__setattr__ a field: keep such values out of the compiled modules.
+        raise TypeError(f"{cls.__name__} is compiled by mypyc; define it in proxy.core.values")
     slots = cls.__dict__.get("__slots__")
     if slots is None or cls.__bases__ != (object,):
         raise TypeError(f"{cls.__name__} is not a slotted dataclass on object")

@@ -46,12 +46,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import Enum, StrEnum
 from types import MappingProxyType
 
-from proxy.core.frozen import maker
 from proxy.core.hosts import Host, split_authority
+
+# The parsed heads are built in a module mypyc does not compile (proxy.core.values says why);
+# they are this module's public types too.
+from proxy.core.values import BodyFraming as BodyFraming
+from proxy.core.values import Headers as Headers
+from proxy.core.values import RequestHead as RequestHead
+from proxy.core.values import ResponseHead as ResponseHead
+from proxy.core.values import new_request_head, new_response_head
 from proxy.errors import (
     BadGateway,
     BadRequest,
@@ -212,9 +218,6 @@ def _split_authority(authority: str, *, default_port: int | None) -> tuple[Host,
     return found
 
 
-Headers = tuple[tuple[str, str], ...]
-
-
 class RequestForm(StrEnum):
     """Which request-targets a listener takes (RFC 9112 section 3.2)."""
 
@@ -229,15 +232,6 @@ class RequestForm(StrEnum):
 
 
 _PROXY = RequestForm.PROXY  # one global lookup on the hot path instead of global + attribute
-
-
-class BodyFraming(Enum):
-    """How the message body is delimited (RFC 9112 section 6.3)."""
-
-    NONE = "none"  # no body
-    LENGTH = "length"  # Content-Length bytes
-    CHUNKED = "chunked"  # chunked transfer coding, decode with ChunkedDecoder
-    UNTIL_CLOSE = "until_close"  # responses only: the body ends when the upstream closes
 
 
 # --- Head detection -------------------------------------------------------------------------------
@@ -360,10 +354,6 @@ def _excerpt(raw: bytes, limit: int = 64) -> str:
     return repr(raw[:limit].decode("latin-1"))
 
 
-def _values(headers: Headers, lower_name: str) -> list[str]:
-    return [value for name, value in headers if name.lower() == lower_name]
-
-
 _NO_VALUES: list[str] = []  # shared, never modified: what a missing field looks up to
 
 FieldIndex = dict[str, list[str]]
@@ -438,54 +428,7 @@ def _keep_alive(version: str, tokens: frozenset[str]) -> bool:
     return version != "HTTP/1.0" or "keep-alive" in tokens
 
 
-def _header(headers: Headers, name: str) -> str | None:
-    values = _values(headers, name.lower())
-    return ", ".join(values) if values else None
-
-
 # --- Requests -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestHead:
-    """A parsed, validated request head.
-
-    `host`/`port` are where the request goes: the target's in PROXY form, never the Host
-    field's. In ORIGIN form they are the caller's authority when it gave one, else an
-    absolute-form target's, else the Host field's (`parse_request_head`).
-    """
-
-    method: str
-    version: str  # "HTTP/1.1" | "HTTP/1.0"
-    is_connect: bool
-    host: Host
-    port: int
-    # The absolute-form target's scheme, lowercased ("http"; "https" too in ORIGIN form); None
-    # for CONNECT, origin-form and asterisk-form, whose scheme is the connection's.
-    scheme: str | None
-    # Path and query to send upstream: origin-form as sent, "*" for asterisk-form, derived for
-    # absolute-form ("/" when the URL has none, "*" for OPTIONS without a path, RFC 9112 section
-    # 3.2.4); "" for CONNECT.
-    path: str
-    raw_target: str  # as sent
-    headers: Headers  # names as sent, values with OWS trimmed, in order
-    framing: BodyFraming  # NONE, LENGTH or CHUNKED
-    content_length: int | None
-    keep_alive: bool
-    expect_continue: bool
-    connection_tokens: frozenset[str]  # lowercased
-
-    def header(self, name: str) -> str | None:
-        """The field's value, repeated lines joined with ", " (RFC 9110 section 5.3), or None."""
-        return _header(self.headers, name)
-
-    def header_values(self, name: str) -> tuple[str, ...]:
-        """Every value of the field, one per line, in order."""
-        return tuple(_values(self.headers, name.lower()))
-
-
-# Every parsed head is built without object.__setattr__ per field (proxy.core.frozen).
-_new_request_head = maker(RequestHead)
 
 
 def parse_request_head(
@@ -555,7 +498,7 @@ def _request(
         and version == "HTTP/1.1"
         and any(value.lower() == "100-continue" for value in _list_elements(expect))
     )
-    return _new_request_head(
+    return new_request_head(
         method=method,
         version=version,
         is_connect=is_connect,
@@ -905,37 +848,6 @@ def _render_fields(out: list[bytes], headers: Headers, drop: frozenset[str]) -> 
 # --- Responses ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResponseHead:
-    """A parsed, validated response head and how its body is framed."""
-
-    version: str  # "HTTP/1.x" as sent
-    status: int
-    reason: str
-    headers: Headers
-    framing: BodyFraming
-    # The Content-Length value. Also kept when it does not frame the body (response to HEAD,
-    # 304), since there it describes the representation; None for 1xx and 204.
-    content_length: int | None
-    # May the upstream connection carry another request after this response?
-    keep_alive: bool
-    connection_tokens: frozenset[str]
-    # Transfer codings other than the final chunked (e.g. ("gzip",)), re-sent on render so the
-    # body the client gets is still labelled correctly. Almost always empty.
-    transfer_codings: tuple[str, ...] = ()
-
-    def header(self, name: str) -> str | None:
-        """The field's value, repeated lines joined with ", " (RFC 9110 section 5.3), or None."""
-        return _header(self.headers, name)
-
-    def header_values(self, name: str) -> tuple[str, ...]:
-        """Every value of the field, one per line, in order (use for Set-Cookie)."""
-        return tuple(_values(self.headers, name.lower()))
-
-
-_new_response_head = maker(ResponseHead)
-
-
 def parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
     """Parse an upstream response head or raise BadGateway (reason upstream_bad_response)."""
     try:
@@ -969,7 +881,7 @@ def _parse_response_head(head: bytes, *, request_method: str) -> ResponseHead:
     framing, content_length, codings = _response_framing(
         index, version=version, status=status, request_method=request_method
     )
-    return _new_response_head(
+    return new_response_head(
         version=version,
         status=status,
         reason=reason,
