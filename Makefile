@@ -12,7 +12,7 @@ ARGS ?=
 # echo nothing and send what they print to stderr.
 
 .PHONY: run test lint typecheck pytest install install-test clean fuzz soak bench bench-instructions \
-	realkube native
+	realkube native pytest-pure
 
 $(BIN)/python:
 	@echo "creating $(VENV)" >&2
@@ -39,11 +39,13 @@ native: $(NATIVE_RECORD)
 # Node's undici for the real-client matrix, pinned with its integrity hash.
 NODE_CLIENT := tests/clients/programs/node
 
-$(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json | $(BIN)/python
+$(TEST_STAMP): pyproject.toml requirements.lock requirements-compile.lock $(NODE_CLIENT)/package-lock.json | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@# tests/deploy/test_image.py builds the image's virtualenv offline from these wheels.
 	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
 		-r requirements.lock -d $(VENV)/wheelhouse
+	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		-r requirements-compile.lock -d $(VENV)/wheelhouse
 	@# tests/deploy/test_monitoring.py: promtool checks the alert rules (Debian's prometheus).
 	@command -v promtool >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
@@ -55,6 +57,8 @@ $(TEST_STAMP): pyproject.toml requirements.lock $(NODE_CLIENT)/package-lock.json
 	@test -f "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
 		|| (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev)
+	@# A build recorded as pure Python (say by `make run` before gcc was here) is tried again.
+	@! grep -qs '"compiled": false' $(NATIVE_RECORD) || rm -f $(NATIVE_RECORD)
 	@# tests/netns/test_upstream_squid.py: a real Squid as the parent proxy (issue 12).
 	@test -x /usr/sbin/squid || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends squid)
@@ -120,7 +124,15 @@ realkube:
 pytest: $(TEST_STAMP) $(NATIVE_RECORD) realkube
 	$(BIN)/python -m pytest $(ARGS)
 
-test: lint typecheck pytest
+# The compiled modules' own tests (proxy/native.py's MODULES) once more on the pure-Python build,
+# which an install without a C compiler runs; the rest of the suite runs once, on the compiled
+# build (docs/performance.md says why that is enough). About 10 seconds.
+PURE_PYTHON_TESTS := tests/unit/test_http1.py tests/unit/test_frozen.py tests/tls/test_clienthello.py \
+	tests/tls/test_clienthello_differential.py tests/fuzz
+pytest-pure: $(TEST_STAMP)
+	OUTGATE_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(PURE_PYTHON_TESTS)
+
+test: lint typecheck pytest pytest-pure
 
 # Outgate against Squid in one run (bench/README.md): installs squid, nginx, wrk and Go if missing,
 # prints the table and writes bench/results/latest.{json,md}. ARGS="--quick" for a short run.

@@ -217,6 +217,9 @@ class ProxyProcess:
     def wait_log(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
         return self._wait(self.logs, pred, 1, timeout)[0]
 
+    def wait_logs(self, pred: Any, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        return self._wait(self.logs, pred, count, timeout)
+
     def wait_records(
         self, pred: Any, count: int = 1, timeout: float = 10.0
     ) -> list[dict[str, Any]]:
