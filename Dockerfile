@@ -1,7 +1,9 @@
 # Outgate container image.
 #   docker build -t outgate:0.1.0 .
 # Two stages: `build` installs the pinned dependencies (requirements.lock, hash-checked, wheels
-# only) and the project into a virtualenv, then removes the build tools from it; `runtime` copies
+# only) and the project into a virtualenv, compiles the hot modules with mypyc (the compiled build,
+# docs/performance.md; gcc and mypy exist in this stage only), then removes the build tools from
+# it; `runtime` copies
 # that virtualenv onto a clean slim base and runs it as an unprivileged numeric user. Nothing is
 # written at run time (with `workers` above 1, only under /tmp: mount an emptyDir or tmpfs there),
 # so the container runs with a read-only root filesystem.
@@ -18,14 +20,28 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv "$VIRTUAL_ENV"
 # Dependencies first, so a source change reuses this layer.
-COPY requirements.lock ./
+COPY requirements.lock requirements-compile.lock ./
 RUN "$VIRTUAL_ENV/bin/pip" install --no-deps --require-hashes --only-binary=:all: -r requirements.lock
+# The C compiler for the compiled build, and Python's headers where the base lacks them (the
+# python images have them; a Debian python3 base needs python3-dev). This stage only.
+RUN command -v gcc >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends gcc libc6-dev) \
+ && test -f "$("$VIRTUAL_ENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
+ || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends python3-dev)
 COPY pyproject.toml README.md ./
 COPY proxy/ ./proxy/
 # The build backend (setuptools, wheel) comes from the lock too: no unpinned build isolation.
-# Then the tools only a build needs (about 25 MB) leave the virtualenv the runtime stage copies:
-# the build backend, what it alone depends on (packaging), and pip itself.
+# mypyc (mypy, from its own hash-checked lock) compiles proxy/native.py's modules in the installed
+# package; `--require` fails the image build rather than ship it as pure Python. `-P`: the package
+# is the installed one, not ./proxy. Then the tools only a build needs (about 45 MB) leave the
+# virtualenv the runtime stage copies: mypy and what it alone depends on, the build backend and
+# what it alone depends on (packaging), and pip itself.
 RUN "$VIRTUAL_ENV/bin/pip" install --no-deps --no-build-isolation --no-index . \
+ && "$VIRTUAL_ENV/bin/pip" install --no-deps --require-hashes --only-binary=:all: \
+      -r requirements-compile.lock \
+ && "$VIRTUAL_ENV/bin/python" -P -m proxy.native_build build --require \
+ && "$VIRTUAL_ENV/bin/pip" uninstall --yes mypy mypy-extensions librt pathspec ast-serialize \
  && "$VIRTUAL_ENV/bin/pip" uninstall --yes setuptools wheel packaging \
  && "$VIRTUAL_ENV/bin/python" -m pip uninstall --yes pip
 

@@ -62,22 +62,33 @@ def clean(package_dir: Path = PACKAGE_DIR) -> None:
     (package_dir / BUILD_RECORD.name).unlink(missing_ok=True)
 
 
-def _compile(root: Path, work: Path) -> None:
-    """mypyc over MODULES under `root` (the directory holding the package), in place."""
+def _compile(package_dir: Path, work: Path) -> None:
+    """mypyc over MODULES in a scratch copy of the package, then the results copied in place.
+
+    Building in a copy keeps mypy from reading whatever else sits beside the package (in a
+    virtualenv, site-packages: its modules would shadow the installed libraries) and leaves
+    nothing in the package but the compiled files."""
     from mypyc.build import mypycify
     from setuptools import Distribution  # type: ignore[import-untyped, unused-ignore]
 
-    paths = [str(source_path(m, Path("proxy"))) for m in MODULES]
+    root = work / "src"
+    ignored = shutil.ignore_patterns("__pycache__", "*.so", BUILD_RECORD.name)
+    shutil.copytree(package_dir, root / package_dir.name, ignore=ignored)
+    paths = [f"--cache-dir={work / 'mypy'}"] + [str(source_path(m, Path("proxy"))) for m in MODULES]
     cwd = os.getcwd()
     os.chdir(root)
     try:
         extensions = mypycify(paths, opt_level="3", target_dir=str(work / "c"), group_name=GROUP)
         dist = Distribution({"ext_modules": extensions, "script_name": "setup.py"})
-        dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", str(work / "tmp")]
+        dist.script_args = ["-q", "build_ext", "--inplace"]
+        dist.script_args += ["--build-temp", str(work / "tmp"), "--build-lib", str(work / "lib")]
         dist.parse_command_line()
         dist.run_commands()
     finally:
         os.chdir(cwd)
+    built = root / package_dir.name
+    for path in compiled_files(built):
+        shutil.copy2(path, package_dir / path.relative_to(built))
 
 
 def build(package_dir: Path = PACKAGE_DIR, *, require: bool = False) -> Status:
@@ -89,7 +100,7 @@ def build(package_dir: Path = PACKAGE_DIR, *, require: bool = False) -> Status:
         sources = {m: source_digest(source_path(m, package_dir)) for m in MODULES}
         with tempfile.TemporaryDirectory(prefix="outgate-mypyc-") as work:
             try:
-                _compile(package_dir.parent, Path(work))
+                _compile(package_dir, Path(work))
             except (Exception, SystemExit):  # mypy's errors and the compiler's exit setuptools
                 clean(package_dir)
                 reason = "the build failed at install time (the errors are in its output)"

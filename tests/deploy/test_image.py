@@ -284,6 +284,7 @@ def test_the_image_build_steps_work(built_image: tuple[Path, dict[str, str]]) ->
     version = _outgate(root, env, "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.startswith("outgate ")
+    assert version.stdout.rstrip().endswith("(compiled)"), "the image ships the compiled build"
     before = _snapshot(root)
     config = str(root / CONFIG_IN_IMAGE.lstrip("/"))
     checked = _outgate(root, env, "check-config", config)

@@ -124,6 +124,9 @@ def test_an_allowed_and_a_denied_request_are_audited_on_the_container_stdout(
     served: Callable[..., Contained], origin: OriginServer
 ) -> None:
     proxy = served().proxy
+    # The image ships the compiled build (Dockerfile, proxy/native.py), and says so at start.
+    build = proxy.wait_log(lambda e: e.get("event") == "build")
+    assert build["build"] == "compiled" and "reason" not in build, build
     allowed = curl("-x", proxy.url, "-i", f"http://origin.test:{origin.port}/hello")
     assert allowed.stdout.startswith("HTTP/1.1 200"), allowed.stdout + allowed.stderr
     assert allowed.stdout.endswith("hello from origin\n")
