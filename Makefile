@@ -29,7 +29,7 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 # a listed module (or the list) changes. Without a C compiler or Python's headers it records why,
 # says so once, and the proxy runs as pure Python; it never fails the install.
 NATIVE_RECORD := proxy/native-build.json
-NATIVE_SOURCES := proxy/native.py proxy/native_build.py $(shell $(PYTHON) proxy/native.py)
+NATIVE_SOURCES := proxy/native.py proxy/native_build.py $(shell $(PYTHON) -P proxy/native.py)
 
 $(NATIVE_RECORD): $(NATIVE_SOURCES) $(RUN_STAMP)
 	@$(BIN)/python -m proxy.native_build build >&2
