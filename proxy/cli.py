@@ -53,6 +53,14 @@ def _build_description() -> str:
     return "compiled" if build.compiled else f"pure Python: {build.reason}"
 
 
+class _Version(argparse.Action):
+    """`--version`: the version and the build, unwrapped (argparse's own action wraps lines)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"outgate {__version__} ({_build_description()})")
+        parser.exit()
+
+
 def _log_build() -> None:
     """Once a start (by the supervisor, not its workers): compiled modules or pure Python, and
     why (proxy/native.py)."""
@@ -345,9 +353,7 @@ def _record_lines(sources: Sequence[str]) -> Iterator[bytes]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outgate", description=__doc__)
-    parser.add_argument(
-        "--version", action="version", version=f"outgate {__version__} ({_build_description()})"
-    )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and build")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the proxy")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxy import __version__
+from proxy import __version__, native
 from tests.support.fixtures import ORIGIN_PORTS, policy_allowing
 from tests.support.proxyproc import run_outgate as outgate
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_version_prints_the_package_version() -> None:
+def test_version_prints_the_package_version_and_the_build() -> None:
     result = outgate("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"outgate {__version__}"
+    build = native.status()
+    said = "compiled" if build.compiled else f"pure Python: {build.reason}"
+    assert result.stdout.strip() == f"outgate {__version__} ({said})"
 
 
 def test_check_config_accepts_the_shipped_config_and_policies() -> None:

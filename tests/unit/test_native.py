@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy import __version__ as proxy_version
 from proxy import native
 from tests.support.fixtures import policy_allowing
 from tests.support.proxyproc import ProxyProcess
@@ -145,3 +146,6 @@ def test_an_install_without_a_compiler_runs_python_and_says_so_once_at_start(
         }
     ]
     assert all(json.loads(line).get("event") != "build" for line in proxy.raw_stdout)
+    version = child(root, "-m", "proxy", "--version", PATH=str(no_tools))
+    reason = builds[0]["reason"]
+    assert version.stdout == f"outgate {proxy_version} (pure Python: {reason})\n", version.stderr
