@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from proxy import metrics
+from proxy import metrics, native
 from proxy.admin import build_admin_app
 from proxy.adoption.suggest import SuggestOptions, static_identity_labels
 from proxy.audit import AuditSink
@@ -458,6 +458,7 @@ class App:
         # of it every few thousand requests (bench/README.md, "what limits it").
         gc.collect()
         gc.freeze()
+        metrics.BUILD_INFO.labels(build=native.status().fields()["build"]).set(1)
         log.info(
             "listening",
             proxy=f"{self.proxy_address[0]}:{self.proxy_address[1]}",

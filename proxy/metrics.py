@@ -292,6 +292,14 @@ SHED_CONNECTIONS = Counter(
 for _signal in ("loop_lag", "accept_queue"):
     SHED_CONNECTIONS.labels(signal=_signal)  # both series from the start, at 0
 
+BUILD_INFO = Gauge(
+    "outgate_build_info",
+    "1, labelled with the build that runs: compiled (the hot modules compiled with mypyc) or "
+    "pure-python (docs/performance.md; the start-up `build` log line says why).",
+    ["build"],
+    registry=REGISTRY,
+)
+
 POLICY_REVISION = Gauge(
     "outgate_policy_revision",
     "Revision number of the policy set in force (increments on every successful load).",

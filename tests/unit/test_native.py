@@ -133,6 +133,8 @@ def test_an_install_without_a_compiler_runs_python_and_says_so_once_at_start(
     )
     with proxy:
         proxy.wait_logs(lambda e: e.get("event") == "listening", count=2, timeout=30)
+        _, exported = proxy.admin("/metrics")
+    assert 'outgate_build_info{build="pure-python"} 1.0' in exported
     builds = [entry for entry in proxy.logs if entry.get("event") == "build"]
     compiler = str(sysconfig.get_config_var("CC") or "cc").split()[0]
     assert builds == [
