@@ -7,8 +7,9 @@ h11 keeps one table of readers.
 
   - LENGTH: exactly Content-Length bytes. `want` caps each read at what is left, so no byte of a
     next pipelined message is ever taken as body.
-  - CHUNKED: the chunked decoder of proxy.core.http1; only chunk payloads come out (chunk lines,
-    extensions and trailers never pass through), and what follows the last chunk is `tail`.
+  - CHUNKED: the chunked decoder of proxy.core.http1 itself (a reader as it is); only chunk
+    payloads come out (chunk lines, extensions and trailers never pass through), and what
+    follows the last chunk is `tail`.
   - UNTIL_CLOSE (responses only): everything until the upstream closes.
   - NONE: no reader; there is no body to move.
 """
@@ -78,18 +79,6 @@ class LengthReader:
         return self._tail
 
 
-class ChunkedReader(ChunkedDecoder):
-    __slots__ = ()
-
-    @property
-    def want(self) -> None:
-        return None
-
-    @property
-    def ends_at_eof(self) -> bool:
-        return False
-
-
 class UntilCloseReader:
     __slots__ = ()
 
@@ -120,7 +109,7 @@ def body_reader(
     if framing is BodyFraming.LENGTH:
         return LengthReader(content_length or 0)
     if framing is BodyFraming.CHUNKED:
-        return ChunkedReader(upstream=upstream)
+        return ChunkedDecoder(upstream=upstream)
     if framing is BodyFraming.UNTIL_CLOSE:
         return UntilCloseReader()
     return None

@@ -1031,6 +1031,17 @@ class ChunkedDecoder:
         """True once the last-chunk and the trailer section have been read."""
         return self._state is _ChunkState.DONE
 
+    # The rest of proxy.core.bodies' BodyReader, here and not in a subclass there: this class
+    # is compiled (proxy/native.py), and Python classes cannot inherit from compiled ones.
+    @property
+    def want(self) -> None:
+        """No cap on a read: the decoder keeps what follows the last chunk as `tail`."""
+        return None
+
+    @property
+    def ends_at_eof(self) -> bool:
+        return False
+
     def tail(self) -> bytes:
         """Bytes fed after the end of the message: the start of the next pipelined message."""
         return bytes(self._tail)

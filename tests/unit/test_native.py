@@ -7,8 +7,10 @@ through PYTHONPATH, so the installed build is never touched.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import proxy as package
 from proxy import __version__ as proxy_version
 from proxy import native
 from tests.support.fixtures import policy_allowing
@@ -151,3 +154,24 @@ def test_an_install_without_a_compiler_runs_python_and_says_so_once_at_start(
     version = child(root, "-m", "proxy", "--version", PATH=str(no_tools))
     reason = builds[0]["reason"]
     assert version.stdout == f"outgate {proxy_version} (pure Python: {reason})\n", version.stderr
+
+
+def test_no_python_class_inherits_from_a_compiled_one() -> None:
+    """Python cannot make an instance of a Python subclass of a compiled class ("interpreted
+    classes cannot inherit from compiled"), and nothing fails before the first instance: a
+    subclass of proxy.core.http1.ChunkedDecoder once failed every chunked request, compiled only."""
+    if not native.status().compiled:
+        tier_unavailable("compiled-build", native.status().reason)
+    offenders = []
+    for found in pkgutil.walk_packages(package.__path__, "proxy."):
+        if found.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(found.name)
+        for value in vars(module).values():
+            if not isinstance(value, type) or value.__module__ != module.__name__:
+                continue
+            if "__mypyc_attrs__" in value.__dict__:
+                continue  # compiled itself
+            compiled = [b for b in value.__mro__[1:] if "__mypyc_attrs__" in b.__dict__]
+            offenders += [f"{value.__qualname__} in {found.name} ({b.__name__})" for b in compiled]
+    assert offenders == []
