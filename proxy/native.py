@@ -1,4 +1,4 @@
-"""The compiled build: which modules mypyc compiles, building them, and choosing a build at import.
+"""The compiled build: which modules mypyc compiles, and choosing the build at import.
 
 `MODULES` is the one list of compiled modules; the build step (proxy/native_build.py, run by
 the Makefile's install steps and the Dockerfile's build stage), the import-time check and the
@@ -12,7 +12,8 @@ skipped when `OUTGATE_PURE_PYTHON=1` is set, the switch tests use to run the pur
 way it is all or none: a meta-path finder loads every listed module from its `.py`.
 
 `status()` says which build runs and why; `outgate run` logs it once at start-up (`build`, on
-stderr) and `outgate version` prints it. docs/performance.md has the design and the figures.
+stderr), `outgate --version` prints it, `outgate_build_info` exports it. docs/performance.md has
+the design and how it is tested; bench/README.md the figures.
 
 This module is never compiled and imports only the standard library.
 """
@@ -91,7 +92,7 @@ def _recorded_reason(package_dir: Path) -> str:
     try:
         record = json.loads((package_dir / BUILD_RECORD.name).read_text())
     except FileNotFoundError:
-        return "not built (the install step `python -m proxy.native build` did not run)"
+        return "not built (the install step `python -m proxy.native_build build` did not run)"
     except (OSError, ValueError) as exc:
         return f"unreadable build record {BUILD_RECORD.name}: {exc}"
     if not record.get("compiled"):
@@ -125,7 +126,8 @@ def choose() -> Status:
 
 
 def is_compiled(module: ModuleType) -> bool:
-    return not (module.__file__ or "").endswith(".py")
+    """Loaded from an extension file (not from `.py` or `.pyc`)."""
+    return (module.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
 def status() -> Status:
