@@ -62,8 +62,8 @@ class _Version(argparse.Action):
 
 
 def _log_build() -> None:
-    """Once a start (by the supervisor, not its workers): compiled modules or pure Python, and
-    why (proxy/native.py)."""
+    """Once a start, when the configuration is valid (with workers, by the supervisor): compiled
+    modules or pure Python, and why (proxy/native.py)."""
     structlog.get_logger("proxy.native").info("build", **native.status().fields())
 
 
@@ -76,15 +76,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             from proxy import supervisor
 
             if not supervisor.in_worker():
-                _log_build()
                 return supervisor.Supervisor(settings, config=args.config).run()
             settings = supervisor.worker_settings(settings)
-        else:
-            _log_build()
         app = App(settings)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_INVALID
+    if settings.workers == 1:  # with workers, the supervisor says it once
+        _log_build()
 
     async def main() -> None:
         await app.run_until_signalled()

@@ -48,6 +48,7 @@ from typing import TextIO, cast
 
 import structlog
 
+from proxy import native
 from proxy.config import Endpoint, Settings
 from proxy.errors import ConfigError, ConfigIssue
 from proxy.fdio import write_all
@@ -200,6 +201,8 @@ class Supervisor:
         self._admin_port = admin.getsockname()[1]
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
+        # Which build runs (proxy/native.py), once for all workers, now that they will start.
+        log.info("build", **native.status().fields())
         log.info(
             "supervisor_started",
             workers=len(self.workers),
