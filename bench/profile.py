@@ -13,13 +13,14 @@ hottest leaf functions.
 
 py-spy is a profiling tool, not a dependency of the project: `.venv/bin/pip install py-spy`.
 
-    python -m bench.profile --scenario http|connect_tls [--seconds 10] [--rate 200]
+    python -m bench.profile --scenario http|connect_tls [--seconds 20] [--rate 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import subprocess
@@ -53,6 +54,15 @@ WAITING = frozenset(
     )
 )
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
+
+
+def load_env(origin: Origin) -> dict[str, str]:
+    """What bench/wrk_absolute.lua reads: the absolute-form target and its Host."""
+    return dict(
+        os.environ,
+        BENCH_TARGET=f"http://{ORIGIN_NAME}:{origin.http_port}/small",
+        BENCH_HOST=f"{ORIGIN_NAME}:{origin.http_port}",
+    )
 
 
 def load_argv(scenario: str, proxy: OutgateProxy, origin: Origin, seconds: float) -> list[str]:
@@ -112,8 +122,10 @@ def summarise(raw: Path, top: int) -> tuple[int, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=("http", "connect_tls"), default="http")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rate", type=int, default=200, help="samples a second")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    # py-spy stops the process for each native sample (a millisecond or so): a low rate keeps
+    # the load the proxy sees close to the unprofiled one.
+    parser.add_argument("--rate", type=int, default=50, help="samples a second")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -131,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             proxy.start()
             proxy.ready()
-            subprocess.run(load_argv(args.scenario, proxy, origin, 2.0), capture_output=True)
+            env = load_env(origin)
+            warm = load_argv(args.scenario, proxy, origin, 2.0)
+            subprocess.run(warm, capture_output=True, env=env, check=True)
             raw = workdir / "profile.txt"
             spy_argv = [
                 spy, "record", "--pid", str(proxy.pid), "--rate", str(args.rate),
@@ -140,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             recorder = subprocess.Popen(spy_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             subprocess.run(
-                load_argv(args.scenario, proxy, origin, args.seconds + 1), capture_output=True
+                load_argv(args.scenario, proxy, origin, args.seconds + 1),
+                capture_output=True,
+                env=env,
+                check=True,
             )
             spy_out, _ = recorder.communicate(timeout=args.seconds + 60)
             if not raw.exists():
