@@ -47,16 +47,7 @@ def operation(name: str) -> Callable[[], object]:
 
         return find_and_parse
     if name == "audit_render":
-        from proxy.audit import close_record, decision_record, render
-        from proxy.errors import Reason
-
-        exchange = micro.audit_exchange()
-
-        def both() -> None:
-            render(decision_record(exchange))
-            render(close_record(exchange, Reason.COMPLETED))
-
-        return both
+        return micro.audit_lines(micro.audit_exchange())
     raise ValueError(name)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -99,9 +100,9 @@ class RecordingSink(AuditSink):
         self.records: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
 
-    def emit(self, record: dict[str, Any]) -> None:
-        super().emit(record)
-        self.records.append(record)
+    def emit_line(self, action: str, line: bytes) -> None:
+        super().emit_line(action, line)
+        self.records.append(json.loads(line))
         self._changed.set()
 
     async def wait_for(

@@ -1,5 +1,6 @@
-"""The audit records proxy.audit builds and renders are, byte for byte, the ones the builders
-before issue 16's rendering work gave (tests/unit/reference_audit.py), for generated exchanges:
+"""The audit record lines proxy.audit writes are the ones the builders before issue 16's rendering
+work gave (tests/unit/reference_audit.py), parsed (what a SIEM reads: every field and value) and
+byte for byte (the key order is kept too), for generated exchanges:
 every optional field set or not, workloads of every kind (the same Workload object over several
 records, as a kept-alive client sends them), decisions with and without a rule or a shadow
 verdict, responses, raw client strings to cut or to escape. The clocks are held fixed, so the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 
@@ -126,12 +128,17 @@ def test_records_render_exactly_as_before(batch: list[Exchange], reason: Reason)
     for ex in batch:
         ex.started = 4_999.0
         with fixed_clocks():
-            assert audit.render(audit.decision_record(ex)) == reference_audit.render(
-                reference_audit.decision_record(ex)
-            )
-            assert audit.render(audit.close_record(ex, reason)) == reference_audit.render(
-                reference_audit.close_record(ex, reason)
-            )
+            lines = [audit.decision_line(ex), audit.close_line(ex, reason)]
+            expected = [
+                reference_audit.render(reference_audit.decision_record(ex)),
+                reference_audit.render(reference_audit.close_record(ex, reason)),
+            ]
+        assert [json.loads(line) for line in lines] == [json.loads(line) for line in expected]
+        assert lines == expected
+        # The dicts tools read are the lines parsed, and render gives the lines back.
+        with fixed_clocks():
+            assert audit.render(audit.decision_record(ex)) == expected[0]
+            assert audit.render(audit.close_record(ex, reason)) == expected[1]
 
 
 @fixed_clocks()
