@@ -433,6 +433,10 @@ class AuditSink:
     def __init__(self, fd: int = 1) -> None:
         self._fd = fd
         self._json = True
+        # The counter's children, looked up once (a labels() call costs more than the line).
+        self._counted = {
+            action: metrics.AUDIT_RECORDS.labels(action=action) for action in ("decision", "close")
+        }
         self._squid: LogFormat | None = None  # set by configure() when Squid lines are wanted
         self._squid_fd = fd
         self._squid_path: str | None = None  # the file Squid lines go to, reopened on SIGUSR1
@@ -523,7 +527,7 @@ class AuditSink:
 
     def emit_line(self, action: str, line: bytes) -> None:
         """Write one record's line (`action`: decision or close)."""
-        metrics.AUDIT_RECORDS.labels(action=action).inc()
+        self._counted[action].inc()
         if self._json:
             self._enqueue(self._fd, line)
 
