@@ -351,7 +351,7 @@ def decision_line(ex: Exchange) -> bytes:
     _, event_id, source, destination, outgate, before, http_open, after, revision = _parts(ex)
     decision = ex.decision
     status = ex.status
-    allowed = decision is not None and decision.action == "allow" and status is None
+    allowed = decision is not None and decision.verdict.action is Outcome.ALLOW and status is None
     verdict = revision
     if decision is not None and decision.shadow is not None:
         shadow = decision.shadow
@@ -382,7 +382,9 @@ def close_line(ex: Exchange, reason: Reason) -> bytes:
     decision = ex.decision
     verdict = ""
     if decision is not None:
-        verdict = f',"decision":{_OUTCOMES[decision.action] if ex.decided else _DENY}{revision}'
+        verdict = (
+            f',"decision":{_OUTCOMES[decision.verdict.action] if ex.decided else _DENY}{revision}'
+        )
     return (
         f'{{"@timestamp":"{_timestamp()}","event":{{"kind":"event","category":["network"],'
         f'"action":"close","id":{event_id},"dataset":"outgate.audit","outcome":'
