@@ -81,7 +81,11 @@ def new_event_id() -> str:
 
 
 def _cut(value: str | None) -> str | None:
-    if value is None or len(value) <= MAX_RAW_FIELD_CHARS:
+    return None if value is None else _cut_text(value)
+
+
+def _cut_text(value: str) -> str:
+    if len(value) <= MAX_RAW_FIELD_CHARS:
         return value
     return value[:MAX_RAW_FIELD_CHARS] + "...[truncated]"
 
@@ -133,7 +137,8 @@ class Exchange:
     destination_bytes: int = 0  # bytes the upstream sent (ECS destination.bytes)
     decided: bool = False
     closed: bool = False
-    # proxy.audit's: the parts of the records rendered once for both, with what they show.
+    # proxy.audit's: the parts of a request's records rendered once for both, with what they
+    # show (about 1 KiB, kept from the decision to the close).
     audit_parts: tuple[Any, ...] | None = None
 
 
@@ -177,7 +182,7 @@ def _json_raw(value: str | None) -> str:
     """A raw client string, cut (`_cut`) and escaped."""
     if value is None:
         return "null"
-    return _json_str(value if len(value) <= MAX_RAW_FIELD_CHARS else _cut(value))  # type: ignore[arg-type]
+    return _json_str(value if len(value) <= MAX_RAW_FIELD_CHARS else _cut_text(value))
 
 
 def _json_int(value: int | None) -> str:
@@ -298,13 +303,13 @@ def _parts(ex: Exchange) -> _Parts:
         before += f',"user":{{"name":{_json_raw(user_name)}}}'
     if method is not None:
         if len(method) > MAX_RAW_FIELD_CHARS:
-            method = _cut(method)
-        before += f',"http":{{"request":{{"method":{_json_str(method)}}}'  # type: ignore[arg-type]
+            method = _cut_text(method)
+        before += f',"http":{{"request":{{"method":{_json_str(method)}}}'
     after = ""
     if path is not None:
         if len(path) > MAX_RAW_FIELD_CHARS:
-            path = _cut(path)
-        after = f',"url":{{"path":{_json_str(path)}}}'  # type: ignore[arg-type]
+            path = _cut_text(path)
+        after = f',"url":{{"path":{_json_str(path)}}}'
     revision = ""
     decision = ex.decision
     if decision is not None:
@@ -329,7 +334,11 @@ def _parts(ex: Exchange) -> _Parts:
         after,
         revision,
     )
-    ex.audit_parts = parts
+    if ex.method is not None and ex.method != "CONNECT":
+        # Kept for the close only when it comes a request later: a tunnel's (CONNECT, or a
+        # transparent TLS or port-map connection's, with no method) can stay open for hours,
+        # and its close often shows more (the SNI checked after the decision).
+        ex.audit_parts = parts
     return parts
 
 

@@ -156,3 +156,35 @@ def test_a_workload_seen_again_gives_the_same_records() -> None:
     )
     twin.id = ex.id
     assert audit.decision_record(twin) == first
+
+
+@budget(400, fuzz_factor=100)
+@given(exchanges(), exchanges(), reasons)
+def test_a_close_after_fields_changed_shows_the_changed_fields(
+    ex: Exchange, later: Exchange, reason: Reason
+) -> None:
+    """The data plane sets fields between the two records (the address dialled, the status, the
+    SNI, the upstream...): the close record shows them, not the parts the decision rendered."""
+    ex.started = 4_999.0
+    ex.method = "GET"  # a request's parts are kept from the decision for its close
+    with fixed_clocks():
+        audit.decision_line(ex)
+        for name in [f.name for f in dataclasses.fields(Exchange)]:
+            if name not in ("started", "audit_parts"):
+                setattr(ex, name, getattr(later, name))
+        expected = reference_audit.render(reference_audit.close_record(ex, reason))
+        assert audit.close_line(ex, reason) == expected
+
+
+def test_only_a_request_keeps_its_parts_until_its_close() -> None:
+    request = Exchange(kind="forward", source_ip="10.1.2.3", source_port=1, workload=WORKLOADS[0])
+    request.method = "GET"
+    tunnel = Exchange(kind="tunnel", source_ip="10.1.2.3", source_port=2, workload=WORKLOADS[0])
+    tunnel.method = "CONNECT"
+    transparent = Exchange(
+        kind="transparent-tls", source_ip="10.1.2.3", source_port=3, workload=WORKLOADS[0]
+    )
+    for ex in (request, tunnel, transparent):
+        audit.decision_line(ex)
+    assert request.audit_parts is not None
+    assert tunnel.audit_parts is None and transparent.audit_parts is None
