@@ -226,9 +226,9 @@ def _outgate_extras(ex: Exchange) -> str:
     interception, DLP, upstreams and upgrades (outgate.proxy_protocol, outgate.tls.*,
     outgate.protocol.*, outgate.dlp.*, outgate.tunnel_id, outgate.upstream.*, outgate.upgrade).
     Empty for most requests."""
-    parts: list[str] = []
+    text = ""
     if ex.proxy_protocol is not None:
-        parts.append(
+        text += (
             f',"proxy_protocol":{{"version":{_json_int(ex.proxy_protocol)},"peer":'
             f'{{"ip":{_json_opt(ex.proxy_peer_ip)},"port":{_json_int(ex.proxy_peer_port)}}}}}'
         )
@@ -238,15 +238,15 @@ def _outgate_extras(ex: Exchange) -> str:
             tls.append('"ech":true' if ex.ech else '"ech":false')
         if ex.alpn is not None:
             tls.append('"alpn":[' + ",".join(_json_raw(name) for name in ex.alpn) + "]")
-        parts.append(',"tls":{' + ",".join(tls) + "}")
+        text += ',"tls":{' + ",".join(tls) + "}"
     if ex.first_bytes_hex is not None:
-        parts.append(f',"protocol":{{"first_bytes":{_json_str(ex.first_bytes_hex)}}}')
+        text += f',"protocol":{{"first_bytes":{_json_str(ex.first_bytes_hex)}}}'
     if ex.dlp_detector is not None:
-        parts.append(
+        text += (
             f',"dlp":{{"detector":{_json_str(ex.dlp_detector)},"field":{_json_raw(ex.dlp_field)}}}'
         )
     if ex.tunnel_id is not None:
-        parts.append(f',"tunnel_id":{_json_str(ex.tunnel_id)}')
+        text += f',"tunnel_id":{_json_str(ex.tunnel_id)}'
     if ex.upstream is not None:
         upstream = f',"upstream":{{"name":{_json_str(ex.upstream)}'
         if ex.upstream_proxy is not None:
@@ -255,10 +255,10 @@ def _outgate_extras(ex: Exchange) -> str:
             upstream += f',"resolve":{_json_str(ex.upstream_resolve)}'
         if ex.upstream_status is not None:
             upstream += f',"status":{_json_int(ex.upstream_status)}'
-        parts.append(upstream + "}")
+        text += upstream + "}"
     if ex.upgrade is not None:
-        parts.append(f',"upgrade":{_json_raw(ex.upgrade)}')
-    return "".join(parts)
+        text += f',"upgrade":{_json_raw(ex.upgrade)}'
+    return text
 
 
 # The parts of an exchange's records that both carry, rendered for the first and reused by the
