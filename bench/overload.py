@@ -100,23 +100,13 @@ class AdminProbe:
         while not self._stop.is_set():
             for path in ("/healthz", "/metrics"):
                 started = time.monotonic()
-                status, body = self._get(path)
+                status, body = admin_get(self._proxy, path)
                 self.answers.append((path, status, time.monotonic() - started))
-                for line in body.splitlines():
-                    if line.startswith("outgate_event_loop_lag_seconds "):
-                        self.lags.append(float(line.split()[1]))
-                    elif line.startswith("outgate_accept_queue_fill_ratio "):
-                        self.accept_fills.append(float(line.split()[1]))
+                if path == "/metrics" and status == 200:
+                    self.lags.append(metric_value(body, "outgate_event_loop_lag_seconds"))
+                    self.accept_fills.append(metric_value(body, "outgate_accept_queue_fill_ratio"))
             self.rss_kib.append(procstat.sample(self._proxy.pid).rss_kib)
             self._stop.wait(PROBE_INTERVAL)
-
-    def _get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self._proxy.admin_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as reply:
-                return reply.status, reply.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
 
 
 def cpu_busy() -> dict[str, float]:
@@ -136,15 +126,30 @@ def utilisation(
     return {k: round((after[k] - before[k]) / procstat.CLOCK_TICKS / seconds, 2) for k in after}
 
 
-def metric(proxy: OutgateProxy, name: str) -> float:
-    """The sum of a metric's samples (every label set) on the proxy's /metrics."""
-    url = f"http://127.0.0.1:{proxy.admin_port}/metrics"
+def admin_get(proxy: OutgateProxy, path: str) -> tuple[int, str]:
+    """Status and body of one admin request; status 0 and the error when it failed."""
+    url = f"http://127.0.0.1:{proxy.admin_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def metric_value(body: str, name: str) -> float:
+    """The sum of a metric's samples (every label set) in a /metrics body."""
     total = 0.0
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith((name + " ", name + "{")):
-                total += float(line.rsplit(" ", 1)[1])
+    for line in body.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def metric(proxy: OutgateProxy, name: str) -> float:
+    status, body = admin_get(proxy, "/metrics")
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}: {body}")
+    return metric_value(body, name)
 
 
 def audit_pairs(path: Path) -> tuple[int, int, int]:

@@ -5,7 +5,6 @@ served. The defect is injected where a real one could sit: the resolver the Rout
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures import policy_allowing
-from tests.support.inprocess import Harness, closes, http_exchange, inprocess_proxy
+from tests.support.inprocess import closes, exchange_on_new_connection, inprocess_proxy
 from tests.support.origin import OriginServer
 
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
@@ -21,24 +20,6 @@ LOOPBACK = (ipaddress.ip_address("127.0.0.1"),)
 
 def request(method: str, target: str, host: str) -> bytes:
     return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-
-
-async def answer(
-    proxy: Harness, raw: bytes, *, then_closed: bool = False
-) -> tuple[int, dict[str, str], bytes, bool]:
-    """Send `raw` on a new connection: status, headers, body, and (`then_closed`) whether the
-    proxy then closed the connection."""
-    reader, writer = await asyncio.open_connection(*proxy.address)
-    try:
-        status, headers, body = await http_exchange(reader, writer, raw)
-        closed = False
-        if then_closed:
-            async with asyncio.timeout(10):
-                closed = await reader.read(1) == b""
-        return status, headers, body, closed
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 @pytest.mark.parametrize(
@@ -63,7 +44,9 @@ async def test_a_defect_while_deciding_is_refused_500_with_both_records_and_logg
     policies = policy_allowing("origin.test", "broken.test")
     answers = {"origin.test": LOOPBACK, "broken.test": RuntimeError("a defect")}
     async with inprocess_proxy(tmp_path, policies, answers=answers) as proxy:
-        status, headers, body, closed = await answer(proxy, send(origin.port), then_closed=True)
+        status, headers, body, closed = await exchange_on_new_connection(
+            proxy, send(origin.port), then_closed=True
+        )
         assert status == 500
         assert headers.get("x-outgate-reason") == "internal_error"
         assert closed, "a connection that met a defect is not kept"
@@ -81,7 +64,7 @@ async def test_a_defect_while_deciding_is_refused_500_with_both_records_and_logg
             and "RuntimeError" in logged.err + logged.out
         )
 
-        served, _, _, _ = await answer(
+        served, _, _, _ = await exchange_on_new_connection(
             proxy, request("GET", f"http://origin.test:{origin.port}/hello", "origin.test")
         )
         assert served == 200

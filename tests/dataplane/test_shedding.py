@@ -16,7 +16,12 @@ from typing import Any
 
 from proxy import metrics
 from tests.support.fixtures import policy_allowing
-from tests.support.inprocess import Harness, closes, http_exchange, inprocess_proxy
+from tests.support.inprocess import (
+    Harness,
+    closes,
+    exchange_on_new_connection,
+    inprocess_proxy,
+)
 from tests.support.origin import OriginServer
 from tests.support.waiting import eventually
 
@@ -33,16 +38,6 @@ def get(port: int) -> bytes:
     )
 
 
-async def exchange(proxy: Harness, port: int) -> tuple[int, dict[str, str], bytes]:
-    """One request on a new connection, closed after its answer."""
-    reader, writer = await asyncio.open_connection(*proxy.address)
-    try:
-        return await http_exchange(reader, writer, get(port))
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 async def first_answer(
     proxy: Harness, port: int, wanted: int
 ) -> tuple[list[int], dict[str, str], bytes]:
@@ -50,7 +45,7 @@ async def first_answer(
     seen, and the headers and body of that answer."""
     statuses: list[int] = []
     for _ in range(ATTEMPTS):
-        status, headers, body = await exchange(proxy, port)
+        status, headers, body, _ = await exchange_on_new_connection(proxy, get(port))
         statuses.append(status)
         if status == wanted:
             return statuses, headers, body
@@ -119,7 +114,7 @@ async def test_a_loop_running_behind_sheds_new_connections_with_503_and_serves_a
 
         # On time again (the lag meter's last tick ran on time): the next connection is served.
         await eventually(lambda: loop_lag() < SHED_LAG, what="the lag meter on time again")
-        status, _, body = await exchange(proxy, origin.port)
+        status, _, body, _ = await exchange_on_new_connection(proxy, get(origin.port))
         assert status == 200 and body
 
         # Every exchange of the test has its two records, shed or served.

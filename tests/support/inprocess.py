@@ -249,3 +249,21 @@ async def http_exchange(
                 headers[name.strip().lower()] = value.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     return status, headers, body
+
+
+async def exchange_on_new_connection(
+    harness: Harness, request: bytes, *, then_closed: bool = False
+) -> tuple[int, dict[str, str], bytes, bool]:
+    """`http_exchange` on a connection of its own, closed after the answer: status, headers,
+    body, and (`then_closed`) whether the proxy closed the connection after answering."""
+    reader, writer = await asyncio.open_connection(*harness.address)
+    try:
+        status, headers, body = await http_exchange(reader, writer, request)
+        closed = False
+        if then_closed:
+            async with asyncio.timeout(EVENT_TIMEOUT):
+                closed = await reader.read(1) == b""
+        return status, headers, body, closed
+    finally:
+        writer.close()
+        await writer.wait_closed()
