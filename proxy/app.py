@@ -341,8 +341,15 @@ class App:
         return self.is_ready(), detail
 
     def is_ready(self) -> bool:
+        """Readiness: able to decide, and not draining (the Service sends nothing new)."""
+        return self.can_decide() and not self.draining
+
+    def can_decide(self) -> bool:
+        """What the data plane asks before each decision: policy and identity are loaded. A
+        draining proxy still decides the requests on connections it took before it stopped
+        accepting."""
         kube_synced = self.kube is None or self.kube.synced
-        return self.policy.loaded and kube_synced and not self.draining
+        return self.policy.loaded and kube_synced
 
     def _source_gone(self, ip: IPAddress, pod: str) -> None:
         """A pod's IP left it: close what is open from that IP (it may be someone else's)."""
@@ -442,7 +449,7 @@ class App:
             identity=self.identity,
             audit=self.audit,
             certs=self.certs,
-            is_ready=self.is_ready,
+            is_ready=self.can_decide,
             passwords=self.passwords,
             traffic=self.traffic,
         )

@@ -1,6 +1,7 @@
 """What every listener does with the client connections it accepts, in one place: the accepted
 peer that announces itself, the peer's address, the connections held per source (so a source
-pod that leaves has them closed), and the wait for room in the audit output.
+pod that leaves has them closed), the connections waiting for a request (what a drain closes),
+and the wait for room in the audit output.
 
 Shared by the proxy listener (proxy.dataplane.server) and the transparent listeners
 (proxy.dataplane.transparent).
@@ -68,6 +69,58 @@ class ClientConnections:
             peer.close_reason = reason
             peer.abort()
         return len(peers)
+
+
+# A connection accepted just before a drain began may have its first request on the way: it gets
+# this long for its first bytes before the drain closes it (docs/operations.md, "Draining").
+FIRST_BYTES_GRACE = 1.0
+
+
+class WaitingConnections:
+    """One listener's connections waiting for a request (or a TLS hello) with nothing of it read
+    yet: what a drain may close without cutting an exchange short.
+
+    On `close_all`, a connection kept alive between requests is closed at once: its client
+    knows that race and retries (RFC 9112 section 9.3.1). A fresh connection, accepted before
+    the listener closed, gets FIRST_BYTES_GRACE first: its client has not seen a response on
+    it, and may have sent its request already, so closing it would lose that request. Either is
+    left alone when bytes have begun to arrive: it is serving a request now."""
+
+    def __init__(self) -> None:
+        self._between: set[Peer] = set()
+        self._fresh: set[Peer] = set()
+        self._closing = False
+        self._reason: Reason | None = None
+
+    def add(self, client: Peer, *, fresh: bool) -> None:
+        if fresh:
+            self._fresh.add(client)
+            if self._closing:  # its task began after the drain did
+                self._close_later(client)
+        else:
+            self._between.add(client)
+
+    def discard(self, client: Peer) -> None:
+        self._fresh.discard(client)
+        self._between.discard(client)
+
+    def close_all(self, reason: Reason | None = None) -> None:
+        """The drain: close what waits, as the class says; close records carry `reason`."""
+        self._closing, self._reason = True, reason
+        for client in list(self._between):
+            self._close_if_silent(client)
+        for client in self._fresh:
+            self._close_later(client)
+
+    def _close_later(self, client: Peer) -> None:
+        asyncio.get_running_loop().call_later(FIRST_BYTES_GRACE, self._close_if_silent, client)
+
+    def _close_if_silent(self, client: Peer) -> None:
+        if client.buffer or (client not in self._fresh and client not in self._between):
+            return
+        if self._reason is not None:
+            client.close_reason = self._reason
+        client.close()
 
 
 async def wait_for_audit_room(audit: AuditSink) -> None:

@@ -160,6 +160,9 @@ class HttpRelay:
         self._max_head = settings.limits.max_header_bytes
         self._log = log
         self._upgrades = upgrades
+        # Set by a draining listener: every response then says `Connection: close`, and the
+        # connection ends after it.
+        self.closing = False
 
     async def forward(
         self,
@@ -364,7 +367,12 @@ class HttpRelay:
             resp = dataclasses.replace(
                 resp, framing=BodyFraming.UNTIL_CLOSE, transfer_codings=(), keep_alive=False
             )
-        keep = req.keep_alive and resp.keep_alive and resp.framing is not BodyFraming.UNTIL_CLOSE
+        keep = (
+            not self.closing
+            and req.keep_alive
+            and resp.keep_alive
+            and resp.framing is not BodyFraming.UNTIL_CLOSE
+        )
         head = render_response_head(resp, keep_alive=keep)
         length = resp.content_length or 0
         if resp.framing is BodyFraming.LENGTH and 0 < length <= min(

@@ -22,8 +22,9 @@ Every request or tunnel leaves exactly one decision record and one close record
 (proxy.dataplane.exchange_log).
 
 Shutdown (`drain`), in uvicorn's order: stop accepting; close at once every connection that is
-idle between requests; let busy ones finish their exchange (then close them) up to the drain
-timeout; cancel what is left (close records say `drained`).
+idle between requests, and after a grace a fresh one that has sent nothing (its request may be
+on the way; clients.WaitingConnections); let busy ones finish their exchange (then close them)
+up to the drain timeout; cancel what is left (close records say `drained`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from proxy.core.inspection import sent_fields
 from proxy.dataplane.clients import (
     AcceptedPeer,
     ClientConnections,
+    WaitingConnections,
     peer_address,
     wait_for_audit_room,
 )
@@ -118,7 +120,7 @@ class ProxyServer:
         )
         self._proxy_header = proxy_header
         self._clients = ClientConnections()
-        self._idle: set[Peer] = set()  # connections waiting for a next request, nothing read
+        self._waiting = WaitingConnections()  # for a request, nothing of it read: drain closes
         self._draining = False
         self.bound: tuple[str, int] | None = None
 
@@ -155,8 +157,8 @@ class ProxyServer:
         up to `timeout`, then close the rest (close records say `drained`)."""
         self.stop_accepting()
         self._draining = True
-        for client in list(self._idle):
-            client.close()
+        self._relay.closing = True
+        self._waiting.close_all()
         if not await self._tasks.wait(timeout):
             await self._tasks.cancel_all()
         self._dialer.close()
@@ -213,7 +215,7 @@ class ProxyServer:
                 self._log.refuse(client, ex, exc, keep_alive=False)
                 return
             first = True
-            while not self._draining:
+            while first or not self._draining:  # a fresh connection's request is served
                 head = await self._read_head(client, source, first=first)
                 if head is None:
                     return
@@ -234,7 +236,7 @@ class ProxyServer:
         timeouts = self._settings.timeouts
         idle = not client.buffer
         if idle:
-            self._idle.add(client)  # drain closes it at once: nothing of a request is read
+            self._waiting.add(client, fresh=first)
         try:
             return await read_request_head(
                 client,
@@ -247,7 +249,7 @@ class ProxyServer:
             return None
         finally:
             if idle:
-                self._idle.discard(client)
+                self._waiting.discard(client)
 
     # -- one request ---------------------------------------------------------------------------
     async def _handle(
@@ -300,7 +302,7 @@ class ProxyServer:
             error = refusal_for(caught, ex)
             if held_tunnel is not None:
                 self._admission.close_tunnel(held_tunnel)
-            keep = error is caught and keeps_connection_after_refusal(req)
+            keep = error is caught and not self._draining and keeps_connection_after_refusal(req)
             ex.raw_target, ex.user_agent = req.raw_target, req.header("user-agent")
             ex.host_field = req.header("host")
             self._log.refuse(client, ex, error, keep_alive=keep)

@@ -29,9 +29,9 @@ PROXY header names. A source in `auth.basic.sources` is refused (`auth_required`
 identified by a login, which a transparent client cannot send.
 
 Admission (caps, rates, tunnels per workload) is counted for these listeners together, apart
-from the proxy listener's. Shutdown (`drain`) is the proxy listener's: a connection that has
-sent nothing (TLS) or is idle between requests (HTTP) is closed at once, busy ones get the drain
-timeout.
+from the proxy listener's. Shutdown (`drain`) is the proxy listener's: a connection idle
+between requests (HTTP) is closed at once, a fresh one that has sent nothing after a grace
+(clients.WaitingConnections), busy ones get the drain timeout.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from proxy.core.tunnel_protocols import sni_destination, starts_http_request
 from proxy.dataplane.clients import (
     AcceptedPeer,
     ClientConnections,
+    WaitingConnections,
     peer_address,
     wait_for_audit_room,
 )
@@ -228,7 +229,7 @@ class TransparentServer:
             settings.limits, lag=load.lag, accept_queue_fill=load.accept_queue_fill
         )
         self._clients = ClientConnections()
-        self._idle: set[Peer] = set()  # HTTP connections between requests, nothing read
+        self._waiting = WaitingConnections()  # for a request or a hello: drain closes them
         self._draining = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -260,9 +261,8 @@ class TransparentServer:
         finish for up to `timeout`, cancel the rest (close records say `drained`)."""
         self.stop_accepting()
         self._draining = True
-        for client in list(self._idle):
-            client.close_reason = Reason.DRAINED  # a TLS client that sent nothing is recorded
-            client.close()
+        self._relay.closing = True
+        self._waiting.close_all(Reason.DRAINED)  # a TLS client that sent nothing is recorded
         if not await self._tasks.wait(timeout):
             await self._tasks.cancel_all()
         for server in self._servers:
@@ -370,7 +370,7 @@ class TransparentServer:
     async def _serve_tls(self, client: Peer, ex: Exchange, src_ip: IPAddress, port: int) -> None:
         idle = not client.buffer
         if idle:
-            self._idle.add(client)  # drain closes it at once: nothing of a hello is read
+            self._waiting.add(client, fresh=True)
         try:
             hello = await read_first_bytes(
                 client, protocol=TunnelProtocol.TLS, timeouts=self._settings.timeouts
@@ -394,7 +394,7 @@ class TransparentServer:
             return
         finally:
             if idle:
-                self._idle.discard(client)
+                self._waiting.discard(client)
         await self._tunnel(client, ex, src_ip, host, port)
 
     async def _tunnel(
@@ -438,10 +438,10 @@ class TransparentServer:
         pool = UpstreamPool()
         first = True
         try:
-            while not self._draining:
+            while first or not self._draining:  # a fresh connection's request is served
                 idle = not client.buffer
                 if idle:
-                    self._idle.add(client)
+                    self._waiting.add(client, fresh=first)
                 try:
                     head = await read_request_head(
                         client,
@@ -455,7 +455,7 @@ class TransparentServer:
                     return
                 finally:
                     if idle:
-                        self._idle.discard(client)
+                        self._waiting.discard(client)
                 if head is None:
                     return
                 ex = first_ex if first else self._log.open(source, first_ex.kind)
@@ -502,7 +502,7 @@ class TransparentServer:
                 upstream = await self._dialer.dial(route, tunnel=False)
         except Exception as caught:
             exc = refusal_for(caught, ex)
-            keep = exc is caught and keeps_connection_after_refusal(req)
+            keep = exc is caught and not self._draining and keeps_connection_after_refusal(req)
             self._log.refuse(client, ex, exc, keep_alive=keep)
             return keep
         if req.port != port:

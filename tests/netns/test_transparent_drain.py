@@ -56,7 +56,7 @@ def draining(
                     "tls": f"{LISTENER}:{TLS_PORT}",
                     "http": f"{LISTENER}:{HTTP_PORT}",
                 },
-                "timeouts": {"drain": "2s"},
+                "timeouts": {"drain": "4s"},
             },
         )
 
@@ -91,8 +91,8 @@ def test_sigterm_closes_idle_connections_at_once_and_drains_a_busy_tls_tunnel(
         busy_port = busy.getsockname()[1]
         proxy.signal(signal.SIGTERM)
         proxy.wait_log(lambda e: e.get("event") == "draining")
-        assert _closed(idle, timeout=1.5)  # at once, well before the 2s drain
-        assert _closed(silent, timeout=1.5)
+        assert _closed(idle, timeout=1.5)  # at once, well before the 4s drain
+        assert _closed(silent, timeout=2.5)  # after the first-bytes grace
         with pytest.raises(OSError):
             socket.create_connection((LISTENER, TLS_PORT), timeout=2).close()
         assert _closed(busy, timeout=10)

@@ -85,33 +85,38 @@ def test_three_replicas_converge_on_policy_and_identity_and_a_stopped_one_loses_
     print(f"converged: policy {policy_seconds:.2f} s, identity {identity_seconds:.2f} s")
 
     # Traffic to all three while one stops: every decision any replica wrote has its close.
-    stop = threading.Event()
+    # Every answer is 200: a draining replica answers the requests on connections it took; only
+    # a connection the stopping replica never took is refused or reset (an OSError).
+    stop, stopping = threading.Event(), threading.Event()
     sent = [0, 0, 0]
+    statuses: list[int] = []
 
     def load(index: int) -> None:
         while not stop.is_set() and sent[index] < 400:
             try:
-                get_from(proxies[index], first_ip, url)
-            except OSError:  # the stopped replica refuses new connections
-                if (
-                    index == 0
-                    and proxies[0].proc is not None
-                    and proxies[0].proc.poll() is not None
-                ):
+                statuses.append(get_from(proxies[index], first_ip, url)[0])
+            except OSError:
+                if index != 0 or not stopping.is_set():
+                    raise
+                if proxies[0].proc is not None and proxies[0].proc.poll() is not None:
                     return
+                continue
             sent[index] += 1
 
     workers = [threading.Thread(target=load, args=(n,)) for n in range(3)]
     for worker in workers:
         worker.start()
     wait_for(lambda: min(sent) >= 20, what="traffic through every replica")
+    stopping.set()
     assert proxies[0].stop() == 0
     wait_for(lambda: min(sent[1:]) >= 60, what="traffic through the two left")
     stop.set()
     for worker in workers:
         worker.join(30)
+    assert not any(worker.is_alive() for worker in workers)
     for proxy in proxies[1:]:
         proxy.stop()
+    assert set(statuses) == {200}
     for proxy in proxies:
         decisions = {r["event"]["id"] for r in proxy.records if r["event"]["action"] == "decision"}
         closes = [r["event"]["id"] for r in proxy.records if r["event"]["action"] == "close"]
