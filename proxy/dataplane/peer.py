@@ -10,7 +10,7 @@ memory stays bounded by the transports' buffer limits. No Python runs per byte, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
 import os
 import socket
 import sys
@@ -299,6 +299,12 @@ class Peer(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def wake_on_close(self, waiter: asyncio.Future[None]) -> None:
+        """Resolve `waiter` when this connection is lost (RelayWait: one future, two peers);
+        nothing if it is lost already."""
+        if not self.closed:
+            self._closed_waiter = waiter
+
     async def wait_closed(self) -> None:
         if self.closed:
             return
@@ -387,32 +393,132 @@ async def splice(client: Peer, upstream: Peer, *, idle: float) -> Reason:
 
 class RelayWait:
     """Waits while two joined peers relay, until both close or `idle` passes with no byte
-    either way; `interrupt()` ends the wait early. No task and no future of its own: an idle
-    tunnel waits in this, and 5,000 of them must stay small."""
+    either way; `interrupt()` ends the wait early. No task and no timer of its own: an idle
+    tunnel waits in this, on one future that either peer's close, the loop's shared
+    IdleDeadlines or `interrupt()` resolves, and 5,000 of them must stay small."""
 
-    __slots__ = ("_timeout", "interrupted")
+    __slots__ = ("_waiter", "interrupted")
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._timeout: asyncio.Timeout | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def interrupt(self) -> None:
         self.interrupted = True
-        timeout = self._timeout
-        if timeout is not None and not timeout.expired():  # wake the wait now
-            timeout.reschedule(asyncio.get_running_loop().time())
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the wait look again (a deadline passed, or it was interrupted)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def run(self, client: Peer, upstream: Peer, *, idle: float) -> Reason | None:
         """COMPLETED, IDLE_TIMEOUT, or None once interrupted."""
-        while not (client.closed and upstream.closed):
-            if self.interrupted:
-                return None
-            quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
-            if quiet >= idle:
-                return Reason.IDLE_TIMEOUT
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(idle - quiet) as self._timeout:
-                    await client.wait_closed()
-                    await upstream.wait_closed()
-            self._timeout = None
-        return Reason.COMPLETED
+        loop = asyncio.get_running_loop()
+        deadlines: IdleDeadlines | None = None
+        entry: list[object] | None = None
+        try:
+            while not (client.closed and upstream.closed):
+                if self.interrupted:
+                    return None
+                quiet = time.monotonic() - max(client.last_activity, upstream.last_activity)
+                if quiet >= idle:
+                    return Reason.IDLE_TIMEOUT
+                waiter = loop.create_future()
+                self._waiter = waiter
+                client.wake_on_close(waiter)
+                upstream.wake_on_close(waiter)
+                deadlines = IdleDeadlines.of(loop)
+                entry = deadlines.add(loop.time() + idle - quiet, self)
+                await waiter
+                deadlines.discard(entry)
+                entry = None
+            return Reason.COMPLETED
+        finally:
+            self._waiter = None
+            if deadlines is not None and entry is not None:
+                deadlines.discard(entry)
+
+
+class IdleDeadlines:
+    """The idle deadlines of every RelayWait on one event loop, behind one loop timer: a heap
+    of [when, sequence, wait] entries. A tunnel then holds one small list here instead of a
+    timer of its own (an asyncio.Timeout and a loop TimerHandle with its bound method, about
+    0.7 KiB an idle tunnel; bench/README.md).
+
+    A wait that ends before its deadline blanks its entry (the heapq recipe for removal);
+    blank entries are dropped when they reach the top, or all at once when they outnumber the
+    live ones, so tunnels that open and close fast cannot fill the heap."""
+
+    _by_loop: dict[asyncio.AbstractEventLoop, IdleDeadlines] = {}
+    COMPACT_AFTER = 1024  # blank entries tolerated before a rebuild is considered
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[list[object]] = []
+        self._sequence = 0
+        self._blank = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> IdleDeadlines:
+        """This loop's deadlines; made on first use, forgotten when the heap is empty."""
+        found = cls._by_loop.get(loop)
+        if found is None:
+            found = cls._by_loop[loop] = cls(loop)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._blank
+
+    def add(self, when: float, wait: RelayWait) -> list[object]:
+        self._sequence += 1
+        entry: list[object] = [when, self._sequence, wait]
+        heapq.heappush(self._heap, entry)
+        if when < self._timer_at:
+            self._schedule(when)
+        return entry
+
+    def discard(self, entry: list[object]) -> None:
+        if entry[2] is None:
+            return
+        entry[2] = None
+        self._blank += 1
+        if self._blank == len(self._heap):
+            self._clear()
+        elif self._blank > self.COMPACT_AFTER and self._blank * 2 > len(self._heap):
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
+            self._blank = 0
+
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        heap, now = self._heap, self._loop.time()
+        while heap and (heap[0][2] is None or cast(float, heap[0][0]) <= now):
+            entry = heapq.heappop(heap)
+            wait = entry[2]
+            if wait is None:
+                self._blank -= 1
+            else:
+                entry[2] = None
+                cast(RelayWait, wait).wake()
+        if heap:
+            self._schedule(cast(float, heap[0][0]))
+        else:
+            self._clear()
+
+    def _clear(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+        self._heap, self._blank = [], 0
+        if IdleDeadlines._by_loop.get(self._loop) is self:
+            del IdleDeadlines._by_loop[self._loop]

@@ -208,11 +208,7 @@ class ProxyServer:
         pool = UpstreamPool()
         try:
             await wait_for_audit_room(self._audit)
-            ex = self._log.open(source)
-            try:
-                self._admission.check_connection(src_ip, workload_key(ex.workload, src_ip))
-            except AdmissionRefused as exc:
-                self._log.refuse(client, ex, exc, keep_alive=False)
+            if not self._admit_connection(client, source):
                 return
             first = True
             while first or not self._draining:  # a fresh connection's request is served
@@ -228,6 +224,18 @@ class ProxyServer:
             self._admission.connection_closed(src_ip)
             self._clients.discard(src_ip, client)
             metrics.ACTIVE_CONNECTIONS.labels(kind="client").dec()
+
+    def _admit_connection(self, client: Peer, source: ClientSource) -> bool:
+        """The per-source and per-workload connection limits; a refusal is answered and
+        recorded. Its own frame: the exchange made to name the workload is not held by the
+        connection's (memory per idle tunnel, bench/README.md)."""
+        ex = self._log.open(source)
+        try:
+            self._admission.check_connection(source.ip, workload_key(ex.workload, source.ip))
+        except AdmissionRefused as exc:
+            self._log.refuse(client, ex, exc, keep_alive=False)
+            return False
+        return True
 
     async def _read_head(self, client: Peer, source: ClientSource, *, first: bool) -> bytes | None:
         """The next request head, or None when the client left (or idled out, or the proxy is
@@ -308,6 +316,7 @@ class ProxyServer:
             self._log.refuse(client, ex, error, keep_alive=keep)
             return keep
         if held_tunnel is not None:
+            del req  # a tunnel can live for hours: its CONNECT head is not kept
             try:
                 await self._tunnels.run(client, upstream, ex, route)
             finally:

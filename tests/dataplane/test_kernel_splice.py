@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from proxy import metrics
 from proxy.dataplane.kernel_splice import SPLICE_AVAILABLE
+from proxy.dataplane.peer import IdleDeadlines
 from proxy.errors import Reason
 from tests.support.fixtures import policy_allowing
 from tests.support.inprocess import EVENT_TIMEOUT, LOOPBACK, Harness, closes, inprocess_proxy
@@ -223,6 +224,52 @@ async def test_a_quiet_tunnel_is_closed_at_the_idle_timeout(tmp_path: Path, mode
     assert record["outgate"]["reason"] == "idle_timeout"
     assert record["source"]["bytes"] == record["destination"]["bytes"] == 4
     assert splice_outcomes()["spliced"] - before["spliced"] == (mode != "protocol")
+
+
+async def test_idle_tunnels_share_one_deadline_clock_and_a_chatty_one_outlives_them(
+    tmp_path: Path,
+) -> None:
+    """Twenty quiet tunnels and one that sends a byte every 100 ms, idle timeout 500 ms: the
+    quiet ones close at the timeout (the loop's IdleDeadlines, one timer for all), the chatty
+    one still echoes after they are gone and closes at the timeout once it stops; then the
+    loop holds no deadline."""
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+        writer.close()
+
+    loop = asyncio.get_running_loop()
+    async with (
+        origin_server(origin) as port,
+        spliceable_proxy(tmp_path, timeouts={"idle": "500ms"}) as h,
+    ):
+        quiet = [await open_tunnel(h, port) for _ in range(19)]
+        opened = loop.time()  # the last quiet tunnel is quiet from a moment after this
+        quiet.append(await open_tunnel(h, port))
+        chatty_reader, chatty_writer = await open_tunnel(h, port)
+
+        async def quiet_ones_closed() -> None:
+            for reader, _ in quiet:
+                assert await read_to_eof(reader) == b""
+
+        closing = asyncio.ensure_future(quiet_ones_closed())
+        while not closing.done():
+            chatty_writer.write(b"x")
+            assert await chatty_reader.readexactly(1) == b"x"
+            await asyncio.wait({closing}, timeout=0.1)  # the chatty tunnel's pace
+        await closing
+        quiet_for = loop.time() - opened
+        assert 0.49 <= quiet_for < 5.0  # 10 ms for the two clocks' rounding
+        chatty_writer.write(b"still")
+        assert await chatty_reader.readexactly(5) == b"still"  # outlived the quiet ones
+        assert await read_to_eof(chatty_reader) == b""  # then idles out itself
+        records = await h.audit.wait_for(closes, count=21)
+        for _, writer in quiet:
+            writer.close()
+        chatty_writer.close()
+    assert {r["outgate"]["reason"] for r in records} == {"idle_timeout"}
+    assert loop not in IdleDeadlines._by_loop
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
