@@ -98,21 +98,21 @@ async def read_first_bytes(
         return None
     check = first_bytes_check(protocol)
     limit = min(timeouts.sni_peek, timeouts.idle)
+    deadline = asyncio.get_running_loop().time() + limit  # one deadline for every read
     fed = 0
     try:
-        async with asyncio.timeout(limit):
-            while True:
-                if len(client.buffer) > fed:
-                    data = bytes(client.buffer[fed:])
-                    fed = len(client.buffer)
-                    if check.feed(data):
-                        return check.hello if isinstance(check, TlsCheck | TlsOrHttpCheck) else None
-                if client.eof:
-                    raise TunnelViolation(
-                        "the client closed before its first bytes were complete",
-                        reason=Reason.CLIENT_CLOSED,
-                    )
-                await client.wait_data()
+        while True:
+            if len(client.buffer) > fed:
+                data = bytes(client.buffer[fed:])
+                fed = len(client.buffer)
+                if check.feed(data):
+                    return check.hello if isinstance(check, TlsCheck | TlsOrHttpCheck) else None
+            if client.eof:
+                raise TunnelViolation(
+                    "the client closed before its first bytes were complete",
+                    reason=Reason.CLIENT_CLOSED,
+                )
+            await client.wait_data(deadline=deadline)
     except TimeoutError:
         if not client.buffer and timeouts.idle < timeouts.sni_peek:
             raise TunnelViolation(
