@@ -305,12 +305,6 @@ class Peer(asyncio.Protocol):
         if not self.closed:
             self._closed_waiter = waiter
 
-    async def wait_closed(self) -> None:
-        if self.closed:
-            return
-        self._closed_waiter = asyncio.get_running_loop().create_future()
-        await self._closed_waiter
-
     # -- relay ------------------------------------------------------------------------------
     def relay(self, other: Peer) -> None:
         """Join two peers: flush what each has buffered into the other, then splice."""
