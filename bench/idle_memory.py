@@ -29,6 +29,7 @@ import tracemalloc
 from pathlib import Path
 from types import FrameType
 
+from bench.run import LOAD_CPU, LOADGEN, PROXY_CPU, REPO
 from bench.servers import (
     ORIGIN_NAME,
     NameServer,
@@ -38,9 +39,6 @@ from bench.servers import (
     wait_port,
 )
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-LOADGEN = BENCH_DIR / ".build" / "loadgen"
 FRAMES = 12  # call-stack depth recorded per allocation
 SNAPSHOT_TIMEOUT = 120.0
 START_TIMEOUT = 180.0  # tracing slows the proxy's start several times over
@@ -77,14 +75,14 @@ def take(pid: int, snapshots: Path, number: int) -> tracemalloc.Snapshot:
 
 def loadgen(proxy: OutgateProxy, origin: Origin, mode: str, *extra: str) -> list[str]:
     return [
-        "taskset", "-c", "1", str(LOADGEN), "-mode", mode,
+        "taskset", "-c", LOAD_CPU, str(LOADGEN), "-mode", mode,
         "-proxy", f"127.0.0.1:{proxy.port}", "-target", f"{ORIGIN_NAME}:{origin.https_port}",
         *extra,
     ]  # fmt: skip
 
 
 def short(filename: str) -> str:
-    for prefix in (str(ROOT) + "/", os.path.dirname(os.__file__) + "/"):
+    for prefix in (str(REPO) + "/", os.path.dirname(os.__file__) + "/"):
         if filename.startswith(prefix):
             return filename[len(prefix) :]
     return filename
@@ -123,12 +121,12 @@ def measure(tunnels: int, lines: int) -> int:
         snapshots.mkdir()
         runner = work / "python"
         command = f"{sys.executable} -m bench.idle_memory --traced {snapshots}"
-        runner.write_text(f'#!/bin/sh\ncd {ROOT}\nexec {command} "$@"\n')
+        runner.write_text(f'#!/bin/sh\ncd {REPO}\nexec {command} "$@"\n')
         runner.chmod(0o755)
-        origin, names = Origin(work, cpu="1"), NameServer()
+        origin, names = Origin(work, cpu=LOAD_CPU), NameServer()
         origin.start()
         names.start()
-        proxy = OutgateProxy(work, origin, names, cpu="0", python=runner)
+        proxy = OutgateProxy(work, origin, names, cpu=PROXY_CPU, python=runner)
         try:
             proxy.start()
             wait_port(proxy.port, START_TIMEOUT)
